@@ -1,0 +1,78 @@
+//! The runtime boundary: everything above this trait (server, pool, API) is the same whatever
+//! isolates a sandbox; everything below it (namespaces today, gVisor and microVMs later) is not.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burrow_types::Limits;
+use serde::{Deserialize, Serialize};
+
+/// What the control layer asks a backend to build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    pub id: String,
+    pub hostname: String,
+    /// Image name; the namespace backend knows `system`.
+    pub image: String,
+    pub limits: Limits,
+    /// Index of this sandbox's host uid/gid range (root inside is `uid_base(slot)` outside).
+    pub uid_slot: u32,
+    /// Environment every process in the sandbox starts with (on top of the image's defaults).
+    pub env: BTreeMap<String, String>,
+}
+
+/// What a backend reports about a sandbox it built, persisted by the control layer so that a
+/// restarted server can find and adopt the sandbox again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// Host pid of the sandbox's PID 1 (the guest agent).
+    pub pid: u32,
+    /// Start time of that pid in clock ticks since boot (field 22 of `/proc/<pid>/stat`), so a
+    /// recycled pid is never mistaken for the sandbox.
+    pub pid_start: u64,
+    /// Host path of the guest agent's Unix socket.
+    pub guest_socket: PathBuf,
+}
+
+/// Whether a sandbox the store believes in is still there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Gone,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("unknown image {0:?}")]
+    UnknownImage(String),
+    #[error("sandbox setup failed: {0}")]
+    Setup(String),
+    #[error("host resource {what}")]
+    Host {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An isolation backend. Methods block (they fork, mount and write cgroup files); the control layer
+/// calls them from a blocking thread.
+pub trait Backend: Send + Sync + 'static {
+    /// Short name shown in node status (`namespace`, `gvisor`, `microvm`).
+    fn name(&self) -> &'static str;
+
+    /// Builds and starts the sandbox; returns once its guest agent accepts connections.
+    /// On error nothing of the sandbox is left on the host.
+    fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError>;
+
+    /// Ends every process of the sandbox and removes everything it had on the host: cgroups,
+    /// mounts, loop devices, files. Idempotent; works with `info` unknown (after a crash mid-create).
+    fn destroy(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError>;
+
+    /// Whether the sandbox described by `info` still runs.
+    fn probe(&self, id: &str, info: &RuntimeInfo) -> Liveness;
+
+    /// Ids of every sandbox that has anything on this host (directories, cgroups), so the control
+    /// layer can destroy the ones it has no row for.
+    fn host_sandboxes(&self) -> Result<Vec<String>, NodeError>;
+}

@@ -1,0 +1,1 @@
+//! Client side of the guest protocol (see burrow-proto).

@@ -1,0 +1,8 @@
+//! The node: builds, finds and tears down sandboxes (through a [`backend::Backend`]) and talks to
+//! their guest agents (through [`guest::GuestClient`]).
+
+pub mod backend;
+pub mod guest;
+pub mod namespace;
+
+pub use backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};

@@ -1,0 +1,28 @@
+//! Stable error codes. Clients match on these strings; never rename one.
+
+pub const BAD_REQUEST: &str = "bad_request";
+pub const UNAUTHORIZED: &str = "unauthorized";
+pub const FORBIDDEN: &str = "forbidden";
+pub const NOT_FOUND: &str = "not_found";
+pub const SANDBOX_NOT_FOUND: &str = "sandbox_not_found";
+pub const SANDBOX_NOT_RUNNING: &str = "sandbox_not_running";
+pub const PROCESS_NOT_FOUND: &str = "process_not_found";
+pub const FILE_NOT_FOUND: &str = "file_not_found";
+pub const PERMISSION_DENIED: &str = "permission_denied";
+pub const NOT_A_DIRECTORY: &str = "not_a_directory";
+pub const IS_A_DIRECTORY: &str = "is_a_directory";
+pub const ALREADY_EXISTS: &str = "already_exists";
+pub const NOT_REGULAR_FILE: &str = "not_regular_file";
+pub const DIRECTORY_NOT_EMPTY: &str = "directory_not_empty";
+pub const INVALID_PATH: &str = "invalid_path";
+pub const NO_SPACE: &str = "no_space";
+pub const LIMIT_EXCEEDED: &str = "limit_exceeded";
+pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+pub const UNKNOWN_PLAN: &str = "unknown_plan";
+pub const UNKNOWN_IMAGE: &str = "unknown_image";
+pub const CONFLICT: &str = "conflict";
+pub const INTERNAL: &str = "internal";
+pub const UNAVAILABLE: &str = "unavailable";
+pub const GUEST_UNREACHABLE: &str = "guest_unreachable";
+pub const SANDBOX_LOST: &str = "sandbox_lost";
+pub const CREATE_INTERRUPTED: &str = "create_interrupted";

@@ -1,0 +1,219 @@
+//! Domain and API types shared by the server, the node, the guest agent and the clients.
+//! No I/O lives here: only data shapes, limits and the stable error codes.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub mod codes;
+pub mod limits;
+
+pub use limits::{Limits, Plan};
+
+/// Where a sandbox is in its lifecycle (DESIGN.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    Starting,
+    Running,
+    Paused,
+    Hibernated,
+    Destroyed,
+    Error,
+}
+
+impl SandboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxState::Starting => "starting",
+            SandboxState::Running => "running",
+            SandboxState::Paused => "paused",
+            SandboxState::Hibernated => "hibernated",
+            SandboxState::Destroyed => "destroyed",
+            SandboxState::Error => "error",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "starting" => SandboxState::Starting,
+            "running" => SandboxState::Running,
+            "paused" => SandboxState::Paused,
+            "hibernated" => SandboxState::Hibernated,
+            "destroyed" => SandboxState::Destroyed,
+            "error" => SandboxState::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a sandbox is in `error`: a stable code plus, for limits, what was allowed and what was seen.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ErrorReason {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<serde_json::Value>,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Sandbox {
+    pub id: String,
+    pub state: SandboxState,
+    pub image: String,
+    pub plan: String,
+    pub hostname: String,
+    pub limits: Limits,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorReason>,
+    /// True when the sandbox came from the warm pool.
+    #[serde(default)]
+    pub warm_hit: bool,
+}
+
+/// Body of `POST /v1/sandboxes`. Unknown fields are refused: owner, limits and host paths are the
+/// server's to decide (ATTACKS.md A5).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Image name; `system` (the default) is the host's `/usr` read-only with a generated `/etc`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Plan name (`free`, `pro`, `scale`); the default is the user's plan.
+    #[serde(default)]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Environment given to every command run in the sandbox.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Body of a buffered exec (`POST /v1/sandboxes/{id}/exec`) and the first message of a streaming one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// argv; the first element is looked up in `PATH`.
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// `root` (default) or `user`, or a numeric uid.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// After this the command gets SIGTERM, then SIGKILL after a grace period.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Text written to the command's stdin, then closed (buffered exec only).
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Run under a pseudo-terminal of this size (streaming exec only).
+    #[serde(default)]
+    pub pty: Option<PtySize>,
+    /// Keep the process running after the request ends; it can be listed and re-attached.
+    #[serde(default)]
+    pub background: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// Result of a buffered exec. Output past the per-command cap is dropped and flagged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ExecResult {
+    /// None when the process was ended by a signal.
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    /// Output decoded as UTF-8, invalid sequences replaced.
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    /// Either stream was cut at the output limit.
+    pub truncated: bool,
+    /// The command ran past `timeout_ms` and was killed.
+    pub timed_out: bool,
+    pub duration_ms: u64,
+}
+
+/// A process started through the API (background or attached).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub cmd: Vec<String>,
+    pub pty: bool,
+    pub running: bool,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// Metadata of one path inside a sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FileStat {
+    pub path: String,
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (e.g. 0o644).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Seconds since the Unix epoch.
+    pub modified: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+/// One page of a directory listing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DirListing {
+    pub entries: Vec<FileStat>,
+    /// Pass back as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Every API error body: a stable machine code and a human message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ApiError {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}

@@ -1,0 +1,59 @@
+//! Plans and the limits they give a sandbox (DESIGN.md §6).
+
+use serde::{Deserialize, Serialize};
+
+/// Resource limits of one sandbox. Every one is enforced by the kernel or by burrow, and every hit
+/// is reported as a structured error naming the limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Limits {
+    /// CPU in thousandths of a core (500 = half a core).
+    pub cpu_millis: u32,
+    pub memory_mib: u64,
+    /// Maximum number of processes and threads.
+    pub pids: u32,
+    /// Hard size of the sandbox disk (writable root layer and `/workspace`).
+    pub disk_mib: u64,
+    /// Open files per process (RLIMIT_NOFILE).
+    pub nofile: u64,
+    /// stdout and stderr kept per command, each.
+    pub output_bytes: u64,
+    pub max_duration_s: u64,
+}
+
+/// A named bundle of limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Plan {
+    pub name: String,
+    pub limits: Limits,
+}
+
+pub const MIB: u64 = 1024 * 1024;
+pub const DEFAULT_OUTPUT_BYTES: u64 = 10 * MIB;
+
+impl Plan {
+    fn with(name: &str, cpu_millis: u32, memory_mib: u64, max_duration_s: u64) -> Plan {
+        Plan {
+            name: name.to_string(),
+            limits: Limits {
+                cpu_millis,
+                memory_mib,
+                pids: 512,
+                disk_mib: 1024,
+                nofile: 1024,
+                output_bytes: DEFAULT_OUTPUT_BYTES,
+                max_duration_s,
+            },
+        }
+    }
+
+    /// The plans every server ships with.
+    pub fn defaults() -> Vec<Plan> {
+        vec![
+            Plan::with("free", 500, 512, 30 * 60),
+            Plan::with("pro", 1000, 1024, 2 * 3600),
+            Plan::with("scale", 2000, 2048, 4 * 3600),
+        ]
+    }
+}
