@@ -1,0 +1,50 @@
+//! Schema versions, applied in order inside one transaction each. Never edit a shipped migration:
+//! add the next one.
+
+use rusqlite::Connection;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: users, keys, sandboxes.
+    "CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        plan TEXT NOT NULL,
+        is_admin INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        state TEXT NOT NULL,
+        image TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        limits TEXT NOT NULL,
+        env TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        uid_slot INTEGER NOT NULL,
+        runtime TEXT,
+        error TEXT,
+        warm_hit INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE INDEX sandboxes_owner ON sandboxes(owner_id, state);
+    CREATE UNIQUE INDEX sandboxes_live_slot ON sandboxes(uid_slot) WHERE state != 'destroyed';",
+];
+
+pub fn apply(conn: &Connection) -> rusqlite::Result<()> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        conn.execute_batch(&format!("BEGIN; {sql}; PRAGMA user_version = {}; COMMIT;", i + 1))?;
+    }
+    Ok(())
+}
