@@ -93,12 +93,21 @@ impl Store {
 
     // ---- users and keys ----
 
-    pub fn create_user(&self, id: &str, name: &str, plan: &str, is_admin: bool) -> Result<(), StoreError> {
+    pub fn create_user(&self, id: &str, name: &str, plan: &str, is_admin: bool) -> Result<User, StoreError> {
         self.conn().execute(
             "INSERT INTO users (id, name, plan, is_admin, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, name, plan, is_admin, now_rfc3339()],
         )?;
-        Ok(())
+        Ok(User { id: id.into(), name: name.into(), plan: plan.into(), is_admin })
+    }
+
+    pub fn has_api_keys(&self, user_id: &str) -> Result<bool, StoreError> {
+        let n: u64 = self.conn().query_row(
+            "SELECT COUNT(*) FROM api_keys WHERE user_id = ?1 AND revoked_at IS NULL",
+            [user_id],
+            |r| r.get(0),
+        )?;
+        Ok(n > 0)
     }
 
     pub fn user_count(&self) -> Result<u64, StoreError> {

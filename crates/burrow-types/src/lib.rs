@@ -217,3 +217,32 @@ pub struct ApiError {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<serde_json::Value>,
 }
+
+/// WebSocket streams (exec, attach, terminal). Binary messages carry output (server → client:
+/// first byte [`STREAM_STDOUT`] or [`STREAM_STDERR`], then the bytes) or stdin (client → server:
+/// the bytes as they are). Text messages carry these JSON events.
+pub mod stream {
+    use serde::{Deserialize, Serialize};
+
+    pub const STREAM_STDOUT: u8 = 1;
+    pub const STREAM_STDERR: u8 = 2;
+
+    /// Server → client.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum StreamEvent {
+        Started { pid: u32 },
+        Exit { exit_code: Option<i32>, signal: Option<i32>, timed_out: bool },
+        Error { code: String, message: String },
+    }
+
+    /// Client → server.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(tag = "type", rename_all = "snake_case")]
+    pub enum StreamInput {
+        /// Close the process's stdin.
+        Eof,
+        Resize { cols: u16, rows: u16 },
+        Signal { signal: i32 },
+    }
+}

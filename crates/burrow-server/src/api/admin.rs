@@ -1,0 +1,63 @@
+//! `/v1/admin`: operator-only routes.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use burrow_types::{codes, ApiError};
+use serde::{Deserialize, Serialize};
+
+use super::error::HttpError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+use crate::auth;
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    pub name: String,
+    #[serde(default)]
+    pub plan: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreatedUser {
+    pub id: String,
+    pub name: String,
+    pub plan: String,
+    /// Shown once; only its hash is stored.
+    pub api_key: String,
+}
+
+/// Create a user with one API key (admins only).
+#[utoipa::path(post, path = "/v1/admin/users", request_body = CreateUser, tag = "admin",
+    responses((status = 201, body = CreatedUser), (status = 403, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn create_user(
+    State(s): State<AppState>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<CreateUser>,
+) -> Result<(StatusCode, Json<CreatedUser>), HttpError> {
+    if !caller.is_admin {
+        return Err(HttpError::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, "admin key required"));
+    }
+    let name_ok = !req.name.is_empty()
+        && req.name.len() <= 64
+        && req.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !name_ok {
+        return Err(HttpError::bad_request("user name must be 1-64 letters, digits, '-', '_' or '.'"));
+    }
+    let plan = req.plan.unwrap_or_else(|| "free".into());
+    if !s.control.has_plan(&plan) {
+        return Err(HttpError::new(StatusCode::BAD_REQUEST, codes::UNKNOWN_PLAN, format!("unknown plan {plan:?}")));
+    }
+    let store = s.control.store();
+    let internal = |e: burrow_store::StoreError| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, e.to_string());
+    if store.user_by_name(&req.name).map_err(internal)?.is_some() {
+        return Err(HttpError::new(StatusCode::CONFLICT, codes::ALREADY_EXISTS, format!("user {:?} exists", req.name)));
+    }
+    let user = store.create_user(&auth::new_id(16), &req.name, &plan, false).map_err(internal)?;
+    let key = auth::generate_key();
+    store
+        .add_api_key(&auth::new_id(16), &user.id, &auth::hash_key(&key), &auth::key_display_prefix(&key))
+        .map_err(internal)?;
+    Ok((StatusCode::CREATED, Json(CreatedUser { id: user.id, name: user.name, plan: user.plan, api_key: key })))
+}

@@ -1,0 +1,116 @@
+//! The one mapping from errors to HTTP: every error body is `{"code", "message"}` with a stable code.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use burrow_node::guest::GuestError;
+use burrow_types::{codes, ApiError};
+
+use crate::control::{error_chain, ControlError};
+
+#[derive(Debug)]
+pub struct HttpError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl HttpError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        HttpError { status, code, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, codes::BAD_REQUEST, message)
+    }
+
+    pub fn body(&self) -> ApiError {
+        ApiError { code: self.code.to_string(), message: self.message.clone(), details: None }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// Status for an error code the guest agent returned.
+fn guest_status(code: &str) -> (StatusCode, &'static str) {
+    use StatusCode as S;
+    // Codes come from the sandbox, which is not trusted: only known ones pass through.
+    let known: &[(&'static str, StatusCode)] = &[
+        (codes::FILE_NOT_FOUND, S::NOT_FOUND),
+        (codes::PROCESS_NOT_FOUND, S::NOT_FOUND),
+        (codes::PERMISSION_DENIED, S::FORBIDDEN),
+        (codes::NOT_A_DIRECTORY, S::BAD_REQUEST),
+        (codes::IS_A_DIRECTORY, S::BAD_REQUEST),
+        (codes::NOT_REGULAR_FILE, S::BAD_REQUEST),
+        (codes::INVALID_PATH, S::BAD_REQUEST),
+        (codes::BAD_REQUEST, S::BAD_REQUEST),
+        (codes::ALREADY_EXISTS, S::CONFLICT),
+        (codes::DIRECTORY_NOT_EMPTY, S::CONFLICT),
+        (codes::NO_SPACE, S::INSUFFICIENT_STORAGE),
+        (codes::LIMIT_EXCEEDED, S::PAYLOAD_TOO_LARGE),
+    ];
+    known
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(c, s)| (*s, *c))
+        .unwrap_or((S::INTERNAL_SERVER_ERROR, codes::INTERNAL))
+}
+
+impl From<GuestError> for HttpError {
+    fn from(e: GuestError) -> Self {
+        match e {
+            GuestError::Remote { code, message } => {
+                let (status, code) = guest_status(&code);
+                HttpError::new(status, code, message)
+            }
+            other => HttpError::new(
+                StatusCode::BAD_GATEWAY,
+                codes::GUEST_UNREACHABLE,
+                format!("the sandbox's guest agent did not answer: {}", error_chain(&other)),
+            ),
+        }
+    }
+}
+
+impl From<ControlError> for HttpError {
+    fn from(e: ControlError) -> Self {
+        use StatusCode as S;
+        match e {
+            ControlError::NotFound => HttpError::new(S::NOT_FOUND, codes::SANDBOX_NOT_FOUND, "sandbox not found"),
+            ControlError::NotRunning(state) => HttpError::new(
+                S::CONFLICT,
+                codes::SANDBOX_NOT_RUNNING,
+                format!("sandbox is {state}, not running"),
+            ),
+            ControlError::UnknownPlan(p) => HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_PLAN, format!("unknown plan {p:?}")),
+            ControlError::UnknownImage(i) => {
+                HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_IMAGE, format!("unknown image {i:?}; this server has \"system\""))
+            }
+            ControlError::BadRequest(m) => HttpError::bad_request(m),
+            ControlError::Guest(g) => g.into(),
+            other => HttpError::new(S::INTERNAL_SERVER_ERROR, codes::INTERNAL, error_chain(&other)),
+        }
+    }
+}
+
+impl From<JsonRejection> for HttpError {
+    fn from(r: JsonRejection) -> Self {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { codes::PAYLOAD_TOO_LARGE } else { codes::BAD_REQUEST };
+        HttpError::new(status, code, r.body_text())
+    }
+}
+
+impl From<QueryRejection> for HttpError {
+    fn from(r: QueryRejection) -> Self {
+        HttpError::bad_request(r.body_text())
+    }
+}

@@ -1,0 +1,240 @@
+//! Commands in a sandbox: buffered exec, streaming exec and terminals over WebSocket, and
+//! background processes (list, attach, signal, kill).
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::Json;
+use burrow_node::guest::ExecEvent;
+use burrow_proto::ExecSpec;
+use burrow_store::User;
+use burrow_types::{codes, ApiError, ExecRequest, ExecResult, ProcessInfo, PtySize};
+use serde::{Deserialize, Serialize};
+
+use super::error::HttpError;
+use super::extract::{ApiJson, ApiQuery, Caller};
+use super::{ws, AppState};
+use crate::control::error_chain;
+
+/// A buffered exec without `timeout_ms` is stopped after this, so no request waits forever.
+pub const DEFAULT_EXEC_TIMEOUT_MS: u64 = 60_000;
+const SIGKILL: i32 = 9;
+
+fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<ExecSpec, HttpError> {
+    if req.cmd.is_empty() || req.cmd[0].is_empty() {
+        return Err(HttpError::bad_request("cmd must name a program"));
+    }
+    if req.cmd.iter().chain(req.env.keys()).chain(req.env.values()).any(|s| s.contains('\0')) {
+        return Err(HttpError::bad_request("cmd and env must not contain NUL bytes"));
+    }
+    if req.timeout_ms == Some(0) {
+        return Err(HttpError::bad_request("timeout_ms must be positive"));
+    }
+    if let Some(p) = req.pty {
+        if p.cols == 0 || p.rows == 0 {
+            return Err(HttpError::bad_request("pty cols and rows must be positive"));
+        }
+    }
+    Ok(ExecSpec {
+        argv: req.cmd,
+        env: req.env,
+        cwd: req.cwd,
+        user: req.user,
+        pty: req.pty,
+        stdin: req.stdin.is_some(),
+        timeout_ms: req.timeout_ms.or(default_ms).map(|t| t.min(max_ms)),
+        background: req.background,
+    })
+}
+
+/// Run a command and wait for it; output beyond the sandbox's limit is dropped and flagged.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/exec", request_body = ExecRequest, tag = "exec",
+    responses((status = 200, body = ExecResult), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn exec(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<Json<ExecResult>, HttpError> {
+    if req.background || req.pty.is_some() {
+        return Err(HttpError::bad_request(
+            "background and pty commands use /processes or the exec WebSocket, not buffered exec",
+        ));
+    }
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    let stdin = req.stdin.clone().map(String::into_bytes);
+    let spec = spec_of(req, rec.limits.max_duration_s * 1000, Some(DEFAULT_EXEC_TIMEOUT_MS))?;
+    let out = guest.exec_buffered(spec, stdin, rec.limits.output_bytes).await?;
+    Ok(Json(ExecResult {
+        exit_code: out.exit_code,
+        signal: out.signal,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stdout_truncated: out.stdout_truncated,
+        stderr_truncated: out.stderr_truncated,
+        truncated: out.stdout_truncated || out.stderr_truncated,
+        timed_out: out.timed_out,
+        duration_ms: out.duration.as_millis() as u64,
+    }))
+}
+
+/// Streaming exec. The first client message is a JSON `ExecRequest`; then see `burrow_types::stream`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", responses((status = 101)))]
+pub async fn exec_ws(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    Ok(upgrade.on_upgrade(move |mut socket| async move {
+        use axum::extract::ws::Message;
+        let first = match tokio::time::timeout(std::time::Duration::from_secs(30), socket.recv()).await {
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            _ => return ws::fail(socket, codes::BAD_REQUEST, "expected an ExecRequest as the first message".into()).await,
+        };
+        let req: ExecRequest = match serde_json::from_str(&first) {
+            Ok(r) => r,
+            Err(e) => return ws::fail(socket, codes::BAD_REQUEST, format!("bad ExecRequest: {e}")).await,
+        };
+        let spec = match spec_of(req, rec.limits.max_duration_s * 1000, None) {
+            Ok(mut spec) => {
+                // Streaming clients send stdin themselves.
+                spec.stdin = true;
+                spec
+            }
+            Err(e) => return ws::fail(socket, e.code, e.message).await,
+        };
+        match guest.exec_stream(spec).await {
+            Ok((input, output)) => ws::pump(socket, input, output).await,
+            Err(e) => ws::fail(socket, codes::GUEST_UNREACHABLE, error_chain(&e)).await,
+        }
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct TerminalQuery {
+    #[serde(default)]
+    pub cols: Option<u16>,
+    #[serde(default)]
+    pub rows: Option<u16>,
+    /// `root` (default) or `user`.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// An interactive login shell under a PTY; same messages as the exec WebSocket.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/terminal", params(TerminalQuery), tag = "exec", responses((status = 101)))]
+pub async fn terminal(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<TerminalQuery>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    let req = ExecRequest {
+        cmd: vec!["/bin/bash".into(), "-l".into()],
+        user: q.user,
+        pty: Some(PtySize { cols: q.cols.unwrap_or(80), rows: q.rows.unwrap_or(24) }),
+        ..Default::default()
+    };
+    let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
+    spec.stdin = true;
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        match guest.exec_stream(spec).await {
+            Ok((input, output)) => ws::pump(socket, input, output).await,
+            Err(e) => ws::fail(socket, codes::GUEST_UNREACHABLE, error_chain(&e)).await,
+        }
+    }))
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Started {
+    pub pid: u32,
+}
+
+/// Start a background process; it keeps running after this request and can be attached later.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes", request_body = ExecRequest, tag = "processes",
+    responses((status = 201, body = Started), (status = 404, body = ApiError)))]
+pub async fn start_process(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> Result<(StatusCode, Json<Started>), HttpError> {
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    if req.stdin.is_some() {
+        return Err(HttpError::bad_request("a background process takes stdin through attach, not `stdin`"));
+    }
+    let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
+    spec.background = true;
+    spec.stdin = true;
+    let (_input, mut output) = guest.exec_stream(spec).await?;
+    match output.next().await? {
+        Some(ExecEvent::Started { pid }) => Ok((StatusCode::CREATED, Json(Started { pid }))),
+        _ => Err(HttpError::new(StatusCode::BAD_GATEWAY, codes::GUEST_UNREACHABLE, "the guest did not start the process")),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes", tag = "processes", responses((status = 200, body = [ProcessInfo])))]
+pub async fn list_processes(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<ProcessInfo>>, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    Ok(Json(guest.list_processes().await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    pub signal: i32,
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/processes/{pid}/signal", request_body = SignalRequest, tag = "processes",
+    responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn signal_process(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path((id, pid)): Path<(String, u32)>,
+    ApiJson(req): ApiJson<SignalRequest>,
+) -> Result<StatusCode, HttpError> {
+    if !(1..=64).contains(&req.signal) {
+        return Err(HttpError::bad_request("signal must be between 1 and 64"));
+    }
+    signal(&s, &user, &id, pid, req.signal).await
+}
+
+/// Kill a process (SIGKILL to its process group).
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/processes/{pid}", tag = "processes",
+    responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn kill_process(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path((id, pid)): Path<(String, u32)>,
+) -> Result<StatusCode, HttpError> {
+    signal(&s, &user, &id, pid, SIGKILL).await
+}
+
+async fn signal(s: &AppState, user: &User, id: &str, pid: u32, sig: i32) -> Result<StatusCode, HttpError> {
+    let (_, guest) = s.control.guest(user, id)?;
+    guest.signal(pid, sig).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Re-attach to a background process: its kept output, then live output and its exit.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{pid}/attach", tag = "processes", responses((status = 101)))]
+pub async fn attach(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path((id, pid)): Path<(String, u32)>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    // Attach before upgrading so an unknown pid is a plain 404.
+    let (input, output) = guest.attach(pid).await?;
+    Ok(upgrade.on_upgrade(move |socket| ws::pump(socket, input, output)))
+}

@@ -1,0 +1,200 @@
+//! Files inside a sandbox. Every path is resolved by the guest agent inside the sandbox's own root,
+//! so no path or symlink can name a host file. Up- and downloads stream in bounded chunks.
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use burrow_types::{ApiError, DirListing, FileStat};
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::error::HttpError;
+use super::extract::{ApiJson, ApiQuery, Caller};
+use super::AppState;
+
+/// Entries per listing page when the caller gives no limit, and the most it may ask for.
+const DEFAULT_PAGE: u32 = 200;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct PathQuery {
+    /// Absolute path inside the sandbox.
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct UploadQuery {
+    pub path: String,
+    /// Permission bits in octal, e.g. `755`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Owner of new files and directories: `root` (default) or `user`.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct RemoveQuery {
+    pub path: String,
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    pub path: String,
+    /// From the previous page's `next_cursor`.
+    #[serde(default)]
+    pub cursor: Option<String>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirRequest {
+    pub path: String,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    pub from: String,
+    pub to: String,
+}
+
+/// Download a regular file as a byte stream.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", params(PathQuery), tag = "files",
+    responses((status = 200, content_type = "application/octet-stream"), (status = 404, body = ApiError)))]
+pub async fn download(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> Result<Response, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    // Errors before the first byte (missing file, FIFO, directory) are proper HTTP errors.
+    let download = guest.read_file(q.path).await?;
+    let size = download.size;
+    let stream = futures_util::stream::unfold(Some(download), |state| async move {
+        let mut dl = state?;
+        match dl.next_chunk().await {
+            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), Some(dl))),
+            Ok(None) => None,
+            // Ends the response early; the client sees a truncated transfer, not a short file
+            // passed off as whole.
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), ("x-file-size".parse().unwrap(), size.to_string())],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Upload a file (the request body, streamed); parent directories are created.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", params(UploadQuery), tag = "files",
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 200, body = FileStat), (status = 507, body = ApiError)))]
+pub async fn upload(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<UploadQuery>,
+    body: Body,
+) -> Result<Json<FileStat>, HttpError> {
+    let mode = match q.mode.as_deref() {
+        None => None,
+        Some(m) => match u32::from_str_radix(m, 8) {
+            Ok(v) if v <= 0o7777 => Some(v),
+            _ => return Err(HttpError::bad_request(format!("mode {m:?} is not octal permission bits"))),
+        },
+    };
+    let (_, guest) = s.control.guest(&user, &id)?;
+    let mut upload = guest.write_file(q.path, mode, q.user).await?;
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| HttpError::bad_request(format!("reading the request body: {e}")))?;
+        if let Err(e) = upload.write(&chunk).await {
+            // The guest may have refused (no space, not a regular file): its reason beats the
+            // broken pipe we saw.
+            return Err(upload.finish().await.err().unwrap_or(e).into());
+        }
+    }
+    Ok(Json(upload.finish().await?))
+}
+
+/// Metadata of a path (symlinks are not followed).
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", params(PathQuery), tag = "files",
+    responses((status = 200, body = FileStat), (status = 404, body = ApiError)))]
+pub async fn stat(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> Result<Json<FileStat>, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    Ok(Json(guest.stat(q.path).await?))
+}
+
+/// One page of a directory listing.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", params(ListQuery), tag = "files",
+    responses((status = 200, body = DirListing), (status = 404, body = ApiError)))]
+pub async fn list(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> Result<Json<DirListing>, HttpError> {
+    let cursor = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<u64>().map_err(|_| HttpError::bad_request("cursor is not one this server gave"))?),
+    };
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let (_, guest) = s.control.guest(&user, &id)?;
+    let (entries, next) = guest.list_dir(q.path, cursor, limit).await?;
+    Ok(Json(DirListing { entries, next_cursor: next.map(|c| c.to_string()) }))
+}
+
+/// Create a directory and its parents.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", request_body = MkdirRequest, tag = "files",
+    responses((status = 200, body = FileStat)))]
+pub async fn mkdir(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<MkdirRequest>,
+) -> Result<Json<FileStat>, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    Ok(Json(guest.make_dir(req.path, req.user).await?))
+}
+
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/rename", request_body = RenameRequest, tag = "files",
+    responses((status = 200, body = FileStat)))]
+pub async fn rename(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RenameRequest>,
+) -> Result<Json<FileStat>, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    Ok(Json(guest.rename(req.from, req.to).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", params(RemoveQuery), tag = "files",
+    responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn remove(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> Result<StatusCode, HttpError> {
+    let (_, guest) = s.control.guest(&user, &id)?;
+    guest.remove(q.path, q.recursive).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,49 @@
+//! `/v1/sandboxes`: create, list, get, delete.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use burrow_types::{ApiError, CreateSandbox, Sandbox};
+
+use super::error::HttpError;
+use super::extract::{ApiJson, Caller};
+use super::AppState;
+
+/// Create a sandbox and start it; answers once it runs.
+#[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
+    responses((status = 201, body = Sandbox), (status = 400, body = ApiError), (status = 401, body = ApiError)))]
+pub async fn create_sandbox(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> Result<(StatusCode, Json<Sandbox>), HttpError> {
+    Ok((StatusCode::CREATED, Json(s.control.create(&user, req).await?)))
+}
+
+/// The caller's sandboxes that are not destroyed.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", responses((status = 200, body = [Sandbox])))]
+pub async fn list_sandboxes(State(s): State<AppState>, Caller(user): Caller) -> Result<Json<Vec<Sandbox>>, HttpError> {
+    Ok(Json(s.control.list(&user)?))
+}
+
+#[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    responses((status = 200, body = Sandbox), (status = 404, body = ApiError)))]
+pub async fn get_sandbox(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.get(&user, &id)?))
+}
+
+/// Destroy a sandbox: every process ends and its files are deleted.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}", tag = "sandboxes",
+    responses((status = 204), (status = 404, body = ApiError)))]
+pub async fn delete_sandbox(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    s.control.destroy(&user, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,345 @@
+//! The control layer: the sandbox state machine. Transport handlers turn requests into calls here;
+//! this module decides what is allowed, writes the store before touching the host, and drives the
+//! backend. It owns no HTTP types.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use burrow_node::guest::{GuestClient, GuestError};
+use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+use burrow_store::{now_rfc3339, SandboxRecord, Store, StoreError, User};
+use burrow_types::{codes, CreateSandbox, ErrorReason, Plan, Sandbox, SandboxState};
+use tracing::{info, warn};
+
+use crate::auth::new_id;
+
+pub const DEFAULT_IMAGE: &str = "system";
+const MAX_METADATA_ENTRIES: usize = 64;
+const MAX_ENV_ENTRIES: usize = 256;
+const MAX_KV_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("sandbox not found")]
+    NotFound,
+    #[error("sandbox is {0}, not running")]
+    NotRunning(&'static str),
+    #[error("unknown plan {0:?}")]
+    UnknownPlan(String),
+    #[error("unknown image {0:?}")]
+    UnknownImage(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("guest agent")]
+    Guest(#[from] GuestError),
+    #[error("node")]
+    Node(#[from] NodeError),
+    #[error("store")]
+    Store(#[from] StoreError),
+    #[error("background task failed")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Serialises lifecycle operations on one sandbox (a delete waits for a create in flight).
+#[derive(Default)]
+struct SandboxLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl SandboxLocks {
+    fn get(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // Drop entries nobody holds so the map does not grow with every sandbox ever made.
+        map.retain(|_, l| Arc::strong_count(l) > 1);
+        map.entry(id.to_string()).or_default().clone()
+    }
+}
+
+pub struct Control {
+    store: Arc<Store>,
+    backend: Arc<dyn Backend>,
+    plans: BTreeMap<String, Plan>,
+    locks: SandboxLocks,
+}
+
+impl Control {
+    pub fn new(store: Arc<Store>, backend: Arc<dyn Backend>, plans: Vec<Plan>) -> Control {
+        let plans = plans.into_iter().map(|p| (p.name.clone(), p)).collect();
+        Control { store, backend, plans, locks: SandboxLocks::default() }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn has_plan(&self, name: &str) -> bool {
+        self.plans.contains_key(name)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    pub async fn create(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
+        let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
+        let plan = self.plans.get(&plan_name).ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?;
+        let image = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        if image != DEFAULT_IMAGE {
+            return Err(ControlError::UnknownImage(image));
+        }
+        validate_map("env", &req.env, MAX_ENV_ENTRIES, true)?;
+        validate_map("metadata", &req.metadata, MAX_METADATA_ENTRIES, false)?;
+        let id = new_id(20);
+        let hostname = match req.hostname {
+            Some(h) => validate_hostname(&h)?,
+            None => id.clone(),
+        };
+        let mut rec = SandboxRecord {
+            id: id.clone(),
+            owner_id: user.id.clone(),
+            state: SandboxState::Starting,
+            image,
+            plan: plan.name.clone(),
+            hostname,
+            limits: plan.limits.clone(),
+            env: req.env,
+            metadata: req.metadata,
+            uid_slot: 0,
+            runtime: None,
+            error: None,
+            warm_hit: false,
+            created_at: now_rfc3339(),
+        };
+        let lock = self.locks.get(&id);
+        let _guard = lock.lock().await;
+        // The row exists before anything on the host does: a crash from here on is cleaned up by
+        // `reconcile` at the next start.
+        rec.uid_slot = self.store.insert_sandbox(&rec)?;
+        let spec = SandboxSpec {
+            id: id.clone(),
+            hostname: rec.hostname.clone(),
+            image: rec.image.clone(),
+            limits: rec.limits.clone(),
+            uid_slot: rec.uid_slot,
+            env: rec.env.clone(),
+        };
+        let backend = self.backend.clone();
+        match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
+            Ok(runtime) => {
+                let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
+                self.store.set_running(&id, &value)?;
+                rec.state = SandboxState::Running;
+                rec.runtime = Some(value);
+                info!(sandbox_id = %id, pid = runtime.pid, "sandbox running");
+                Ok(to_api(&rec))
+            }
+            Err(e) => {
+                warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
+                let reason = reason(codes::INTERNAL, format!("create failed: {}", error_chain(&e)));
+                self.store.set_error(&id, &reason)?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The caller's sandbox, or `NotFound` — the same answer for another tenant's id as for an id
+    /// that never existed (ATTACKS.md A1).
+    pub fn record(&self, user: &User, id: &str) -> Result<SandboxRecord, ControlError> {
+        match self.store.sandbox(id)? {
+            Some(r) if r.owner_id == user.id && r.state != SandboxState::Destroyed => Ok(r),
+            _ => Err(ControlError::NotFound),
+        }
+    }
+
+    pub fn get(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        self.record(user, id).map(|r| to_api(&r))
+    }
+
+    pub fn list(&self, user: &User) -> Result<Vec<Sandbox>, ControlError> {
+        Ok(self.store.sandboxes_of(&user.id)?.iter().map(to_api).collect())
+    }
+
+    /// A client for the guest agent of one of the caller's running sandboxes.
+    pub fn guest(&self, user: &User, id: &str) -> Result<(SandboxRecord, GuestClient), ControlError> {
+        let rec = self.record(user, id)?;
+        if rec.state != SandboxState::Running {
+            return Err(ControlError::NotRunning(rec.state.as_str()));
+        }
+        let runtime = runtime_of(&rec).ok_or(ControlError::NotRunning("starting"))?;
+        Ok((rec, GuestClient::new(runtime.guest_socket)))
+    }
+
+    pub async fn destroy(&self, user: &User, id: &str) -> Result<(), ControlError> {
+        self.record(user, id)?;
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        // Re-read under the lock: a concurrent delete may have finished meanwhile.
+        let rec = self.record(user, id)?;
+        self.destroy_on_host(&rec).await?;
+        self.store.set_state(id, SandboxState::Destroyed)?;
+        info!(sandbox_id = %id, "sandbox destroyed");
+        Ok(())
+    }
+
+    async fn destroy_on_host(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
+        let backend = self.backend.clone();
+        let id = rec.id.clone();
+        let runtime = runtime_of(rec);
+        tokio::task::spawn_blocking(move || backend.destroy(&id, runtime.as_ref())).await??;
+        Ok(())
+    }
+
+    /// Makes the store and the host agree after a start (DESIGN.md §3, crash safety): running
+    /// sandboxes whose computer still answers are adopted, interrupted creates and lost sandboxes
+    /// are cleaned and marked `error`, and anything on the host without a live row is removed.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, ControlError> {
+        let mut report = ReconcileReport::default();
+        let mut keep = HashSet::new();
+        for rec in self.store.live_sandboxes()? {
+            match rec.state {
+                SandboxState::Running | SandboxState::Paused => {
+                    if self.still_alive(&rec).await {
+                        keep.insert(rec.id.clone());
+                        report.adopted.push(rec.id.clone());
+                        continue;
+                    }
+                    self.destroy_on_host(&rec).await?;
+                    let r = reason(codes::SANDBOX_LOST, "the sandbox's processes ended while the server was down".into());
+                    self.store.set_error(&rec.id, &r)?;
+                    report.lost.push(rec.id.clone());
+                }
+                SandboxState::Starting => {
+                    self.destroy_on_host(&rec).await?;
+                    let r = reason(codes::CREATE_INTERRUPTED, "the server stopped while the sandbox was being created".into());
+                    self.store.set_error(&rec.id, &r)?;
+                    report.interrupted.push(rec.id.clone());
+                }
+                SandboxState::Error | SandboxState::Hibernated | SandboxState::Destroyed => {}
+            }
+        }
+        let backend = self.backend.clone();
+        let on_host = tokio::task::spawn_blocking(move || backend.host_sandboxes()).await??;
+        for id in on_host.into_iter().filter(|id| !keep.contains(id)) {
+            let backend = self.backend.clone();
+            let id2 = id.clone();
+            tokio::task::spawn_blocking(move || backend.destroy(&id2, None)).await??;
+            report.cleaned.push(id);
+        }
+        Ok(report)
+    }
+
+    async fn still_alive(&self, rec: &SandboxRecord) -> bool {
+        let Some(runtime) = runtime_of(rec) else { return false };
+        let backend = self.backend.clone();
+        let (id, rt) = (rec.id.clone(), runtime.clone());
+        let alive = tokio::task::spawn_blocking(move || backend.probe(&id, &rt)).await;
+        if !matches!(alive, Ok(Liveness::Alive)) {
+            return false;
+        }
+        GuestClient::new(runtime.guest_socket).ping().await.is_ok()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub adopted: Vec<String>,
+    pub lost: Vec<String>,
+    pub interrupted: Vec<String>,
+    /// Host leftovers with no live row.
+    pub cleaned: Vec<String>,
+}
+
+fn runtime_of(rec: &SandboxRecord) -> Option<RuntimeInfo> {
+    rec.runtime.as_ref().and_then(|v| serde_json::from_value(v.clone()).ok())
+}
+
+pub fn reason(code: &str, message: String) -> ErrorReason {
+    ErrorReason { code: code.to_string(), message, limit: None, observed: None }
+}
+
+pub fn to_api(rec: &SandboxRecord) -> Sandbox {
+    Sandbox {
+        id: rec.id.clone(),
+        state: rec.state,
+        image: rec.image.clone(),
+        plan: rec.plan.clone(),
+        hostname: rec.hostname.clone(),
+        limits: rec.limits.clone(),
+        created_at: rec.created_at.clone(),
+        metadata: rec.metadata.clone(),
+        error: rec.error.clone(),
+        warm_hit: rec.warm_hit,
+    }
+}
+
+/// "outer: inner: innermost", so logs and error messages show the whole cause.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn validate_hostname(h: &str) -> Result<String, ControlError> {
+    let ok = !h.is_empty()
+        && h.len() <= 63
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !h.starts_with('-')
+        && !h.ends_with('-');
+    if ok {
+        Ok(h.to_ascii_lowercase())
+    } else {
+        Err(ControlError::BadRequest(format!(
+            "hostname {h:?} is not a DNS label (1-63 letters, digits or '-', not starting or ending with '-')"
+        )))
+    }
+}
+
+fn validate_map(
+    what: &str,
+    map: &BTreeMap<String, String>,
+    max_entries: usize,
+    env_names: bool,
+) -> Result<(), ControlError> {
+    if map.len() > max_entries {
+        return Err(ControlError::BadRequest(format!("{what} has {} entries, at most {max_entries} allowed", map.len())));
+    }
+    for (k, v) in map {
+        if k.is_empty() || k.len() + v.len() > MAX_KV_BYTES || k.contains('\0') || v.contains('\0') {
+            return Err(ControlError::BadRequest(format!(
+                "{what} entry {k:?} is empty, too long (over {MAX_KV_BYTES} bytes) or contains NUL"
+            )));
+        }
+        if env_names && k.contains('=') {
+            return Err(ControlError::BadRequest(format!("env name {k:?} contains '='")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostnames_must_be_dns_labels() {
+        assert_eq!(validate_hostname("Agent-1").unwrap(), "agent-1");
+        for bad in ["", "-a", "a-", "a.b", "a b", &"x".repeat(64)] {
+            assert!(validate_hostname(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn env_and_metadata_are_bounded() {
+        let ok = BTreeMap::from([("A".to_string(), "1".to_string())]);
+        assert!(validate_map("env", &ok, 4, true).is_ok());
+        let eq = BTreeMap::from([("A=B".to_string(), "1".to_string())]);
+        assert!(validate_map("env", &eq, 4, true).is_err());
+        let nul = BTreeMap::from([("A".to_string(), "a\0b".to_string())]);
+        assert!(validate_map("metadata", &nul, 4, false).is_err());
+        let many: BTreeMap<_, _> = (0..5).map(|i| (i.to_string(), String::new())).collect();
+        assert!(validate_map("metadata", &many, 4, false).is_err());
+    }
+}
