@@ -1,10 +1,233 @@
 //! The `burrow` binary: server (`up`), client commands, and the hidden `__init` entry that sets up
 //! a sandbox in a fresh process before any async runtime exists (CONVENTIONS.md, "Processes").
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Parser, Subcommand};
+
+mod bench;
+mod config;
+mod cp;
+mod exec;
+mod up;
+
+#[derive(Parser)]
+#[command(name = "burrow", version, about = "Every AI agent gets its own isolated Linux computer.")]
+struct Cli {
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server, the local node and the embedded database.
+    Up(up::UpArgs),
+    /// Create a sandbox and print its id.
+    Create(CreateArgs),
+    /// List your sandboxes.
+    Ls,
+    /// Show one sandbox.
+    Get { id: String },
+    /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
+    Exec(exec::ExecArgs),
+    /// Open an interactive shell in a sandbox.
+    Shell {
+        id: String,
+        /// `root` (default) or `user`.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Copy files: `burrow cp ./local ID:/path` or `burrow cp ID:/path ./local`.
+    Cp { src: String, dst: String },
+    /// Destroy sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// List the processes started through the API in a sandbox.
+    Ps { id: String },
+    /// Send a signal to a process in a sandbox (default SIGKILL).
+    Kill {
+        id: String,
+        pid: u32,
+        #[arg(long, default_value_t = 9)]
+        signal: i32,
+    },
+    /// Measure latency: create → first command, exec round trip, destroy.
+    Bench(bench::BenchArgs),
+    /// Operator commands.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user and print its API key (shown once).
+    CreateUser {
+        name: String,
+        #[arg(long)]
+        plan: Option<String>,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Args)]
+struct CreateArgs {
+    /// Image (default `system`).
+    #[arg(long)]
+    image: Option<String>,
+    /// Plan (`free`, `pro`, `scale`).
+    #[arg(long)]
+    plan: Option<String>,
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Environment for every command: `--env KEY=VALUE`, repeatable.
+    #[arg(long = "env", value_parser = parse_kv)]
+    env: Vec<(String, String)>,
+    /// Metadata: `--meta KEY=VALUE`, repeatable.
+    #[arg(long = "meta", value_parser = parse_kv)]
+    metadata: Vec<(String, String)>,
+}
+
+pub fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
 fn main() {
     // Sandbox setup forks and enters namespaces: it must run single-threaded, so it is dispatched
     // before anything else (no tokio runtime, no logging threads).
     if std::env::args_os().nth(1).is_some_and(|a| a == "__init") {
         burrow_node::namespace::init::main();
     }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => fail(anyhow!(e).context("starting the async runtime")),
+    };
+    let code = rt.block_on(run(cli)).unwrap_or_else(|e| fail(e));
+    // Exit without waiting for blocking stdin readers.
+    std::process::exit(code);
+}
+
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("burrow: {e:#}");
+    std::process::exit(1);
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let json = cli.json;
+    match cli.command {
+        Command::Up(args) => up::run(args).await.map(|_| 0),
+        Command::Create(a) => {
+            let req = burrow_types::CreateSandbox {
+                image: a.image,
+                plan: a.plan,
+                hostname: a.hostname,
+                env: a.env.into_iter().collect(),
+                metadata: a.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+            };
+            let sb = config::client()?.create(&req).await?;
+            if json {
+                print_json(&sb)?;
+            } else {
+                println!("{}", sb.id);
+            }
+            Ok(0)
+        }
+        Command::Ls => {
+            let list = config::client()?.list().await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!("{:<22} {:<10} {:<8} {:<7} CREATED", "ID", "STATE", "IMAGE", "PLAN");
+                for s in list {
+                    println!("{:<22} {:<10} {:<8} {:<7} {}", s.id, s.state.as_str(), s.image, s.plan, s.created_at);
+                }
+            }
+            Ok(0)
+        }
+        Command::Get { id } => {
+            let sb = config::client()?.get(&id).await?;
+            print_json(&sb)?;
+            Ok(0)
+        }
+        Command::Exec(args) => exec::run(args, json).await,
+        Command::Shell { id, user } => exec::shell(&id, user).await,
+        Command::Cp { src, dst } => cp::run(&src, &dst, json).await.map(|_| 0),
+        Command::Rm { ids } => {
+            let client = config::client()?;
+            let mut failed = false;
+            for id in ids {
+                match client.delete(&id).await {
+                    Ok(()) if !json => println!("{id}"),
+                    Ok(()) => {}
+                    Err(e) => {
+                        eprintln!("burrow: {id}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(i32::from(failed))
+        }
+        Command::Ps { id } => {
+            let procs = config::client()?.processes(&id).await?;
+            if json {
+                print_json(&procs)?;
+            } else {
+                println!("{:<8} {:<8} {:<5} CMD", "PID", "STATE", "PTY");
+                for p in procs {
+                    let state = if p.running { "running".to_string() } else { format!("exit {}", p.exit_code.map_or("-".into(), |c| c.to_string())) };
+                    println!("{:<8} {:<8} {:<5} {}", p.pid, state, p.pty, p.cmd.join(" "));
+                }
+            }
+            Ok(0)
+        }
+        Command::Kill { id, pid, signal } => {
+            config::client()?.signal(&id, pid, signal).await?;
+            Ok(0)
+        }
+        Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
+        Command::Admin(AdminCommand::CreateUser { name, plan }) => {
+            let v = config::client()?.create_user(&name, plan.as_deref()).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!("{}", v["api_key"].as_str().unwrap_or_default());
+            }
+            Ok(0)
+        }
+        Command::Admin(AdminCommand::Openapi) => {
+            print!("{}", burrow_server::api::openapi::document());
+            Ok(0)
+        }
+    }
+}
+
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Splits `ID:PATH`; a local path never has a colon before its first slash.
+pub fn remote_path(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    if id.is_empty() || id.contains('/') {
+        return None;
+    }
+    Some((id, path))
+}
+
+pub fn default_listen() -> SocketAddr {
+    "127.0.0.1:7070".parse().expect("constant address")
+}
+
+pub fn default_data_dir() -> PathBuf {
+    PathBuf::from("/var/lib/burrow")
 }

@@ -214,8 +214,9 @@ impl Client {
         Ok(s)
     }
 
-    pub async fn terminal(&self, id: &str, cols: u16, rows: u16) -> Result<Session, ClientError> {
-        self.websocket(&format!("/v1/sandboxes/{id}/terminal?cols={cols}&rows={rows}")).await
+    pub async fn terminal(&self, id: &str, cols: u16, rows: u16, user: Option<&str>) -> Result<Session, ClientError> {
+        let user = user.map(|u| format!("&user={u}")).unwrap_or_default();
+        self.websocket(&format!("/v1/sandboxes/{id}/terminal?cols={cols}&rows={rows}{user}")).await
     }
 
     pub async fn attach(&self, id: &str, pid: u32) -> Result<Session, ClientError> {

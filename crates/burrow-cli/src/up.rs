@@ -1,0 +1,69 @@
+//! `burrow up`: the server, the local node and the embedded database in one process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tracing_subscriber::EnvFilter;
+
+use crate::config;
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Where the database, images and sandbox disks live.
+    #[arg(long, env = "BURROW_DATA_DIR", default_value_os_t = crate::default_data_dir())]
+    data_dir: PathBuf,
+    /// Address of the API (loopback by default: put a TLS proxy in front to expose it).
+    #[arg(long, env = "BURROW_LISTEN", default_value_t = crate::default_listen())]
+    listen: SocketAddr,
+}
+
+pub async fn run(args: UpArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    if !rustix::process::geteuid().is_root() {
+        anyhow::bail!("burrow up must run as root: it creates namespaces, cgroups and loop devices");
+    }
+    let admin_key = std::env::var("BURROW_ADMIN_KEY").ok().filter(|k| !k.is_empty());
+    let server = burrow_server::Server::start(burrow_server::ServerConfig {
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        admin_key: admin_key.clone(),
+    })
+    .await
+    .context("starting the server")?;
+    let url = format!("http://{}", server.local_addr);
+    // The CLI on this machine talks to this server without further set-up.
+    let key = server.bootstrap.generated_admin_key.clone().or(admin_key);
+    let mut cfg = config::load();
+    cfg.url = Some(url.clone());
+    if key.is_some() {
+        cfg.api_key = key.clone();
+    }
+    let saved = config::save(&cfg);
+    eprintln!("burrow is up at {url} (data in {})", args.data_dir.display());
+    if let Some(k) = &server.bootstrap.generated_admin_key {
+        eprintln!("admin API key (shown once): {k}");
+    }
+    match saved {
+        Ok(p) => eprintln!("the CLI on this machine is configured in {}", p.display()),
+        Err(e) => eprintln!("could not write the CLI config: {e:#}"),
+    }
+    server.serve(shutdown_signal()).await.context("serving the API")?;
+    eprintln!("burrow stopped; sandboxes keep running and are adopted at the next start");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
