@@ -1,0 +1,244 @@
+//! Test harness: a real `burrow up` in a temporary data directory on a loopback port, driven through
+//! the real CLI binary and the API client. Every test that starts one needs root (namespaces,
+//! cgroups, loop devices) and says so when it skips.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use burrow_client::Client;
+
+pub const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
+pub const CGROUP_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset"];
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Returns false (and says why) when the test cannot run here.
+pub fn require_root(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    eprintln!("skipping: {what} needs root (namespaces, cgroups and loop devices); CI runs it as root");
+    false
+}
+
+pub struct TestServer {
+    pub url: String,
+    pub key: String,
+    pub data: PathBuf,
+    pub home: PathBuf,
+    _tmp: tempfile::TempDir,
+    child: Option<Child>,
+    listen: String,
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().unwrap().port()
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        let tmp = tempfile::Builder::new().prefix("burrow-test-").tempdir().expect("tempdir");
+        let data = tmp.path().join("data");
+        let home = tmp.path().join("home");
+        std::fs::create_dir_all(&home).unwrap();
+        let key = format!("burrow_test_{}", hex_random(20));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut s = TestServer { url: format!("http://{listen}"), key, data, home, _tmp: tmp, child: None, listen };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let child = Command::new(BURROW)
+            .args(["up", "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen", &self.listen])
+            .env("BURROW_ADMIN_KEY", &self.key)
+            .env("HOME", &self.home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env("BURROW_LOG", "info,burrow=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn burrow up");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.client().health().await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("burrow up exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "burrow up did not answer in 60 s:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self._tmp.path().join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url, &self.key)
+    }
+
+    pub fn client_with(&self, key: &str) -> Client {
+        Client::new(&self.url, key)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or_default()
+    }
+
+    /// Runs the real CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_cmd(args).output().expect("run burrow")
+    }
+
+    pub fn cli_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BURROW);
+        c.args(args)
+            .env("BURROW_URL", &self.url)
+            .env("BURROW_API_KEY", &self.key)
+            .env("HOME", &self.home)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// `kill -9` of the server: no chance to clean anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    /// Sandbox ids that still have a directory on the host.
+    pub fn host_sandbox_dirs(&self) -> Vec<String> {
+        list_dir(&self.data.join("sandboxes"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+        // Whatever a failed test left behind goes too, so later runs start clean.
+        for id in self.host_sandbox_dirs() {
+            force_clean(&id);
+        }
+    }
+}
+
+fn list_dir(p: &Path) -> Vec<String> {
+    std::fs::read_dir(p)
+        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn hex_random(n: usize) -> String {
+    use std::io::Read;
+    let mut b = vec![0u8; n];
+    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Kills and removes a sandbox's cgroups by hand (test clean-up only; burrow's own destroy is what
+/// the tests check).
+pub fn force_clean(id: &str) {
+    for ctrl in CGROUP_CONTROLLERS {
+        let dir = PathBuf::from(format!("/sys/fs/cgroup/{ctrl}/burrow/{id}"));
+        if !dir.exists() {
+            continue;
+        }
+        if *ctrl == "freezer" {
+            let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+        }
+        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+            let _ = Command::new("kill").args(["-9", pid]).status();
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Everything of sandbox `id` still on the host: cgroups, processes, mounts, loop devices,
+/// directories. Empty means destroyed cleanly.
+pub fn host_leftovers(srv: &TestServer, id: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for ctrl in CGROUP_CONTROLLERS {
+        let dir = format!("/sys/fs/cgroup/{ctrl}/burrow/{id}");
+        if Path::new(&dir).exists() {
+            left.push(format!("cgroup {dir}"));
+        }
+    }
+    if Path::new(&format!("/sys/fs/cgroup/unified/burrow/{id}")).exists() {
+        left.push("cgroup v2 dir".into());
+    }
+    for pid in list_dir(Path::new("/proc")).into_iter().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if cg.contains(id) {
+            left.push(format!("process {pid}"));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for line in mounts.lines().filter(|l| l.contains(id)) {
+        left.push(format!("mount {line}"));
+    }
+    for dev in list_dir(Path::new("/sys/block")).into_iter().filter(|d| d.starts_with("loop")) {
+        let backing = std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file")).unwrap_or_default();
+        if backing.contains(id) {
+            left.push(format!("loop device {dev} -> {}", backing.trim()));
+        }
+    }
+    if srv.data.join("sandboxes").join(id).exists() {
+        left.push("sandbox directory".into());
+    }
+    left
+}
+
+/// Polls `f` until it returns true or `secs` pass.
+pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
