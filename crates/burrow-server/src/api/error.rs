@@ -103,9 +103,12 @@ impl From<ControlError> for HttpError {
 
 impl From<JsonRejection> for HttpError {
     fn from(r: JsonRejection) -> Self {
-        let status = r.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { codes::PAYLOAD_TOO_LARGE } else { codes::BAD_REQUEST };
-        HttpError::new(status, code, r.body_text())
+        // axum answers 422 for well-formed JSON of the wrong shape; to a client both are a bad request.
+        match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE, r.body_text()),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => HttpError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, codes::BAD_REQUEST, r.body_text()),
+            _ => HttpError::bad_request(r.body_text()),
+        }
     }
 }
 
