@@ -1,0 +1,801 @@
+//! Processes started through the guest: spawning (std::process::Command, never tokio::process),
+//! the one reaper, output buffering with bounded memory, stdin, timeouts and signals.
+//!
+//! Invariant the reaper relies on: the runtime is current-thread, and `spawn` inserts a child into
+//! the table without an `.await` between fork and insert, so the reaper can never see a pid of
+//! ours before the table knows it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use burrow_proto::ExecSpec;
+use burrow_types::{codes, ProcessInfo, PtySize};
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{mpsc, watch};
+
+use crate::files::{self, Fail};
+use crate::sys;
+
+/// Output kept per stream: unread output a reader has not taken yet (then the child waits), or
+/// for a background process nobody is attached to, the most recent output (older is dropped).
+pub const OUT_CAP: usize = 1 << 20;
+/// Bookkeeping charged per chunk, so a flood of 1-byte reads cannot defeat the cap.
+const CHUNK_OVERHEAD: usize = 64;
+const READ_BUF: usize = 64 * 1024;
+/// After the process exits, output still arriving (from a daemon that kept the pipe) is read up
+/// to this much; then the stream is closed.
+const POST_EXIT_DRAIN: usize = 4 << 20;
+/// Exited background processes stay listed (and attachable) this long, at most this many.
+const EXITED_TTL: Duration = Duration::from_secs(600);
+const EXITED_KEEP: usize = 64;
+/// Between SIGTERM and SIGKILL on timeout.
+pub const KILL_GRACE: Duration = Duration::from_secs(2);
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Out = 0,
+    Err = 1,
+}
+
+pub enum Item {
+    Output(Stream, Vec<u8>),
+    Exited { status: ExitStatus, timed_out: bool },
+}
+
+pub enum StdinMsg {
+    Data(Vec<u8>),
+    Eof,
+}
+
+struct Chunk {
+    seq: u64,
+    /// Accounted bytes of this stream up to and including this chunk.
+    end: u64,
+    cost: usize,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct OutState {
+    q: [VecDeque<Chunk>; 2],
+    held: [usize; 2],
+    total: [u64; 2],
+    next_seq: u64,
+    done: [bool; 2],
+    /// Subscriber id → next sequence number it reads.
+    subs: HashMap<u64, u64>,
+    next_sub: u64,
+    exit: Option<ExitStatus>,
+    exited_at: Option<Instant>,
+    timed_out: bool,
+}
+
+impl OutState {
+    fn min_cursor(&self) -> Option<u64> {
+        self.subs.values().copied().min()
+    }
+
+    /// Accounted bytes of stream `s` the slowest subscriber has not read yet.
+    fn pending(&self, s: usize) -> usize {
+        let Some(min) = self.min_cursor() else {
+            return 0;
+        };
+        let q = &self.q[s];
+        let idx = q.partition_point(|c| c.seq < min);
+        match q.get(idx) {
+            None => 0,
+            Some(c) => (self.total[s] - (c.end - c.cost as u64)) as usize,
+        }
+    }
+
+    fn trim(&mut self, background: bool) {
+        let min = self.min_cursor();
+        for s in 0..2 {
+            while let Some(front) = self.q[s].front() {
+                let consumed = min.is_none_or(|m| front.seq < m);
+                if !consumed || (background && self.held[s] <= OUT_CAP) {
+                    break;
+                }
+                self.held[s] -= front.cost;
+                self.q[s].pop_front();
+            }
+        }
+    }
+
+    fn push(&mut self, s: usize, data: &[u8], background: bool) {
+        let min = self.min_cursor();
+        let next_seq = self.next_seq;
+        if let Some(last) = self.q[s].back_mut() {
+            let untouched = min.is_none_or(|m| m <= last.seq);
+            if last.seq + 1 == next_seq && untouched && last.data.len() + data.len() <= READ_BUF {
+                last.data.extend_from_slice(data);
+                last.cost += data.len();
+                last.end += data.len() as u64;
+                self.total[s] += data.len() as u64;
+                self.held[s] += data.len();
+                self.trim(background);
+                return;
+            }
+        }
+        let cost = data.len() + CHUNK_OVERHEAD;
+        self.total[s] += cost as u64;
+        self.held[s] += cost;
+        self.q[s].push_back(Chunk {
+            seq: next_seq,
+            end: self.total[s],
+            cost,
+            data: data.to_vec(),
+        });
+        self.next_seq += 1;
+        self.trim(background);
+    }
+}
+
+/// One process started through the guest.
+pub struct Proc {
+    pub pid: u32,
+    pub cmd: Vec<String>,
+    pub pty: bool,
+    pub background: bool,
+    st: Mutex<OutState>,
+    tx: watch::Sender<u64>,
+    stdin: Mutex<Option<mpsc::Sender<StdinMsg>>>,
+    master: Option<OwnedFd>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Proc {
+    fn bump(&self) {
+        self.tx.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn exit(&self) -> Option<ExitStatus> {
+        lock(&self.st).exit
+    }
+
+    fn set_exit(&self, status: ExitStatus) {
+        {
+            let mut st = lock(&self.st);
+            if st.exit.is_none() {
+                st.exit = Some(status);
+                st.exited_at = Some(Instant::now());
+            }
+        }
+        self.bump();
+    }
+
+    pub fn exited_at(&self) -> Option<Instant> {
+        lock(&self.st).exited_at
+    }
+
+    pub fn subscriber_count(&self) -> usize {
+        lock(&self.st).subs.len()
+    }
+
+    pub async fn wait_exit(&self) {
+        let mut rx = self.tx.subscribe();
+        loop {
+            rx.borrow_and_update();
+            if self.exit().is_some() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A reader of this process's output from the oldest output still kept.
+    pub fn subscribe(self: &Arc<Self>) -> Subscriber {
+        let id = {
+            let mut st = lock(&self.st);
+            let id = st.next_sub;
+            st.next_sub += 1;
+            st.subs.insert(id, 0);
+            id
+        };
+        Subscriber {
+            proc: self.clone(),
+            id,
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Signals the process group, unless the process has already exited (its pid may be reused).
+    pub fn signal_group(&self, sig: i32) -> Result<(), Fail> {
+        if self.exit().is_some() {
+            return Err(Fail::new(codes::PROCESS_NOT_FOUND, "process has exited"));
+        }
+        let sig = Signal::try_from(sig)
+            .map_err(|_| Fail::new(codes::BAD_REQUEST, format!("invalid signal {sig}")))?;
+        match killpg(Pid::from_raw(self.pid as i32), sig) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(e) => Err(Fail::io("signal", &io::Error::from(e))),
+        }
+    }
+
+    pub fn resize(&self, size: PtySize) -> Result<(), Fail> {
+        let Some(m) = &self.master else {
+            return Err(Fail::new(codes::BAD_REQUEST, "process has no terminal"));
+        };
+        sys::set_winsize(m.as_raw_fd(), size.cols, size.rows).map_err(|e| Fail::io("resize", &e))
+    }
+
+    pub fn stdin_sender(&self) -> Option<mpsc::Sender<StdinMsg>> {
+        lock(&self.stdin).clone()
+    }
+
+    pub fn info(&self) -> ProcessInfo {
+        let exit = self.exit();
+        ProcessInfo {
+            pid: self.pid,
+            cmd: self.cmd.clone(),
+            pty: self.pty,
+            running: exit.is_none(),
+            exit_code: exit.and_then(|e| e.code),
+            signal: exit.and_then(|e| e.signal),
+        }
+    }
+}
+
+pub struct Subscriber {
+    proc: Arc<Proc>,
+    id: u64,
+    rx: watch::Receiver<u64>,
+}
+
+impl Subscriber {
+    /// The next chunk of output, or `Exited` once the process has exited and its output is all
+    /// delivered. Reading frees room for the pumps (backpressure).
+    pub async fn next(&mut self) -> Item {
+        loop {
+            self.rx.borrow_and_update();
+            {
+                let p = &self.proc;
+                let mut st = lock(&p.st);
+                let cursor = st.subs.get(&self.id).copied().unwrap_or(0);
+                let mut best: Option<(usize, usize)> = None;
+                for s in 0..2 {
+                    let idx = st.q[s].partition_point(|c| c.seq < cursor);
+                    if let Some(c) = st.q[s].get(idx) {
+                        if best.is_none_or(|(bs, bi)| c.seq < st.q[bs][bi].seq) {
+                            best = Some((s, idx));
+                        }
+                    }
+                }
+                if let Some((s, idx)) = best {
+                    let c = &st.q[s][idx];
+                    let (seq, data) = (c.seq, c.data.clone());
+                    st.subs.insert(self.id, seq + 1);
+                    st.trim(p.background);
+                    drop(st);
+                    p.bump();
+                    let stream = if s == 0 { Stream::Out } else { Stream::Err };
+                    return Item::Output(stream, data);
+                }
+                if st.done[0] && st.done[1] {
+                    if let Some(status) = st.exit {
+                        return Item::Exited {
+                            status,
+                            timed_out: st.timed_out,
+                        };
+                    }
+                }
+            }
+            if self.rx.changed().await.is_err() {
+                // Cannot happen while we hold the Proc (it owns the sender); be safe anyway.
+                return Item::Exited {
+                    status: ExitStatus {
+                        code: None,
+                        signal: None,
+                    },
+                    timed_out: false,
+                };
+            }
+        }
+    }
+
+    pub fn proc(&self) -> &Arc<Proc> {
+        &self.proc
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        {
+            let mut st = lock(&self.proc.st);
+            st.subs.remove(&self.id);
+            st.trim(self.proc.background);
+        }
+        self.proc.bump();
+    }
+}
+
+/// Every process started through the guest, by pid.
+pub struct Table {
+    procs: Mutex<HashMap<u32, Arc<Proc>>>,
+    /// The sandbox's environment (the guest's own, minus `BURROW_*`).
+    sandbox_env: Vec<(OsString, OsString)>,
+}
+
+impl Table {
+    pub fn new(sandbox_env: Vec<(OsString, OsString)>) -> Arc<Self> {
+        Arc::new(Table {
+            procs: Mutex::new(HashMap::new()),
+            sandbox_env,
+        })
+    }
+
+    pub fn get(&self, pid: u32) -> Option<Arc<Proc>> {
+        lock(&self.procs).get(&pid).cloned()
+    }
+
+    /// Forgets `p` unless the pid now belongs to a newer process.
+    pub fn remove(&self, p: &Arc<Proc>) {
+        let mut procs = lock(&self.procs);
+        if procs.get(&p.pid).is_some_and(|cur| Arc::ptr_eq(cur, p)) {
+            procs.remove(&p.pid);
+        }
+    }
+
+    pub fn list(&self) -> Vec<ProcessInfo> {
+        self.prune();
+        let mut v: Vec<ProcessInfo> = lock(&self.procs).values().map(|p| p.info()).collect();
+        v.sort_by_key(|p| p.pid);
+        v
+    }
+
+    fn prune(&self) {
+        let mut procs = lock(&self.procs);
+        let mut exited: Vec<(Instant, u32)> = procs
+            .values()
+            .filter_map(|p| p.exited_at().map(|t| (t, p.pid)))
+            .collect();
+        exited.sort();
+        let excess = exited.len().saturating_sub(EXITED_KEEP);
+        for (i, (t, pid)) in exited.into_iter().enumerate() {
+            if i < excess || t.elapsed() > EXITED_TTL {
+                procs.remove(&pid);
+            }
+        }
+    }
+
+    /// Reaps every child that has exited: ours get their status recorded, anything else
+    /// (orphans reparented to us, double-forked daemons) is simply reaped (R6).
+    pub fn reap(&self) {
+        loop {
+            let (pid, status) = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => (
+                    pid,
+                    ExitStatus {
+                        code: Some(code),
+                        signal: None,
+                    },
+                ),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => (
+                    pid,
+                    ExitStatus {
+                        code: None,
+                        signal: Some(sig as i32),
+                    },
+                ),
+                Ok(WaitStatus::StillAlive) => return,
+                Ok(_) => continue,
+                Err(Errno::EINTR) => continue,
+                Err(_) => return, // ECHILD: no children left
+            };
+            let Some(p) = self.get(pid.as_raw() as u32) else {
+                continue;
+            };
+            p.set_exit(status);
+            if !p.background && p.subscriber_count() == 0 {
+                self.remove(&p);
+            }
+        }
+    }
+
+    /// Starts a process; returns it with a subscriber registered before any output exists.
+    pub fn spawn(self: &Arc<Self>, spec: &ExecSpec) -> Result<(Arc<Proc>, Subscriber), Fail> {
+        let argv0 = spec
+            .argv
+            .first()
+            .ok_or_else(|| Fail::new(codes::BAD_REQUEST, "argv is empty"))?;
+        if argv0.is_empty() {
+            return Err(Fail::new(codes::BAD_REQUEST, "argv[0] is empty"));
+        }
+        if spec.argv.iter().any(|a| a.contains('\0')) {
+            return Err(Fail::new(codes::BAD_REQUEST, "argv contains a NUL byte"));
+        }
+        for (k, v) in &spec.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(Fail::new(
+                    codes::BAD_REQUEST,
+                    format!("invalid env name {k:?}"),
+                ));
+            }
+        }
+        let user = files::resolve_user(spec.user.as_deref())?;
+        let cwd = match &spec.cwd {
+            Some(c) => {
+                let p = files::check_path(c)?;
+                let md = std::fs::metadata(p.as_path()).map_err(|e| Fail::io("cwd", &e))?;
+                if !md.is_dir() {
+                    return Err(Fail::new(
+                        codes::NOT_A_DIRECTORY,
+                        format!("cwd {} is not a directory", p.text),
+                    ));
+                }
+                p.text
+            }
+            None if std::path::Path::new(&user.home).is_dir() => user.home.clone(),
+            None => "/".to_string(),
+        };
+
+        let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
+        env.insert("PATH".into(), DEFAULT_PATH.into());
+        env.insert("HOME".into(), user.home.clone().into());
+        env.insert("USER".into(), user.name.clone().into());
+        env.insert("LANG".into(), "C.UTF-8".into());
+        if spec.pty.is_some() {
+            env.insert("TERM".into(), "xterm-256color".into());
+        }
+        for (k, v) in &self.sandbox_env {
+            env.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &spec.env {
+            env.insert(k.into(), v.into());
+        }
+
+        let mut cmd = Command::new(argv0);
+        cmd.args(&spec.argv[1..])
+            .env_clear()
+            .envs(&env)
+            .current_dir(&cwd);
+        let (euid, egid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        if user.gid != egid {
+            cmd.gid(user.gid);
+        }
+        if user.uid != euid {
+            cmd.uid(user.uid);
+        }
+
+        // Parent ends: (stdout or pty master, stderr, stdin).
+        let (out_fd, err_fd, in_fd, master);
+        let pty = spec.pty;
+        if let Some(size) = pty {
+            let ws = nix::pty::Winsize {
+                ws_row: size.rows,
+                ws_col: size.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let pair = nix::pty::openpty(Some(&ws), None)
+                .map_err(|e| Fail::io("openpty", &io::Error::from(e)))?;
+            for fd in [&pair.master, &pair.slave] {
+                sys::set_cloexec(fd.as_raw_fd()).map_err(|e| Fail::io("pty", &e))?;
+            }
+            set_nonblocking(&pair.master)?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| Fail::io("dup", &e));
+            cmd.stdin(Stdio::from(dup(&pair.slave)?))
+                .stdout(Stdio::from(dup(&pair.slave)?))
+                .stderr(Stdio::from(pair.slave));
+            out_fd = dup(&pair.master)?;
+            in_fd = Some(dup(&pair.master)?);
+            err_fd = None;
+            master = Some(pair.master);
+        } else {
+            let (r, w) = pipe()?;
+            cmd.stdout(Stdio::from(w));
+            out_fd = r;
+            let (r, w) = pipe()?;
+            cmd.stderr(Stdio::from(w));
+            err_fd = Some(r);
+            if spec.stdin {
+                let (r, w) = pipe()?;
+                cmd.stdin(Stdio::from(r));
+                in_fd = Some(w);
+            } else {
+                cmd.stdin(Stdio::null());
+                in_fd = None;
+            }
+            master = None;
+        }
+        for fd in [Some(&out_fd), err_fd.as_ref(), in_fd.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            set_nonblocking(fd)?;
+        }
+
+        let with_tty = pty.is_some();
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // syscalls (setsid, ioctl, close_range); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(io::Error::from)?;
+                if with_tty {
+                    sys::set_controlling_tty()?;
+                }
+                sys::cloexec_from_3();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                Fail::new(codes::FILE_NOT_FOUND, format!("command not found: {argv0}"))
+            }
+            io::ErrorKind::PermissionDenied => Fail::new(
+                codes::PERMISSION_DENIED,
+                format!("cannot execute {argv0}: {e}"),
+            ),
+            io::ErrorKind::InvalidInput => Fail::new(codes::BAD_REQUEST, format!("exec: {e}")),
+            _ => Fail::new(codes::INTERNAL, format!("exec {argv0}: {e}")),
+        })?;
+        let pid = child.id();
+        // The child's ends of the pipes / the pty slave are closed here, in the parent.
+        drop(cmd);
+        // Dropping a std Child neither waits nor kills: the reaper owns it from now on.
+        drop(child);
+
+        let (tx, _) = watch::channel(0u64);
+        let mut st = OutState::default();
+        if err_fd.is_none() {
+            st.done[1] = true;
+        }
+        let (stdin_tx, stdin_rx) = mpsc::channel(16);
+        let proc = Arc::new(Proc {
+            pid,
+            cmd: spec.argv.clone(),
+            pty: with_tty,
+            background: spec.background,
+            st: Mutex::new(st),
+            tx,
+            stdin: Mutex::new(in_fd.as_ref().map(|_| stdin_tx)),
+            master,
+        });
+        let sub = proc.subscribe();
+        lock(&self.procs).insert(pid, proc.clone());
+        self.prune();
+
+        // Registering with the reactor cannot fail short of fd exhaustion; if it does, the
+        // output is lost (the stream is marked done) but the process is still tracked and reaped.
+        spawn_pump(proc.clone(), 0, out_fd);
+        if let Some(fd) = err_fd {
+            spawn_pump(proc.clone(), 1, fd);
+        }
+        if let Some(fd) = in_fd {
+            match sys::register(fd) {
+                Ok(afd) => {
+                    tokio::spawn(stdin_writer(proc.clone(), afd, stdin_rx, with_tty));
+                }
+                Err(_) => *lock(&proc.stdin) = None,
+            }
+        }
+        if let Some(ms) = spec.timeout_ms {
+            tokio::spawn(timeout_task(proc.clone(), Duration::from_millis(ms)));
+        }
+        Ok((proc, sub))
+    }
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd), Fail> {
+    nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| Fail::io("pipe", &io::Error::from(e)))
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> Result<(), Fail> {
+    let flags = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)
+        .map_err(|e| Fail::io("fcntl", &io::Error::from(e)))?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))
+        .map_err(|e| Fail::io("fcntl", &io::Error::from(e)))?;
+    Ok(())
+}
+
+fn spawn_pump(proc: Arc<Proc>, s: usize, fd: OwnedFd) {
+    match sys::register(fd) {
+        Ok(afd) => {
+            tokio::spawn(pump(proc, s, afd));
+        }
+        Err(_) => {
+            lock(&proc.st).done[s] = true;
+            proc.bump();
+        }
+    }
+}
+
+fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
+    nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)
+}
+
+/// Moves output from one pipe (or the pty master) into the process's buffer, pausing while the
+/// slowest reader is [`OUT_CAP`] behind. Never pauses when nobody is attached (background).
+async fn pump(proc: Arc<Proc>, s: usize, fd: AsyncFd<OwnedFd>) {
+    let mut rx = proc.tx.subscribe();
+    let mut buf = vec![0u8; READ_BUF];
+    let mut after_exit = 0usize;
+    loop {
+        rx.borrow_and_update();
+        let (allowed, exited) = {
+            let st = lock(&proc.st);
+            (st.pending(s) < OUT_CAP, st.exit.is_some())
+        };
+        if !allowed {
+            if rx.changed().await.is_err() {
+                break;
+            }
+            continue;
+        }
+        if exited {
+            // The process is gone: take what is already in the pipe, stop at the first "empty"
+            // (a daemon holding the pipe open must not keep the stream alive).
+            match read_fd(fd.get_ref(), &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    after_exit += n;
+                    lock(&proc.st).push(s, &buf[..n], proc.background);
+                    proc.bump();
+                    if after_exit > POST_EXIT_DRAIN {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break, // WouldBlock, or EIO from a pty whose slave is closed
+            }
+            continue;
+        }
+        tokio::select! {
+            r = fd.readable() => {
+                let Ok(mut guard) = r else { break };
+                match guard.try_io(|inner| read_fd(inner.get_ref(), &mut buf)) {
+                    Ok(Ok(0)) => break,
+                    Ok(Ok(n)) => {
+                        lock(&proc.st).push(s, &buf[..n], proc.background);
+                        proc.bump();
+                    }
+                    Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Ok(Err(_)) => break,
+                    Err(_would_block) => {}
+                }
+            }
+            r = rx.changed() => {
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    lock(&proc.st).done[s] = true;
+    proc.bump();
+}
+
+async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let mut guard = fd.writable().await?;
+        match guard
+            .try_io(|inner| nix::unistd::write(inner.get_ref(), data).map_err(io::Error::from))
+        {
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
+}
+
+async fn stdin_writer(
+    proc: Arc<Proc>,
+    fd: AsyncFd<OwnedFd>,
+    mut rx: mpsc::Receiver<StdinMsg>,
+    pty: bool,
+) {
+    let work = async {
+        while let Some(msg) = rx.recv().await {
+            match msg {
+                StdinMsg::Data(d) => {
+                    if write_all(&fd, &d).await.is_err() {
+                        return;
+                    }
+                }
+                // A terminal has no "close": send the EOF character (^D) instead.
+                StdinMsg::Eof if pty => {
+                    if write_all(&fd, &[4]).await.is_err() {
+                        return;
+                    }
+                }
+                StdinMsg::Eof => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = work => {}
+        _ = proc.wait_exit() => {}
+    }
+    // Later sends fail fast instead of queueing forever.
+    *lock(&proc.stdin) = None;
+}
+
+async fn timeout_task(proc: Arc<Proc>, after: Duration) {
+    tokio::select! {
+        _ = proc.wait_exit() => return,
+        _ = tokio::time::sleep(after) => {}
+    }
+    lock(&proc.st).timed_out = true;
+    let _ = proc.signal_group(libc::SIGTERM);
+    tokio::select! {
+        _ = proc.wait_exit() => {}
+        _ = tokio::time::sleep(KILL_GRACE) => {
+            let _ = proc.signal_group(libc::SIGKILL);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_buffer_keeps_only_the_last_megabyte_without_readers() {
+        let mut st = OutState::default();
+        let chunk = vec![1u8; 60_000];
+        for _ in 0..100 {
+            st.push(0, &chunk, true);
+        }
+        assert!(st.held[0] <= OUT_CAP + 60_000 + CHUNK_OVERHEAD);
+        assert!(st.held[0] >= OUT_CAP - 60_000);
+        assert_eq!(st.pending(0), 0, "no reader: pumps never pause");
+    }
+
+    #[test]
+    fn a_slow_reader_applies_backpressure_and_foreground_drops_what_was_read() {
+        let mut st = OutState::default();
+        st.subs.insert(0, 0);
+        let chunk = vec![1u8; 1000];
+        st.push(0, &chunk, false);
+        st.push(1, &chunk, false);
+        st.push(0, &chunk, false);
+        assert_eq!(
+            st.q[0].len(),
+            2,
+            "no coalescing across an interleaved stderr chunk"
+        );
+        assert_eq!(st.pending(0), 2 * (1000 + CHUNK_OVERHEAD));
+        // The reader took the first chunk.
+        st.subs.insert(0, 1);
+        st.trim(false);
+        assert_eq!(st.q[0].len(), 1);
+        assert_eq!(st.pending(0), 1000 + CHUNK_OVERHEAD);
+        for _ in 0..2000 {
+            st.push(0, &chunk, false);
+        }
+        assert!(
+            st.pending(0) >= OUT_CAP,
+            "unread output beyond the cap pauses the pump"
+        );
+    }
+}
