@@ -102,7 +102,13 @@ async fn handle(stream: UnixStream, table: Arc<Table>) {
             None => reply_error(&mut wr, not_found(pid)).await,
             Some(proc) => {
                 let sub = proc.subscribe();
-                stream_process(rd, wr, sub, &table, false).await;
+                // An acknowledgement, so the host learns of a bad pid before any output.
+                if write_control(&mut wr, &Reply::Started { pid })
+                    .await
+                    .is_ok()
+                {
+                    stream_process(rd, wr, sub, &table, false).await;
+                }
             }
         },
         Request::ListProcesses => {

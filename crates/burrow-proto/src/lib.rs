@@ -159,7 +159,8 @@ pub enum Request {
     /// Unless `background`, closing the connection kills the process group.
     Exec { spec: ExecSpec },
     /// Re-attach to a process started with `background`: the output kept so far, then live output,
-    /// then `Exited` (at once if it already ended). Reply as for `Exec`, without `Started`.
+    /// then `Exited` (at once if it already ended). Reply as for `Exec`: `Started` (an
+    /// acknowledgement carrying the same pid, or `Error` for an unknown pid), output, `Exited`.
     Attach { pid: u32 },
     /// Reply: `Processes`.
     ListProcesses,
