@@ -576,3 +576,27 @@ async fn an_unreachable_guest_is_an_error_not_a_hang() {
     assert!(matches!(e, GuestError::Timeout), "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(15));
 }
+
+#[tokio::test]
+async fn sandbox_processes_cannot_read_the_guests_proc_entries() {
+    if !is_root() {
+        println!("skipped: needs root to start the guest as an unprivileged uid");
+        return;
+    }
+    // The guest and its children share a uid (as PID 1 and sandbox root do); without
+    // PR_SET_DUMPABLE=0 the children could read its environ and fds (K6, K7).
+    let g = Guest::start_with(|cmd| {
+        std::os::unix::process::CommandExt::uid(cmd, 1000);
+        std::os::unix::process::CommandExt::gid(cmd, 1000);
+    });
+    let guest = g.pid();
+    let mut spec = sh(&format!(
+        "cat /proc/self/environ >/dev/null && echo own-ok; \
+         cat /proc/{guest}/environ >/dev/null 2>&1 && echo environ-readable; \
+         ls /proc/{guest}/fd >/dev/null 2>&1 && echo fds-readable; \
+         readlink /proc/{guest}/exe >/dev/null 2>&1 && echo exe-readable; true"
+    ));
+    spec.user = Some("1000".into());
+    let r = g.client.exec_buffered(spec, None, 4096).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "own-ok\n");
+}

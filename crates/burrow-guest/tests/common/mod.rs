@@ -24,6 +24,12 @@ impl Guest {
     /// `tweak` may add to the guest's environment or set up inherited fds.
     pub fn start_with(tweak: impl FnOnce(&mut Command)) -> Guest {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Open to all, so a guest started as another uid can bind its socket here.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .expect("chmod tempdir");
         let sock = dir.path().join("g.sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_burrow-guest"));
         cmd.arg("--listen")
