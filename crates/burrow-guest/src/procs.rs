@@ -567,7 +567,8 @@ impl Table {
         if err_fd.is_none() {
             st.done[1] = true;
         }
-        let (stdin_tx, stdin_rx) = mpsc::channel(16);
+        // At most a few frames (1 MiB each) queue for a child that is not reading its stdin.
+        let (stdin_tx, stdin_rx) = mpsc::channel(4);
         let proc = Arc::new(Proc {
             pid,
             cmd: spec.argv.clone(),
