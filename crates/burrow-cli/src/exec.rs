@@ -86,7 +86,11 @@ pub async fn run(args: ExecArgs, json: bool) -> Result<i32> {
                 }
                 return Ok(exit_status(exit_code, signal, timed_out));
             }
-            Output::Event(StreamEvent::Error { code, message }) => bail!("{code}: {message}"),
+            Output::Event(StreamEvent::Error { code, message }) => {
+                // As a shell would: a program that cannot be found or started exits 127.
+                eprintln!("burrow: {code}: {message}");
+                return Ok(if code == "file_not_found" { 127 } else { 126 });
+            }
         }
     }
     bail!("the server closed the stream before the command finished")

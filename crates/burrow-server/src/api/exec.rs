@@ -17,6 +17,16 @@ use super::extract::{ApiJson, ApiQuery, Caller};
 use super::{ws, AppState};
 use crate::control::error_chain;
 
+/// A command that cannot start (no such program, no such cwd or user) is the caller's mistake: 400
+/// with the guest's code, not the 404 a missing file would be.
+fn start_error(e: burrow_node::guest::GuestError) -> HttpError {
+    let mut h = HttpError::from(e);
+    if h.status == StatusCode::NOT_FOUND {
+        h.status = StatusCode::BAD_REQUEST;
+    }
+    h
+}
+
 /// A buffered exec without `timeout_ms` is stopped after this, so no request waits forever.
 pub const DEFAULT_EXEC_TIMEOUT_MS: u64 = 60_000;
 const SIGKILL: i32 = 9;
@@ -65,7 +75,7 @@ pub async fn exec(
     let (rec, guest) = s.control.guest(&user, &id)?;
     let stdin = req.stdin.clone().map(String::into_bytes);
     let spec = spec_of(req, rec.limits.max_duration_s * 1000, Some(DEFAULT_EXEC_TIMEOUT_MS))?;
-    let out = guest.exec_buffered(spec, stdin, rec.limits.output_bytes).await?;
+    let out = guest.exec_buffered(spec, stdin, rec.limits.output_bytes).await.map_err(start_error)?;
     Ok(Json(ExecResult {
         exit_code: out.exit_code,
         signal: out.signal,
@@ -108,7 +118,10 @@ pub async fn exec_ws(
         };
         match guest.exec_stream(spec).await {
             Ok((input, output)) => ws::pump(socket, input, output).await,
-            Err(e) => ws::fail(socket, codes::GUEST_UNREACHABLE, error_chain(&e)).await,
+            Err(e) => {
+                let e = start_error(e);
+                ws::fail(socket, e.code, e.message).await
+            }
         }
     }))
 }
@@ -171,7 +184,7 @@ pub async fn start_process(
     let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
     spec.background = true;
     spec.stdin = true;
-    let (_input, mut output) = guest.exec_stream(spec).await?;
+    let (_input, mut output) = guest.exec_stream(spec).await.map_err(start_error)?;
     match output.next().await? {
         Some(ExecEvent::Started { pid }) => Ok((StatusCode::CREATED, Json(Started { pid }))),
         _ => Err(HttpError::new(StatusCode::BAD_GATEWAY, codes::GUEST_UNREACHABLE, "the guest did not start the process")),
