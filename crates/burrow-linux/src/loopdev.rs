@@ -1,0 +1,105 @@
+//! Loop devices: a file attached as a block device, so an ext4 image can be mounted as a
+//! size-limited disk. Attached with LO_FLAGS_AUTOCLEAR: the kernel detaches the device by itself
+//! when its last user (the mount) goes away, so a crashed or killed sandbox leaks no device.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_NAME_SIZE: usize = 64;
+
+/// `struct loop_info64` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; LO_NAME_SIZE],
+    lo_crypt_name: [u8; LO_NAME_SIZE],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` from `<linux/loop.h>`.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// An attached loop device. Dropping it closes our handle; with autoclear the device detaches
+/// once nothing has it open or mounted.
+pub struct LoopDevice {
+    pub path: PathBuf,
+    _dev: File,
+}
+
+/// Attaches `image` to a free loop device.
+pub fn attach(image: &Path) -> io::Result<LoopDevice> {
+    let backing = OpenOptions::new().read(true).write(true).open(image)?;
+    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    // Another process may take the free device between GET_FREE and CONFIGURE: retry then.
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let path = PathBuf::from(format!("/dev/loop{n}"));
+        let dev = OpenOptions::new().read(true).write(true).open(&path)?;
+        // SAFETY: LoopConfig is plain old data; all-zero is a valid value.
+        let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+        cfg.fd = backing.as_raw_fd() as u32;
+        cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        let name = image.as_os_str().as_encoded_bytes();
+        let len = name.len().min(LO_NAME_SIZE - 1);
+        cfg.info.lo_file_name[..len].copy_from_slice(&name[..len]);
+        // SAFETY: LOOP_CONFIGURE reads a struct loop_config, which LoopConfig lays out.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg) };
+        if r == 0 {
+            return Ok(LoopDevice { path, _dev: dev });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(err);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::ResourceBusy, "no free loop device after 16 tries"))
+}
+
+/// Loop devices whose backing file path contains `needle` (for leak checks and clean-up).
+pub fn devices_backed_by(needle: &str) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    rd.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("loop"))
+        .filter(|n| {
+            std::fs::read_to_string(format!("/sys/block/{n}/loop/backing_file"))
+                .map(|b| b.contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_kernel_headers() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+}

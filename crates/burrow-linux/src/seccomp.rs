@@ -1,0 +1,140 @@
+//! The sandbox's seccomp filter: a deny list of the kernel surface agents have no use for and
+//! attackers do (ATTACKS.md K1, K3, K4, K11), answered with EPERM; `clone3` answers ENOSYS so libc
+//! falls back to `clone`, whose flags a filter can inspect. Calls from any other architecture or
+//! ABI kill the process. See docs/adr/0003-seccomp-deny-list.md for why a deny list.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("building the filter")]
+    Build(#[from] seccompiler::BackendError),
+    #[error("installing the filter")]
+    Install(#[from] seccompiler::Error),
+}
+
+/// Syscalls refused outright.
+const DENIED: &[i64] = &[
+    // Mounts and namespaces (K1).
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_open_tree,
+    libc::SYS_move_mount,
+    libc::SYS_mount_setattr,
+    libc::SYS_chroot,
+    // Kernel keyrings, BPF, perf, userfaultfd, io_uring (K3).
+    libc::SYS_add_key,
+    libc::SYS_keyctl,
+    libc::SYS_request_key,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    // The machine itself (K4).
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_acct,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_syslog,
+    libc::SYS_quotactl,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_vhangup,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_personality,
+];
+
+const AF_ALG: u64 = 38;
+const AF_PACKET: u64 = libc::AF_PACKET as u64;
+const AF_VSOCK: u64 = 40;
+const TIOCSTI: u64 = libc::TIOCSTI;
+const CLONE_NEWUSER: u64 = libc::CLONE_NEWUSER as u64;
+
+fn arch() -> TargetArch {
+    #[cfg(target_arch = "aarch64")]
+    return TargetArch::aarch64;
+    #[cfg(not(target_arch = "aarch64"))]
+    TargetArch::x86_64
+}
+
+fn rule(conds: Vec<Cond>) -> Result<SeccompRule, SeccompError> {
+    Ok(SeccompRule::new(conds)?)
+}
+
+/// The EPERM filter.
+pub fn deny_filter() -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|nr| (*nr, vec![])).collect();
+    let domain = |af| Cond::new(0, Len::Dword, Op::Eq, af);
+    rules.insert(
+        libc::SYS_socket,
+        vec![rule(vec![domain(AF_ALG)?])?, rule(vec![domain(AF_PACKET)?])?, rule(vec![domain(AF_VSOCK)?])?],
+    );
+    // No new user namespaces: the sandbox's own is the last one (K1).
+    rules.insert(libc::SYS_clone, vec![rule(vec![Cond::new(0, Len::Qword, Op::MaskedEq(CLONE_NEWUSER), CLONE_NEWUSER)?])?]);
+    // TIOCSTI would push keystrokes into a terminal's input queue (K11).
+    rules.insert(libc::SYS_ioctl, vec![rule(vec![Cond::new(1, Len::Dword, Op::Eq, TIOCSTI)?])?]);
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch())?;
+    Ok(filter.try_into()?)
+}
+
+/// The ENOSYS filter: `clone3` passes its flags in memory a filter cannot read.
+pub fn enosys_filter() -> Result<BpfProgram, SeccompError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch())?;
+    Ok(filter.try_into()?)
+}
+
+/// Installs both filters on the calling thread (and so on everything it execs). Needs
+/// `no_new_privs` first.
+pub fn install() -> Result<(), SeccompError> {
+    let (deny, enosys) = (deny_filter()?, enosys_filter()?);
+    seccompiler::apply_filter(&deny)?;
+    seccompiler::apply_filter(&enosys)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile_to_bounded_bpf() {
+        let deny = deny_filter().unwrap();
+        let enosys = enosys_filter().unwrap();
+        // A classic BPF program has at most 4096 instructions.
+        assert!(deny.len() > DENIED.len() && deny.len() < 4096, "{} instructions", deny.len());
+        assert!(!enosys.is_empty());
+    }
+
+    #[test]
+    fn the_attack_table_syscalls_are_denied() {
+        for nr in [libc::SYS_mount, libc::SYS_keyctl, libc::SYS_bpf, libc::SYS_io_uring_setup, libc::SYS_kexec_load, libc::SYS_open_tree] {
+            assert!(DENIED.contains(&nr), "syscall {nr} not denied");
+        }
+    }
+}

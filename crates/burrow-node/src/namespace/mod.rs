@@ -1,0 +1,219 @@
+//! The namespace backend: each sandbox is a set of fresh Linux namespaces, cgroups and an overlay
+//! root on a size-limited ext4 disk, with burrow's guest agent as PID 1 (DESIGN.md §2).
+//!
+//! `create` re-executes the `burrow` binary as `burrow __init` (see [`init`]) and waits for the
+//! guest to answer; nothing of a sandbox is mounted on the host, and its PID 1 is not our child, so
+//! a server that dies or restarts leaves sandboxes running. Everything needed to find a sandbox
+//! again is in [`RuntimeInfo`] and in its directory `<data_dir>/sandboxes/<id>/`.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burrow_linux::cgroup::Cgroups;
+use burrow_linux::{loopdev, proc};
+
+use crate::backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+
+mod image;
+pub mod init;
+
+/// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
+const UID_BASE: u32 = 0x1000_0000;
+/// How long a new sandbox's guest may take to answer its first ping.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long destroy waits for a sandbox's processes to die.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Host uid (and gid) that root inside sandbox slot `slot` runs as.
+pub fn uid_base(slot: u32) -> u32 {
+    UID_BASE + slot * init::ID_RANGE
+}
+
+#[derive(Debug, Clone)]
+pub struct NamespaceConfig {
+    pub data_dir: PathBuf,
+    /// The `burrow` binary, re-executed as `burrow __init`.
+    pub init_exe: PathBuf,
+    /// The guest agent, bound read-only into every sandbox as `/run/burrow/guest`.
+    pub guest_exe: PathBuf,
+}
+
+impl NamespaceConfig {
+    /// Defaults: this executable for `__init`, and `burrow-guest` next to it.
+    pub fn new(data_dir: PathBuf) -> NamespaceConfig {
+        let init_exe = std::env::current_exe()
+            .and_then(std::fs::canonicalize)
+            .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        let guest_exe = init_exe.with_file_name("burrow-guest");
+        NamespaceConfig { data_dir, init_exe, guest_exe }
+    }
+}
+
+pub struct NamespaceBackend {
+    cfg: NamespaceConfig,
+    image_root: PathBuf,
+    cgroups: Cgroups,
+}
+
+fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Host { what, source }
+}
+
+impl NamespaceBackend {
+    /// Prepares the host: checks the binaries, creates burrow's parent cgroups and the `system`
+    /// image. Cheap when they already exist.
+    pub fn new(cfg: NamespaceConfig) -> Result<NamespaceBackend, NodeError> {
+        for exe in [&cfg.init_exe, &cfg.guest_exe] {
+            if !exe.is_file() {
+                return Err(NodeError::Setup(format!("{} is missing (build every binary: cargo build --workspace)", exe.display())));
+            }
+        }
+        std::fs::create_dir_all(cfg.data_dir.join("sandboxes")).map_err(host_err("creating the sandboxes directory"))?;
+        let cgroups = Cgroups::host();
+        cgroups.prepare().map_err(host_err("creating burrow's cgroups"))?;
+        let image_root = image::ensure_system_image(&cfg.data_dir).map_err(host_err("building the system image"))?;
+        Ok(NamespaceBackend { cfg, image_root, cgroups })
+    }
+
+    fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("sandboxes").join(id)
+    }
+
+    fn run_init(&self, spec: &SandboxSpec) -> Result<init::InitReply, NodeError> {
+        let req = init::InitRequest {
+            id: spec.id.clone(),
+            hostname: spec.hostname.clone(),
+            uid_base: uid_base(spec.uid_slot),
+            limits: spec.limits.clone(),
+            env: spec.env.clone(),
+            sandbox_dir: self.sandbox_dir(&spec.id),
+            image_root: self.image_root.clone(),
+            guest_exe: self.cfg.guest_exe.clone(),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| NodeError::Setup(format!("encoding the init request: {e}")))?;
+        let mut child = Command::new(&self.cfg.init_exe)
+            .arg("__init")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .spawn()
+            .map_err(host_err(format!("starting {} __init", self.cfg.init_exe.display())))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(&body).map_err(host_err("writing the init request"))?;
+        }
+        let out = child.wait_with_output().map_err(host_err("waiting for __init"))?;
+        if !out.status.success() {
+            return Err(NodeError::Setup(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| NodeError::Setup(format!("bad reply from __init ({e}): {}", String::from_utf8_lossy(&out.stdout))))
+    }
+}
+
+/// One blocking ping over the guest protocol: the guest is up when it answers.
+fn ping(socket: &Path) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let body = br#"{"op":"ping"}"#;
+    let mut frame = ((body.len() + 1) as u32).to_be_bytes().to_vec();
+    frame.push(burrow_proto::FrameKind::Control as u8);
+    frame.extend_from_slice(body);
+    s.write_all(&frame)?;
+    let mut head = [0u8; 5];
+    s.read_exact(&mut head)?;
+    if head[4] != burrow_proto::FrameKind::Control as u8 {
+        return Err(std::io::Error::other("unexpected frame from the guest"));
+    }
+    Ok(())
+}
+
+impl Backend for NamespaceBackend {
+    fn name(&self) -> &'static str {
+        "namespace"
+    }
+
+    fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
+        let started = Instant::now();
+        let reply = match self.run_init(spec) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.destroy(&spec.id, None);
+                return Err(e);
+            }
+        };
+        let info = RuntimeInfo {
+            pid: reply.pid,
+            pid_start: reply.pid_start,
+            guest_socket: self.sandbox_dir(&spec.id).join("guest.sock"),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match ping(&info.guest_socket) {
+                Ok(()) => break,
+                Err(e) if Instant::now() >= deadline || self.probe(&spec.id, &info) == Liveness::Gone => {
+                    let _ = self.destroy(&spec.id, Some(&info));
+                    return Err(NodeError::Setup(format!("the guest agent did not answer: {e}")));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        tracing::debug!(sandbox_id = %spec.id, ms = started.elapsed().as_millis() as u64, "sandbox built");
+        Ok(info)
+    }
+
+    fn destroy(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError> {
+        // PID 1's death takes the whole pid namespace with it.
+        if let Some(info) = info {
+            if self.probe(id, info) == Liveness::Alive {
+                proc::kill9(info.pid).map_err(host_err("killing the sandbox"))?;
+            }
+        }
+        // Anything left (a crash mid-create, before PID 1 existed) is found through the cgroups.
+        self.cgroups.kill_all(id, KILL_TIMEOUT).map_err(host_err("killing the sandbox's processes"))?;
+        self.cgroups.remove(id).map_err(host_err("removing the sandbox's cgroups"))?;
+        let dir = self.sandbox_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(NodeError::Host { what: format!("removing {}", dir.display()), source: e })
+            }
+            _ => {}
+        }
+        // The loop device detaches itself once its mount's last namespace is gone; wait for that
+        // so "destroyed" means nothing is left.
+        let needle = format!("/sandboxes/{id}/");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !loopdev::devices_backed_by(&needle).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn probe(&self, _id: &str, info: &RuntimeInfo) -> Liveness {
+        match proc::start_time(info.pid) {
+            Some(t) if t == info.pid_start && !proc::is_dead(info.pid) => Liveness::Alive,
+            _ => Liveness::Gone,
+        }
+    }
+
+    /// Sandboxes are known by their directories under this node's data directory: `__init` makes the
+    /// directory before anything else and `destroy` removes it last. (Cgroups are shared by every
+    /// burrow on the host, so they cannot say which node a sandbox belongs to.)
+    fn host_sandboxes(&self) -> Result<Vec<String>, NodeError> {
+        let mut ids = std::collections::BTreeSet::new();
+        let dir = self.cfg.data_dir.join("sandboxes");
+        for entry in std::fs::read_dir(&dir).map_err(host_err(format!("listing {}", dir.display())))? {
+            let entry = entry.map_err(host_err("listing sandboxes"))?;
+            if let Ok(name) = entry.file_name().into_string() {
+                ids.insert(name);
+            }
+        }
+        Ok(ids.into_iter().collect())
+    }
+}
