@@ -48,8 +48,14 @@ fn row(measure: &'static str, mut samples: Vec<Duration>) -> Row {
 pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let client = config::client()?;
     let runs = args.runs.max(1);
-    let create = CreateSandbox { plan: args.plan.clone(), ..Default::default() };
-    let truecmd = ExecRequest { cmd: vec!["true".into()], ..Default::default() };
+    let create = CreateSandbox {
+        plan: args.plan.clone(),
+        ..Default::default()
+    };
+    let truecmd = ExecRequest {
+        cmd: vec!["true".into()],
+        ..Default::default()
+    };
     let (mut cold, mut destroy) = (Vec::new(), Vec::new());
     let mut ids = Vec::new();
     for _ in 0..runs {
@@ -79,7 +85,10 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     if json {
         return crate::print_json(&rows);
     }
-    println!("{:<32} {:>5} {:>9} {:>9} {:>9} {:>9}", "measure", "runs", "p50 ms", "p99 ms", "min ms", "max ms");
+    println!(
+        "{:<32} {:>5} {:>9} {:>9} {:>9} {:>9}",
+        "measure", "runs", "p50 ms", "p99 ms", "min ms", "max ms"
+    );
     for r in rows {
         println!(
             "{:<32} {:>5} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",

@@ -58,8 +58,16 @@ pub fn save(cfg: &Config) -> Result<PathBuf> {
 /// The server URL and API key for client commands.
 pub fn client() -> Result<burrow_client::Client> {
     let file = load();
-    let url = std::env::var("BURROW_URL").ok().filter(|s| !s.is_empty()).or(file.url).unwrap_or_else(|| DEFAULT_URL.into());
-    let Some(key) = std::env::var("BURROW_API_KEY").ok().filter(|s| !s.is_empty()).or(file.api_key) else {
+    let url = std::env::var("BURROW_URL")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or(file.url)
+        .unwrap_or_else(|| DEFAULT_URL.into());
+    let Some(key) = std::env::var("BURROW_API_KEY")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or(file.api_key)
+    else {
         bail!("no API key: set BURROW_API_KEY, or run `burrow up` on this machine once so it writes {}",
             path().map(|p| p.display().to_string()).unwrap_or_else(|| "the config".into()));
     };

@@ -17,13 +17,21 @@ pub async fn run(src: &str, dst: &str, json: bool) -> Result<()> {
     match (remote_path(src), remote_path(dst)) {
         (None, Some((id, rpath))) => {
             let local = PathBuf::from(src);
-            let file = tokio::fs::File::open(&local).await.with_context(|| format!("opening {}", local.display()))?;
+            let file = tokio::fs::File::open(&local)
+                .await
+                .with_context(|| format!("opening {}", local.display()))?;
             if file.metadata().await?.is_dir() {
-                bail!("{} is a directory; burrow cp copies single files", local.display());
+                bail!(
+                    "{} is a directory; burrow cp copies single files",
+                    local.display()
+                );
             }
             // `ID:/dir/` means "into that directory, same name".
             let target = if rpath.ends_with('/') {
-                format!("{rpath}{}", file_name(src).context("source has no file name")?)
+                format!(
+                    "{rpath}{}",
+                    file_name(src).context("source has no file name")?
+                )
             } else {
                 rpath.to_string()
             };
@@ -42,9 +50,14 @@ pub async fn run(src: &str, dst: &str, json: bool) -> Result<()> {
             // short file under the real name.
             let tmp = local.with_file_name(format!(
                 ".{}.burrow-partial",
-                local.file_name().and_then(|n| n.to_str()).unwrap_or("download")
+                local
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("download")
             ));
-            let mut out = tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
+            let mut out = tokio::fs::File::create(&tmp)
+                .await
+                .with_context(|| format!("creating {}", tmp.display()))?;
             let mut body = resp.bytes_stream();
             let mut total = 0u64;
             while let Some(chunk) = body.next().await {
@@ -60,12 +73,16 @@ pub async fn run(src: &str, dst: &str, json: bool) -> Result<()> {
             }
             out.flush().await?;
             out.sync_all().await?;
-            tokio::fs::rename(&tmp, &local).await.with_context(|| format!("writing {}", local.display()))?;
+            tokio::fs::rename(&tmp, &local)
+                .await
+                .with_context(|| format!("writing {}", local.display()))?;
             if json {
                 crate::print_json(&serde_json::json!({ "path": local, "size": total }))?;
             }
         }
-        (Some(_), Some(_)) => bail!("copying between two sandboxes is not supported; copy through this machine"),
+        (Some(_), Some(_)) => {
+            bail!("copying between two sandboxes is not supported; copy through this machine")
+        }
         (None, None) => bail!("one side must be ID:PATH (a path inside a sandbox)"),
     }
     Ok(())

@@ -46,7 +46,9 @@ fn exit_status(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> 
 pub async fn run(args: ExecArgs, json: bool) -> Result<i32> {
     let client = config::client()?;
     let timeout_ms = match args.timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => bail!("--timeout must be a positive number of seconds"),
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            bail!("--timeout must be a positive number of seconds")
+        }
         Some(t) => Some((t * 1000.0).ceil() as u64),
         None => None,
     };
@@ -60,7 +62,15 @@ pub async fn run(args: ExecArgs, json: bool) -> Result<i32> {
     };
     if json {
         // Buffered: one JSON document with the whole result.
-        let res = client.exec(&args.id, &ExecRequest { timeout_ms: req.timeout_ms, ..req }).await?;
+        let res = client
+            .exec(
+                &args.id,
+                &ExecRequest {
+                    timeout_ms: req.timeout_ms,
+                    ..req
+                },
+            )
+            .await?;
         crate::print_json(&res)?;
         return Ok(exit_status(res.exit_code, res.signal, res.timed_out));
     }
@@ -80,7 +90,11 @@ pub async fn run(args: ExecArgs, json: bool) -> Result<i32> {
                 err.flush()?;
             }
             Output::Event(StreamEvent::Started { .. }) => {}
-            Output::Event(StreamEvent::Exit { exit_code, signal, timed_out }) => {
+            Output::Event(StreamEvent::Exit {
+                exit_code,
+                signal,
+                timed_out,
+            }) => {
                 if timed_out {
                     eprintln!("burrow: command timed out and was killed");
                 }
@@ -122,7 +136,9 @@ struct RawMode(Option<rustix::termios::Termios>);
 impl RawMode {
     fn enter() -> RawMode {
         let stdin = rustix::stdio::stdin();
-        let Ok(orig) = rustix::termios::tcgetattr(stdin) else { return RawMode(None) };
+        let Ok(orig) = rustix::termios::tcgetattr(stdin) else {
+            return RawMode(None);
+        };
         let mut raw = orig.clone();
         raw.make_raw();
         let _ = rustix::termios::tcsetattr(stdin, rustix::termios::OptionalActions::Now, &raw);
@@ -133,7 +149,11 @@ impl RawMode {
 impl Drop for RawMode {
     fn drop(&mut self) {
         if let Some(orig) = &self.0 {
-            let _ = rustix::termios::tcsetattr(rustix::stdio::stdin(), rustix::termios::OptionalActions::Now, orig);
+            let _ = rustix::termios::tcsetattr(
+                rustix::stdio::stdin(),
+                rustix::termios::OptionalActions::Now,
+                orig,
+            );
         }
     }
 }
@@ -157,7 +177,8 @@ pub async fn shell(id: &str, user: Option<String>) -> Result<i32> {
     let stdin_task = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 16 * 1024];
-        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
         loop {
             tokio::select! {
                 n = stdin.read(&mut buf) => match n {
@@ -180,7 +201,11 @@ pub async fn shell(id: &str, user: Option<String>) -> Result<i32> {
                 out.write_all(&b)?;
                 out.flush()?;
             }
-            Output::Event(StreamEvent::Exit { exit_code, signal, timed_out }) => {
+            Output::Event(StreamEvent::Exit {
+                exit_code,
+                signal,
+                timed_out,
+            }) => {
                 code = exit_status(exit_code, signal, timed_out);
                 break;
             }

@@ -15,7 +15,11 @@ mod exec;
 mod up;
 
 #[derive(Parser)]
-#[command(name = "burrow", version, about = "Every AI agent gets its own isolated Linux computer.")]
+#[command(
+    name = "burrow",
+    version,
+    about = "Every AI agent gets its own isolated Linux computer."
+)]
 struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
@@ -97,7 +101,9 @@ struct CreateArgs {
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn main() {
@@ -107,7 +113,10 @@ fn main() {
         burrow_node::namespace::init::main();
     }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => fail(anyhow!(e).context("starting the async runtime")),
     };
@@ -146,9 +155,19 @@ async fn run(cli: Cli) -> Result<i32> {
             if json {
                 print_json(&list)?;
             } else {
-                println!("{:<22} {:<10} {:<8} {:<7} CREATED", "ID", "STATE", "IMAGE", "PLAN");
+                println!(
+                    "{:<22} {:<10} {:<8} {:<7} CREATED",
+                    "ID", "STATE", "IMAGE", "PLAN"
+                );
                 for s in list {
-                    println!("{:<22} {:<10} {:<8} {:<7} {}", s.id, s.state.as_str(), s.image, s.plan, s.created_at);
+                    println!(
+                        "{:<22} {:<10} {:<8} {:<7} {}",
+                        s.id,
+                        s.state.as_str(),
+                        s.image,
+                        s.plan,
+                        s.created_at
+                    );
                 }
             }
             Ok(0)
@@ -183,7 +202,11 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 println!("{:<8} {:<8} {:<5} CMD", "PID", "STATE", "PTY");
                 for p in procs {
-                    let state = if p.running { "running".to_string() } else { format!("exit {}", p.exit_code.map_or("-".into(), |c| c.to_string())) };
+                    let state = if p.running {
+                        "running".to_string()
+                    } else {
+                        format!("exit {}", p.exit_code.map_or("-".into(), |c| c.to_string()))
+                    };
                     println!("{:<8} {:<8} {:<5} {}", p.pid, state, p.pty, p.cmd.join(" "));
                 }
             }
@@ -195,7 +218,9 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
         Command::Admin(AdminCommand::CreateUser { name, plan }) => {
-            let v = config::client()?.create_user(&name, plan.as_deref()).await?;
+            let v = config::client()?
+                .create_user(&name, plan.as_deref())
+                .await?;
             if json {
                 print_json(&v)?;
             } else {

@@ -21,13 +21,19 @@ pub struct UpArgs {
 
 pub async fn run(args: UpArgs) -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     if !rustix::process::geteuid().is_root() {
-        anyhow::bail!("burrow up must run as root: it creates namespaces, cgroups and loop devices");
+        anyhow::bail!(
+            "burrow up must run as root: it creates namespaces, cgroups and loop devices"
+        );
     }
-    let admin_key = std::env::var("BURROW_ADMIN_KEY").ok().filter(|k| !k.is_empty());
+    let admin_key = std::env::var("BURROW_ADMIN_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
     let server = burrow_server::Server::start(burrow_server::ServerConfig {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
@@ -44,7 +50,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         cfg.api_key = key.clone();
     }
     let saved = config::save(&cfg);
-    eprintln!("burrow is up at {url} (data in {})", args.data_dir.display());
+    eprintln!(
+        "burrow is up at {url} (data in {})",
+        args.data_dir.display()
+    );
     if let Some(k) = &server.bootstrap.generated_admin_key {
         eprintln!("admin API key (shown once): {k}");
     }
@@ -52,14 +61,20 @@ pub async fn run(args: UpArgs) -> Result<()> {
         Ok(p) => eprintln!("the CLI on this machine is configured in {}", p.display()),
         Err(e) => eprintln!("could not write the CLI config: {e:#}"),
     }
-    server.serve(shutdown_signal()).await.context("serving the API")?;
+    server
+        .serve(shutdown_signal())
+        .await
+        .context("serving the API")?;
     eprintln!("burrow stopped; sandboxes keep running and are adopted at the next start");
     Ok(())
 }
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return std::future::pending().await;
     };
     tokio::select! {

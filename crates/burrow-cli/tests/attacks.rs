@@ -12,15 +12,25 @@ use common::*;
 use reqwest::{Method, StatusCode};
 
 fn sh(script: &str) -> ExecRequest {
-    ExecRequest { cmd: vec!["/bin/sh".into(), "-c".into(), script.into()], timeout_ms: Some(120_000), ..Default::default() }
+    ExecRequest {
+        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        timeout_ms: Some(120_000),
+        ..Default::default()
+    }
 }
 
 async fn run(c: &Client, id: &str, script: &str) -> ExecResult {
-    c.exec(id, &sh(script)).await.unwrap_or_else(|e| panic!("exec {script:?}: {e}"))
+    c.exec(id, &sh(script))
+        .await
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"))
 }
 
 async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
-    let req = ExecRequest { cmd: vec!["/usr/bin/python3".into(), "-c".into(), code.into()], timeout_ms: Some(120_000), ..Default::default() };
+    let req = ExecRequest {
+        cmd: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],
+        timeout_ms: Some(120_000),
+        ..Default::default()
+    };
     c.exec(id, &req).await.unwrap()
 }
 
@@ -35,7 +45,11 @@ async fn setup() -> Option<(TestServer, Client, String)> {
 }
 
 fn unique(tag: &str) -> String {
-    format!("burrow-{tag}-{}-{}", std::process::id(), Instant::now().elapsed().as_nanos())
+    format!(
+        "burrow-{tag}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    )
 }
 
 async fn download(c: &Client, id: &str, path: &str) -> Result<Vec<u8>, burrow_client::ClientError> {
@@ -47,24 +61,51 @@ async fn download(c: &Client, id: &str, path: &str) -> Result<Vec<u8>, burrow_cl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn f1_f2_f3_paths_and_symlinks_never_reach_the_host() {
-    let Some((_srv, c, id)) = setup().await else { return };
+    let Some((_srv, c, id)) = setup().await else {
+        return;
+    };
     let inside_passwd = run(&c, &id, "cat /etc/passwd").await.stdout;
     let host_passwd = std::fs::read_to_string("/etc/passwd").unwrap();
-    assert_ne!(inside_passwd, host_passwd, "the sandbox's /etc/passwd is the host's");
+    assert_ne!(
+        inside_passwd, host_passwd,
+        "the sandbox's /etc/passwd is the host's"
+    );
 
     // F1: traversal and absolute host paths resolve inside the sandbox.
-    for p in ["/workspace/../../../../etc/passwd", "../../etc/passwd", "/../etc/passwd"] {
+    for p in [
+        "/workspace/../../../../etc/passwd",
+        "../../etc/passwd",
+        "/../etc/passwd",
+    ] {
         let body = download(&c, &id, p).await.unwrap();
         assert_eq!(String::from_utf8_lossy(&body), inside_passwd, "{p}");
     }
-    let (status, _) = c.raw::<()>(Method::GET, &format!("/v1/sandboxes/{id}/files?path=%2e%2e%2f%2e%2e%2fetc%2fpasswd"), None).await.unwrap();
+    let (status, _) = c
+        .raw::<()>(
+            Method::GET,
+            &format!("/v1/sandboxes/{id}/files?path=%2e%2e%2f%2e%2e%2fetc%2fpasswd"),
+            None,
+        )
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::OK);
     let host_only = std::env::current_exe().unwrap();
-    let err = download(&c, &id, host_only.to_str().unwrap()).await.unwrap_err();
-    assert_eq!(err.code(), Some("file_not_found"), "a host-only path was readable: {err}");
+    let err = download(&c, &id, host_only.to_str().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some("file_not_found"),
+        "a host-only path was readable: {err}"
+    );
 
     // F2: symlinks to / and to /proc/1/root made inside lead to the sandbox's own files.
-    run(&c, &id, "ln -s / /workspace/r && ln -s /proc/1/root /workspace/p").await;
+    run(
+        &c,
+        &id,
+        "ln -s / /workspace/r && ln -s /proc/1/root /workspace/p",
+    )
+    .await;
     for p in ["/workspace/r/etc/passwd", "/workspace/p/etc/passwd"] {
         match download(&c, &id, p).await {
             Ok(body) => assert_eq!(String::from_utf8_lossy(&body), inside_passwd, "{p}"),
@@ -72,9 +113,17 @@ async fn f1_f2_f3_paths_and_symlinks_never_reach_the_host() {
         }
     }
     let name = unique("f2");
-    c.upload(&id, &format!("/workspace/r/tmp/{name}"), b"inside".to_vec()).await.unwrap();
-    assert!(!std::path::Path::new(&format!("/tmp/{name}")).exists(), "write through a symlink landed on the host");
-    assert_eq!(run(&c, &id, &format!("cat /tmp/{name}")).await.stdout, "inside");
+    c.upload(&id, &format!("/workspace/r/tmp/{name}"), b"inside".to_vec())
+        .await
+        .unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/tmp/{name}")).exists(),
+        "write through a symlink landed on the host"
+    );
+    assert_eq!(
+        run(&c, &id, &format!("cat /tmp/{name}")).await.stdout,
+        "inside"
+    );
 
     // F3: a symlink swapped in a loop while the API writes through it.
     let sentinel_dir = tempfile::tempdir().unwrap();
@@ -89,16 +138,28 @@ async fn f1_f2_f3_paths_and_symlinks_never_reach_the_host() {
     };
     let pid = c.start_process(&id, &swapper).await.unwrap();
     for i in 0..100 {
-        let _ = c.upload(&id, "/workspace/d/sentinel", format!("sandbox {i}").into_bytes()).await;
+        let _ = c
+            .upload(
+                &id,
+                "/workspace/d/sentinel",
+                format!("sandbox {i}").into_bytes(),
+            )
+            .await;
     }
     c.kill(&id, pid).await.unwrap();
-    assert_eq!(std::fs::read_to_string(&sentinel).unwrap(), "host", "the host sentinel changed");
+    assert_eq!(
+        std::fs::read_to_string(&sentinel).unwrap(),
+        "host",
+        "the host sentinel changed"
+    );
     assert_eq!(std::fs::read_dir(sentinel_dir.path()).unwrap().count(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn f4_special_files_are_refused_without_hanging() {
-    let Some((_srv, c, id)) = setup().await else { return };
+    let Some((_srv, c, id)) = setup().await else {
+        return;
+    };
     run(&c, &id, "mkfifo /workspace/fifo").await;
     let sock = c
         .start_process(&id, &ExecRequest {
@@ -109,19 +170,43 @@ async fn f4_special_files_are_refused_without_hanging() {
         .unwrap();
     assert!(eventually(10, || true).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for p in ["/workspace/fifo", "/workspace/sock", "/dev/zero", "/dev/urandom", "/workspace"] {
+    for p in [
+        "/workspace/fifo",
+        "/workspace/sock",
+        "/dev/zero",
+        "/dev/urandom",
+        "/workspace",
+    ] {
         let t = Instant::now();
-        let err = tokio::time::timeout(Duration::from_secs(10), download(&c, &id, p)).await.expect("download hung").unwrap_err();
-        assert!(matches!(err.code(), Some("not_regular_file") | Some("is_a_directory")), "{p}: {err}");
+        let err = tokio::time::timeout(Duration::from_secs(10), download(&c, &id, p))
+            .await
+            .expect("download hung")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err.code(),
+                Some("not_regular_file") | Some("is_a_directory")
+            ),
+            "{p}: {err}"
+        );
         assert!(t.elapsed() < Duration::from_secs(5));
     }
     // /proc/self/mem is "regular" but unreadable at offset 0: an error, not a hang or host memory.
-    let r = tokio::time::timeout(Duration::from_secs(10), download(&c, &id, "/proc/self/mem")).await.expect("download hung");
+    let r = tokio::time::timeout(Duration::from_secs(10), download(&c, &id, "/proc/self/mem"))
+        .await
+        .expect("download hung");
     if let Ok(body) = r {
-        assert!(body.is_empty(), "read {} bytes of /proc/self/mem", body.len());
+        assert!(
+            body.is_empty(),
+            "read {} bytes of /proc/self/mem",
+            body.len()
+        );
     }
     for p in ["/workspace/fifo", "/dev/zero", "/workspace/sock"] {
-        let err = tokio::time::timeout(Duration::from_secs(10), c.upload(&id, p, b"x".to_vec())).await.expect("upload hung").unwrap_err();
+        let err = tokio::time::timeout(Duration::from_secs(10), c.upload(&id, p, b"x".to_vec()))
+            .await
+            .expect("upload hung")
+            .unwrap_err();
         assert_eq!(err.code(), Some("not_regular_file"), "{p}: {err}");
     }
     c.kill(&id, sock).await.unwrap();
@@ -129,14 +214,30 @@ async fn f4_special_files_are_refused_without_hanging() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn f6_malformed_paths_and_huge_directories() {
-    let Some((_srv, c, id)) = setup().await else { return };
+    let Some((_srv, c, id)) = setup().await else {
+        return;
+    };
     let long = format!("/workspace/{}", "a/".repeat(2500));
     for (path, what) in [
-        ("/v1/sandboxes/{id}/files?path=%2Fworkspace%2Fa%00b", "NUL byte"),
-        ("/v1/sandboxes/{id}/files?path=%2Fworkspace%2F%ff%fe", "invalid UTF-8"),
+        (
+            "/v1/sandboxes/{id}/files?path=%2Fworkspace%2Fa%00b",
+            "NUL byte",
+        ),
+        (
+            "/v1/sandboxes/{id}/files?path=%2Fworkspace%2F%ff%fe",
+            "invalid UTF-8",
+        ),
     ] {
-        let (status, body) = c.raw::<()>(Method::GET, &path.replace("{id}", &id), None).await.unwrap();
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{what}: {}", String::from_utf8_lossy(&body));
+        let (status, body) = c
+            .raw::<()>(Method::GET, &path.replace("{id}", &id), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{what}: {}",
+            String::from_utf8_lossy(&body)
+        );
         let e: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert!(e["code"].is_string(), "{what}");
     }
@@ -151,7 +252,10 @@ async fn f6_malformed_paths_and_huge_directories() {
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let page = c.list_dir(&id, "/tmp/big", cursor.as_deref(), Some(1000)).await.unwrap();
+        let page = c
+            .list_dir(&id, "/tmp/big", cursor.as_deref(), Some(1000))
+            .await
+            .unwrap();
         assert!(page.entries.len() <= 1000);
         pages += 1;
         for e in page.entries {
@@ -170,21 +274,46 @@ async fn f6_malformed_paths_and_huge_directories() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn r1_r3_r5_r8_disk_shm_output_and_fds_are_bounded() {
-    let Some((srv, c, id)) = setup().await else { return };
+    let Some((srv, c, id)) = setup().await else {
+        return;
+    };
     // R1: a sparse 1 TB file costs nothing; filling the disk stops at its size; so do inodes.
-    let r = run(&c, &id, "truncate -s 1T /workspace/sparse && du -k /workspace/sparse | cut -f1").await;
+    let r = run(
+        &c,
+        &id,
+        "truncate -s 1T /workspace/sparse && du -k /workspace/sparse | cut -f1",
+    )
+    .await;
     assert_eq!(r.exit_code, Some(0), "{r:?}");
     assert!(r.stdout.trim().parse::<u64>().unwrap() < 1024);
     let r = py(&c, &id, "import os\nos.mkdir('/workspace/many')\ntry:\n  for i in range(10**7): open(f'/workspace/many/{i}', 'w').close()\nexcept OSError as e: print(e.errno)").await;
-    assert_eq!(r.stdout.trim(), "28", "millions of tiny files did not end in ENOSPC: {r:?}");
+    assert_eq!(
+        r.stdout.trim(),
+        "28",
+        "millions of tiny files did not end in ENOSPC: {r:?}"
+    );
     let img = srv.data.join("sandboxes").join(&id).join("disk.img");
     let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&img).unwrap()) * 512;
-    assert!(used <= 1100 << 20, "disk image uses {used} bytes on the host");
-    assert_eq!(c.exec(&id, &sh("echo still")).await.unwrap().stdout, "still\n");
+    assert!(
+        used <= 1100 << 20,
+        "disk image uses {used} bytes on the host"
+    );
+    assert_eq!(
+        c.exec(&id, &sh("echo still")).await.unwrap().stdout,
+        "still\n"
+    );
 
     // R3: /dev/shm is bounded.
-    let r = run(&c, &id, "head -c 2000000000 /dev/zero > /dev/shm/fill; echo rc=$?").await;
-    assert!(!r.stdout.contains("rc=0"), "2 GB written to /dev/shm: {r:?}");
+    let r = run(
+        &c,
+        &id,
+        "head -c 2000000000 /dev/zero > /dev/shm/fill; echo rc=$?",
+    )
+    .await;
+    assert!(
+        !r.stdout.contains("rc=0"),
+        "2 GB written to /dev/shm: {r:?}"
+    );
 
     // R5: binary, newline-free output: capped, flagged, decoded lossily.
     let r = run(&c, &id, "head -c 20000000 /dev/urandom").await;
@@ -193,19 +322,33 @@ async fn r1_r3_r5_r8_disk_shm_output_and_fds_are_bounded() {
 
     // R8: a million fds stop at RLIMIT_NOFILE.
     let r = py(&c, &id, "import os\ntry:\n  fds=[os.open('/dev/null', os.O_RDONLY) for _ in range(10**6)]\nexcept OSError as e: print(e.errno, len(os.listdir('/proc/self/fd')))").await;
-    let parts: Vec<u64> = r.stdout.split_whitespace().map(|s| s.parse().unwrap()).collect();
+    let parts: Vec<u64> = r
+        .stdout
+        .split_whitespace()
+        .map(|s| s.parse().unwrap())
+        .collect();
     assert_eq!(parts[0], 24, "{r:?}");
     assert!(parts[1] <= 1100, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn r6_zombies_and_daemons_are_reaped_and_killed_on_destroy() {
-    let Some((srv, c, id)) = setup().await else { return };
-    run(&c, &id, "for i in 1 2 3 4 5; do (sh -c 'exit 0' &) ; done; setsid sh -c 'sleep 600 &' ; sleep 1").await;
+    let Some((srv, c, id)) = setup().await else {
+        return;
+    };
+    run(
+        &c,
+        &id,
+        "for i in 1 2 3 4 5; do (sh -c 'exit 0' &) ; done; setsid sh -c 'sleep 600 &' ; sleep 1",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let r = run(&c, &id, "ps -e -o stat= | grep -c Z || true").await;
     assert_eq!(r.stdout.trim(), "0", "zombies left: {r:?}");
-    assert!(run(&c, &id, "ps -e -o comm=").await.stdout.contains("sleep"));
+    assert!(run(&c, &id, "ps -e -o comm=")
+        .await
+        .stdout
+        .contains("sleep"));
     c.delete(&id).await.unwrap();
     assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
 }
@@ -266,7 +409,9 @@ for name, f in checks.items():
 
 #[tokio::test(flavor = "multi_thread")]
 async fn k1_k2_k3_k4_k10_dangerous_syscalls_fail() {
-    let Some((_srv, c, id)) = setup().await else { return };
+    let Some((_srv, c, id)) = setup().await else {
+        return;
+    };
     let r = py(&c, &id, PROBE).await;
     assert_eq!(r.exit_code, Some(0), "{r:?}");
     let results: BTreeMap<String, i32> = r
@@ -275,14 +420,20 @@ async fn k1_k2_k3_k4_k10_dangerous_syscalls_fail() {
         .filter_map(|l| l.split_once(' '))
         .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
         .collect();
-    assert_eq!(results.len(), PROBE.matches("': lambda").count(), "{}", r.stdout);
+    assert_eq!(
+        results.len(),
+        PROBE.matches("': lambda").count(),
+        "{}",
+        r.stdout
+    );
     const EPERM: i32 = 1;
     const ENOSYS: i32 = 38;
     const EACCES: i32 = 13;
     let mut bad = Vec::new();
     for (name, errno) in &results {
         // Socket families the kernel refuses outright (no module) are as good as EPERM.
-        let ok = [EPERM, ENOSYS, EACCES].contains(errno) || (name.starts_with("af_") && *errno == 97);
+        let ok =
+            [EPERM, ENOSYS, EACCES].contains(errno) || (name.starts_with("af_") && *errno == 97);
         if !ok {
             bad.push(format!("{name} -> errno {errno}"));
         }
@@ -296,7 +447,11 @@ async fn k1_k2_k3_k4_k10_dangerous_syscalls_fail() {
     let _ = c.exec(&id, &sh("kill -9 -1; sleep 1")).await;
     c.health().await.unwrap();
     assert_eq!(c.exec(&other, &sh("echo ok")).await.unwrap().stdout, "ok\n");
-    assert_eq!(c.exec(&id, &sh("echo survived")).await.unwrap().stdout, "survived\n", "PID 1 died of kill -1");
+    assert_eq!(
+        c.exec(&id, &sh("echo survived")).await.unwrap().stdout,
+        "survived\n",
+        "PID 1 died of kill -1"
+    );
 
     // K10: no host devices.
     let r = run(&c, &id, "for d in /dev/mem /dev/kvm /dev/vda /dev/sda /dev/loop0 /dev/loop-control; do [ -e $d ] && echo $d; done; true").await;
@@ -305,23 +460,45 @@ async fn k1_k2_k3_k4_k10_dangerous_syscalls_fail() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn k5_k6_every_sandbox_thread_is_confined_and_sees_no_host_paths() {
-    let Some((srv, c, id)) = setup().await else { return };
-    let bg = c.start_process(&id, &ExecRequest { background: true, ..sh("sleep 600") }).await.unwrap();
+    let Some((srv, c, id)) = setup().await else {
+        return;
+    };
+    let bg = c
+        .start_process(
+            &id,
+            &ExecRequest {
+                background: true,
+                ..sh("sleep 600")
+            },
+        )
+        .await
+        .unwrap();
     // K5, read from the host: every thread of every process in the sandbox's cgroup.
-    let procs = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/burrow/{id}/cgroup.procs")).unwrap();
+    let procs =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/pids/burrow/{id}/cgroup.procs")).unwrap();
     let pids: Vec<&str> = procs.lines().collect();
     assert!(pids.len() >= 2, "expected the guest and a sleep: {pids:?}");
     const DANGEROUS: &[u32] = &[21, 13, 19, 2, 16]; // SYS_ADMIN, NET_RAW, SYS_PTRACE, DAC_READ_SEARCH, SYS_MODULE
     for pid in &pids {
         for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
             let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
-            let field = |k: &str| status.lines().find(|l| l.starts_with(k)).map(|l| l[k.len()..].trim().to_string()).unwrap();
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(k))
+                    .map(|l| l[k.len()..].trim().to_string())
+                    .unwrap()
+            };
             assert_eq!(field("Seccomp:"), "2", "pid {pid}");
             assert_eq!(field("NoNewPrivs:"), "1", "pid {pid}");
             for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
                 let caps = u64::from_str_radix(&field(set), 16).unwrap();
                 for cap in DANGEROUS {
-                    assert_eq!(caps & (1 << cap), 0, "pid {pid} has capability {cap} in {set}");
+                    assert_eq!(
+                        caps & (1 << cap),
+                        0,
+                        "pid {pid} has capability {cap} in {set}"
+                    );
                 }
             }
         }
@@ -330,33 +507,66 @@ async fn k5_k6_every_sandbox_thread_is_confined_and_sees_no_host_paths() {
     let r = run(&c, &id, "for p in 1 self $(pgrep sleep); do for l in /proc/$p/fd/* /proc/$p/cwd /proc/$p/root /proc/$p/exe; do readlink $l; done; done 2>/dev/null; true").await;
     let data = srv.data.to_str().unwrap();
     for line in r.stdout.lines() {
-        assert!(!line.contains(data) && !line.contains("/var/lib/burrow") && !line.contains("target/"), "host path visible: {line}");
+        assert!(
+            !line.contains(data) && !line.contains("/var/lib/burrow") && !line.contains("target/"),
+            "host path visible: {line}"
+        );
     }
-    assert!(r.stdout.contains("/run/burrow/guest") || r.stdout.contains("/usr/bin/sleep"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("/run/burrow/guest") || r.stdout.contains("/usr/bin/sleep"),
+        "{}",
+        r.stdout
+    );
     c.kill(&id, bg).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn k7_k8_k9_guest_binary_proc_and_sys_are_protected() {
-    let Some((_srv, c, id)) = setup().await else { return };
+    let Some((_srv, c, id)) = setup().await else {
+        return;
+    };
     let guest = std::path::PathBuf::from(BURROW).with_file_name("burrow-guest");
     let before = std::fs::read(&guest).unwrap();
-    let r = run(&c, &id, "echo x >> /proc/1/exe; echo rc=$?; echo x >> /run/burrow/guest; echo rc=$?").await;
+    let r = run(
+        &c,
+        &id,
+        "echo x >> /proc/1/exe; echo rc=$?; echo x >> /run/burrow/guest; echo rc=$?",
+    )
+    .await;
     assert!(!r.stdout.contains("rc=0"), "guest binary writable: {r:?}");
-    assert!(std::fs::read(&guest).unwrap() == before, "the host's guest binary changed");
+    assert!(
+        std::fs::read(&guest).unwrap() == before,
+        "the host's guest binary changed"
+    );
 
     let core_before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
     let r = run(&c, &id, "head -c 16 /proc/kcore | wc -c; cat /proc/keys | wc -c; cat /proc/sched_debug 2>/dev/null | wc -c; \
                           echo c > /proc/sysrq-trigger; echo rc=$?; echo '|/bin/evil' > /proc/sys/kernel/core_pattern; echo rc=$?").await;
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert_eq!(&lines[..3], ["0", "0", "0"], "kcore, keys or sched_debug readable: {r:?}");
+    assert_eq!(
+        &lines[..3],
+        ["0", "0", "0"],
+        "kcore, keys or sched_debug readable: {r:?}"
+    );
     assert!(!r.stdout.contains("rc=0"), "{r:?}");
-    assert_eq!(std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap(), core_before);
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap(),
+        core_before
+    );
 
     let r = run(&c, &id, "touch /sys/fs/cgroup/x 2>&1; echo rc=$?; ls /sys/class/net; find /sys/fs/cgroup -name release_agent 2>/dev/null | head -3").await;
     assert!(r.stdout.contains("rc=1"), "sysfs writable: {r:?}");
-    let after_rc: Vec<&str> = r.stdout.lines().skip_while(|l| !l.starts_with("rc=")).skip(1).collect();
-    assert_eq!(after_rc.first().copied(), Some("lo"), "host interfaces visible: {r:?}");
+    let after_rc: Vec<&str> = r
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("rc="))
+        .skip(1)
+        .collect();
+    assert_eq!(
+        after_rc.first().copied(),
+        Some("lo"),
+        "host interfaces visible: {r:?}"
+    );
     for ra in after_rc.iter().skip(1) {
         let w = run(&c, &id, &format!("echo /x > {ra}; echo rc=$?")).await;
         assert!(!w.stdout.contains("rc=0"), "{ra} writable");
@@ -367,8 +577,13 @@ async fn k7_k8_k9_guest_binary_proc_and_sys_are_protected() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a1_another_tenant_gets_the_same_404_as_a_random_id() {
-    let Some((srv, alice, id)) = setup().await else { return };
-    alice.upload(&id, "/workspace/secret", b"alice's".to_vec()).await.unwrap();
+    let Some((srv, alice, id)) = setup().await else {
+        return;
+    };
+    alice
+        .upload(&id, "/workspace/secret", b"alice's".to_vec())
+        .await
+        .unwrap();
     let created = alice.create_user("bob", None).await.unwrap();
     let bob = srv.client_with(created["api_key"].as_str().unwrap());
     let random = "zzzzzzzzzzzzzzzzzzzz";
@@ -376,21 +591,45 @@ async fn a1_another_tenant_gets_the_same_404_as_a_random_id() {
     for (method, path, body) in [
         (Method::GET, "/v1/sandboxes/{id}", None),
         (Method::POST, "/v1/sandboxes/{id}/exec", Some(&exec)),
-        (Method::GET, "/v1/sandboxes/{id}/files?path=/workspace/secret", None),
-        (Method::GET, "/v1/sandboxes/{id}/files/list?path=/workspace", None),
+        (
+            Method::GET,
+            "/v1/sandboxes/{id}/files?path=/workspace/secret",
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/sandboxes/{id}/files/list?path=/workspace",
+            None,
+        ),
         (Method::GET, "/v1/sandboxes/{id}/processes", None),
         (Method::DELETE, "/v1/sandboxes/{id}", None),
     ] {
-        let theirs = bob.raw(method.clone(), &path.replace("{id}", &id), body).await.unwrap();
-        let nobody = bob.raw(method.clone(), &path.replace("{id}", random), body).await.unwrap();
+        let theirs = bob
+            .raw(method.clone(), &path.replace("{id}", &id), body)
+            .await
+            .unwrap();
+        let nobody = bob
+            .raw(method.clone(), &path.replace("{id}", random), body)
+            .await
+            .unwrap();
         assert_eq!(theirs.0, StatusCode::NOT_FOUND, "{method} {path}");
-        assert_eq!(theirs, nobody, "{method} {path}: another tenant's sandbox is distinguishable");
+        assert_eq!(
+            theirs, nobody,
+            "{method} {path}: another tenant's sandbox is distinguishable"
+        );
     }
-    let err = bob.terminal(&id, 80, 24, None).await.err().expect("terminal opened for another tenant");
+    let err = bob
+        .terminal(&id, 80, 24, None)
+        .await
+        .err()
+        .expect("terminal opened for another tenant");
     assert_eq!(err.code(), Some("sandbox_not_found"));
     assert!(bob.list().await.unwrap().is_empty());
     // Alice's sandbox is untouched.
-    assert_eq!(download(&alice, &id, "/workspace/secret").await.unwrap(), b"alice's");
+    assert_eq!(
+        download(&alice, &id, "/workspace/secret").await.unwrap(),
+        b"alice's"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -402,19 +641,41 @@ async fn a5_a6_bodies_that_overreach_or_are_malformed_get_4xx() {
     let c = srv.client();
     for field in ["owner", "limits", "privileged", "host_path"] {
         let body = serde_json::json!({ field: if field == "limits" { serde_json::json!({"memory_mib": 999999}) } else { serde_json::json!("x") } });
-        let (status, resp) = c.raw(Method::POST, "/v1/sandboxes", Some(&body)).await.unwrap();
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{field}: {}", String::from_utf8_lossy(&resp));
+        let (status, resp) = c
+            .raw(Method::POST, "/v1/sandboxes", Some(&body))
+            .await
+            .unwrap();
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{field}: {}",
+            String::from_utf8_lossy(&resp)
+        );
     }
-    assert!(c.list().await.unwrap().is_empty(), "a refused create left a sandbox");
+    assert!(
+        c.list().await.unwrap().is_empty(),
+        "a refused create left a sandbox"
+    );
 
     let http = reqwest::Client::new();
     let post = |body: Vec<u8>| {
-        http.post(format!("{}/v1/sandboxes", srv.url)).bearer_auth(&srv.key).header("content-type", "application/json").body(body)
+        http.post(format!("{}/v1/sandboxes", srv.url))
+            .bearer_auth(&srv.key)
+            .header("content-type", "application/json")
+            .body(body)
     };
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     for (what, body, want) in [
-        ("truncated", b"{\"image\": \"sys".to_vec(), StatusCode::BAD_REQUEST),
-        ("wrong type", br#"{"image": 7}"#.to_vec(), StatusCode::BAD_REQUEST),
+        (
+            "truncated",
+            b"{\"image\": \"sys".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "wrong type",
+            br#"{"image": 7}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
         ("deep nesting", deep.into_bytes(), StatusCode::BAD_REQUEST),
     ] {
         let resp = post(body).send().await.unwrap();
@@ -441,7 +702,11 @@ async fn a5_a6_bodies_that_overreach_or_are_malformed_get_4xx() {
     if let Ok(resp) = resp {
         assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     }
-    let (status, _) = srv.client_with("burrow_wrong").raw::<()>(Method::GET, "/v1/sandboxes", None).await.unwrap();
+    let (status, _) = srv
+        .client_with("burrow_wrong")
+        .raw::<()>(Method::GET, "/v1/sandboxes", None)
+        .await
+        .unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // The server is still healthy after all of it.
     c.health().await.unwrap();

@@ -11,7 +11,10 @@ use burrow_types::{CreateSandbox, ExecRequest, SandboxState};
 use common::*;
 
 fn cmd(args: &[&str]) -> ExecRequest {
-    ExecRequest { cmd: args.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    ExecRequest {
+        cmd: args.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
 }
 
 fn sh(script: &str) -> ExecRequest {
@@ -43,7 +46,10 @@ async fn a_sandbox_is_a_computer_of_its_own() {
     let id = create_cli(&srv);
 
     let cmdline = exec_cli(&srv, &id, &["cat", "/proc/1/cmdline"]);
-    assert!(cmdline.starts_with("/run/burrow/guest"), "PID 1 is {cmdline:?}");
+    assert!(
+        cmdline.starts_with("/run/burrow/guest"),
+        "PID 1 is {cmdline:?}"
+    );
 
     assert_eq!(exec_cli(&srv, &id, &["hostname"]).trim(), id);
     let me = exec_cli(&srv, &id, &["id"]);
@@ -51,8 +57,15 @@ async fn a_sandbox_is_a_computer_of_its_own() {
 
     // Only the sandbox's own processes: the guest (PID 1) and `ps` itself.
     let ps = exec_cli(&srv, &id, &["ps", "-e", "-o", "pid=,comm="]);
-    let pids: Vec<&str> = ps.lines().map(|l| l.split_whitespace().next().unwrap_or("")).collect();
-    assert_eq!(pids.len(), 2, "ps shows more than the guest and itself:\n{ps}");
+    let pids: Vec<&str> = ps
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        pids.len(),
+        2,
+        "ps shows more than the guest and itself:\n{ps}"
+    );
     assert_eq!(pids[0], "1");
 
     let links = exec_cli(&srv, &id, &["ip", "-o", "link"]);
@@ -63,7 +76,11 @@ async fn a_sandbox_is_a_computer_of_its_own() {
     let map = exec_cli(&srv, &id, &["cat", "/proc/self/uid_map"]);
     let fields: Vec<u64> = map.split_whitespace().map(|f| f.parse().unwrap()).collect();
     assert_eq!(fields[0], 0);
-    assert!(fields[1] >= 65536, "root inside maps to host uid {}", fields[1]);
+    assert!(
+        fields[1] >= 65536,
+        "root inside maps to host uid {}",
+        fields[1]
+    );
     let other = create_cli(&srv);
     let map2 = exec_cli(&srv, &other, &["cat", "/proc/self/uid_map"]);
     assert_ne!(map, map2, "two sandboxes share a uid range");
@@ -71,7 +88,8 @@ async fn a_sandbox_is_a_computer_of_its_own() {
     // `ls` and `get` show it; `--json` gives the document.
     let ls = stdout(&srv.cli(&["ls"]));
     assert!(ls.contains(&id) && ls.contains("running"), "ls:\n{ls}");
-    let doc: serde_json::Value = serde_json::from_slice(&srv.cli(&["--json", "get", &id]).stdout).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_slice(&srv.cli(&["--json", "get", &id]).stdout).unwrap();
     assert_eq!(doc["state"], "running");
     assert_eq!(doc["limits"]["memory_mib"], 512);
 }
@@ -92,22 +110,53 @@ async fn cp_round_trips_100_mib_and_the_disk_limit_holds() {
         f.flush().unwrap();
     }
     use std::io::Read;
-    assert_ok(&srv.cli(&["cp", src.to_str().unwrap(), &format!("{id}:/workspace/in/big.bin")]));
+    assert_ok(&srv.cli(&[
+        "cp",
+        src.to_str().unwrap(),
+        &format!("{id}:/workspace/in/big.bin"),
+    ]));
     let size = exec_cli(&srv, &id, &["stat", "-c", "%s", "/workspace/in/big.bin"]);
     assert_eq!(size.trim(), (100u64 << 20).to_string());
     let back = dir.path().join("back.bin");
-    assert_ok(&srv.cli(&["cp", &format!("{id}:/workspace/in/big.bin"), back.to_str().unwrap()]));
-    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "100 MiB copy differs after the round trip");
+    assert_ok(&srv.cli(&[
+        "cp",
+        &format!("{id}:/workspace/in/big.bin"),
+        back.to_str().unwrap(),
+    ]));
+    assert!(
+        std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(),
+        "100 MiB copy differs after the round trip"
+    );
 
     // Past the 1 GiB disk: ENOSPC inside, nothing on the host grows past the image.
-    let out = srv.client().exec(&id, &sh("dd if=/dev/zero of=/workspace/fill bs=1M count=1300 2>&1; echo rc=$?")).await.unwrap();
-    assert!(out.stdout.contains("No space left on device"), "dd said: {}", out.stdout);
+    let out = srv
+        .client()
+        .exec(
+            &id,
+            &sh("dd if=/dev/zero of=/workspace/fill bs=1M count=1300 2>&1; echo rc=$?"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.stdout.contains("No space left on device"),
+        "dd said: {}",
+        out.stdout
+    );
     assert!(!out.stdout.contains("rc=0"));
     let img = srv.data.join("sandboxes").join(&id).join("disk.img");
-    let allocated = std::fs::metadata(&img).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
-    assert!(allocated <= 1100 << 20, "sandbox disk uses {allocated} bytes on the host");
+    let allocated = std::fs::metadata(&img)
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .unwrap_or(0);
+    assert!(
+        allocated <= 1100 << 20,
+        "sandbox disk uses {allocated} bytes on the host"
+    );
     // The API says so too, with a stable code.
-    let err = srv.client().upload(&id, "/workspace/more", vec![7u8; 64 << 20]).await.unwrap_err();
+    let err = srv
+        .client()
+        .upload(&id, "/workspace/more", vec![7u8; 64 << 20])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some("no_space"), "{err}");
     // Earlier files are intact.
     let size = exec_cli(&srv, &id, &["stat", "-c", "%s", "/workspace/in/big.bin"]);
@@ -123,17 +172,33 @@ async fn output_is_capped_timeouts_kill_and_bombs_stay_inside() {
     let client = srv.client();
     let id = client.create(&CreateSandbox::default()).await.unwrap().id;
 
-    let r = client.exec(&id, &sh("head -c 52428800 /dev/zero | tr '\\0' a; echo done >&2")).await.unwrap();
+    let r = client
+        .exec(
+            &id,
+            &sh("head -c 52428800 /dev/zero | tr '\\0' a; echo done >&2"),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.stdout.len(), 10 << 20);
     assert!(r.truncated && r.stdout_truncated && !r.stderr_truncated);
     assert_eq!((r.exit_code, r.stderr.trim()), (Some(0), "done"));
 
     let r = client
-        .exec(&id, &ExecRequest { timeout_ms: Some(500), ..sh("trap '' TERM; sleep 60") })
+        .exec(
+            &id,
+            &ExecRequest {
+                timeout_ms: Some(500),
+                ..sh("trap '' TERM; sleep 60")
+            },
+        )
         .await
         .unwrap();
     assert!(r.timed_out, "{r:?}");
-    assert_eq!(r.signal, Some(9), "a process that ignores SIGTERM gets SIGKILL");
+    assert_eq!(
+        r.signal,
+        Some(9),
+        "a process that ignores SIGTERM gets SIGKILL"
+    );
     assert!(r.duration_ms < 20_000);
 
     // Fork bomb: the pids limit stops it inside; the server keeps answering.
@@ -142,28 +207,51 @@ async fn output_is_capped_timeouts_kill_and_bombs_stay_inside() {
         let id = id.clone();
         async move {
             client
-                .exec(&id, &ExecRequest { timeout_ms: Some(4000), ..cmd(&["/bin/bash", "-c", "b(){ b|b& }; b; sleep 5"]) })
+                .exec(
+                    &id,
+                    &ExecRequest {
+                        timeout_ms: Some(4000),
+                        ..cmd(&["/bin/bash", "-c", "b(){ b|b& }; b; sleep 5"])
+                    },
+                )
                 .await
         }
     });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let t = std::time::Instant::now();
-    client.health().await.expect("server answers during a fork bomb");
+    client
+        .health()
+        .await
+        .expect("server answers during a fork bomb");
     assert!(t.elapsed() < Duration::from_secs(5));
     let _ = bomb.await;
-    let events = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/burrow/{id}/pids.events")).unwrap_or_default();
-    assert!(events.contains("max") && !events.contains("max 0"), "pids limit never hit: {events:?}");
+    let events = std::fs::read_to_string(format!("/sys/fs/cgroup/pids/burrow/{id}/pids.events"))
+        .unwrap_or_default();
+    assert!(
+        events.contains("max") && !events.contains("max 0"),
+        "pids limit never hit: {events:?}"
+    );
 
     // Memory bomb: killed inside its cgroup; the sandbox and the server live on.
     let r = client
-        .exec(&id, &ExecRequest { timeout_ms: Some(30_000), ..cmd(&["python3", "-c", "x = 'a' * (2 * 1024**3)"]) })
+        .exec(
+            &id,
+            &ExecRequest {
+                timeout_ms: Some(30_000),
+                ..cmd(&["python3", "-c", "x = 'a' * (2 * 1024**3)"])
+            },
+        )
         .await
         .unwrap();
     assert_eq!(r.signal, Some(9), "memory bomb was not OOM-killed: {r:?}");
     let r = client.exec(&id, &cmd(&["echo", "alive"])).await.unwrap();
     assert_eq!(r.stdout, "alive\n");
     assert!(client.delete(&id).await.is_ok());
-    assert!(host_leftovers(&srv, &id).is_empty(), "{:?}", host_leftovers(&srv, &id));
+    assert!(
+        host_leftovers(&srv, &id).is_empty(),
+        "{:?}",
+        host_leftovers(&srv, &id)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -191,10 +279,21 @@ async fn shell_is_interactive_under_a_real_pty() {
     stdin.write_all(b"echo tty=$(tty) sum=$((6*7))\n").unwrap();
     std::thread::sleep(Duration::from_millis(500));
     stdin.write_all(b"exit 3\n").unwrap();
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await.unwrap().unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("tty=/dev/pts/0 sum=42"), "shell output:\n{text}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(out.status.code(), Some(3), "shell's exit code is passed through");
+    assert!(
+        text.contains("tty=/dev/pts/0 sum=42"),
+        "shell output:\n{text}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "shell's exit code is passed through"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -205,8 +304,19 @@ async fn rm_leaves_nothing_on_the_host() {
     let srv = TestServer::start().await;
     let id = create_cli(&srv);
     // A few daemons that try to outlive their sandbox.
-    exec_cli(&srv, &id, &["sh", "-c", "setsid sleep 1000 >/dev/null 2>&1 & (sleep 1000 &) ; echo ok"]);
-    assert!(!host_leftovers(&srv, &id).is_empty(), "the leftover probe sees nothing even while running");
+    exec_cli(
+        &srv,
+        &id,
+        &[
+            "sh",
+            "-c",
+            "setsid sleep 1000 >/dev/null 2>&1 & (sleep 1000 &) ; echo ok",
+        ],
+    );
+    assert!(
+        !host_leftovers(&srv, &id).is_empty(),
+        "the leftover probe sees nothing even while running"
+    );
     assert_ok(&srv.cli(&["rm", &id]));
     assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
     let out = srv.cli(&["get", &id]);
@@ -222,7 +332,10 @@ async fn kill_9_mid_create_and_mid_exec_then_restart_leaves_nothing_half_made() 
     let mut srv = TestServer::start().await;
     let client = srv.client();
     let keeper = client.create(&CreateSandbox::default()).await.unwrap().id;
-    client.exec(&keeper, &sh("echo kept > /workspace/f")).await.unwrap();
+    client
+        .exec(&keeper, &sh("echo kept > /workspace/f"))
+        .await
+        .unwrap();
 
     for delay_ms in [0u64, 5, 15, 40, 80] {
         let c = client.clone();
@@ -234,7 +347,10 @@ async fn kill_9_mid_create_and_mid_exec_then_restart_leaves_nothing_half_made() 
     }
 
     // Mid-exec: a long command is running when the server dies.
-    let mut session = client.exec_stream(&keeper, &cmd(&["sleep", "300"])).await.unwrap();
+    let mut session = client
+        .exec_stream(&keeper, &cmd(&["sleep", "300"]))
+        .await
+        .unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), session.next()).await;
     srv.kill9();
     drop(session);
@@ -249,19 +365,37 @@ async fn kill_9_mid_create_and_mid_exec_then_restart_leaves_nothing_half_made() 
                 assert_eq!(r.exit_code, Some(0), "{} is running but unusable", sb.id);
             }
             SandboxState::Error => {
-                assert_eq!(host_leftovers(&srv, &sb.id), Vec::<String>::new(), "{} in error but not cleaned", sb.id);
+                assert_eq!(
+                    host_leftovers(&srv, &sb.id),
+                    Vec::<String>::new(),
+                    "{} in error but not cleaned",
+                    sb.id
+                );
             }
             other => panic!("{} is {other:?} after restart", sb.id),
         }
     }
     // Every sandbox directory on the host belongs to a running sandbox.
-    let running: Vec<_> = all.iter().filter(|s| s.state == SandboxState::Running).map(|s| s.id.clone()).collect();
+    let running: Vec<_> = all
+        .iter()
+        .filter(|s| s.state == SandboxState::Running)
+        .map(|s| s.id.clone())
+        .collect();
     for dir in srv.host_sandbox_dirs() {
-        assert!(running.contains(&dir), "orphan sandbox dir {dir} after restart");
+        assert!(
+            running.contains(&dir),
+            "orphan sandbox dir {dir} after restart"
+        );
     }
     // The sandbox that was running throughout was adopted with its files, and the interrupted
     // exec's process is gone.
-    let r = client.exec(&keeper, &sh("cat /workspace/f; ps -e -o comm= | grep -c '^sleep' || true")).await.unwrap();
+    let r = client
+        .exec(
+            &keeper,
+            &sh("cat /workspace/f; ps -e -o comm= | grep -c '^sleep' || true"),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.stdout, "kept\n0\n", "{r:?}");
     for sb in all {
         client.delete(&sb.id).await.unwrap();

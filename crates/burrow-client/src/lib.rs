@@ -2,7 +2,9 @@
 //! It knows nothing the OpenAPI document does not say.
 
 use burrow_types::stream::{StreamEvent, StreamInput, STREAM_STDERR, STREAM_STDOUT};
-use burrow_types::{ApiError, CreateSandbox, DirListing, ExecRequest, ExecResult, FileStat, ProcessInfo, Sandbox};
+use burrow_types::{
+    ApiError, CreateSandbox, DirListing, ExecRequest, ExecResult, FileStat, ProcessInfo, Sandbox,
+};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -15,7 +17,11 @@ pub enum ClientError {
     #[error("cannot reach the burrow server")]
     Http(#[from] reqwest::Error),
     #[error("{code}: {message}")]
-    Api { status: u16, code: String, message: String },
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
     #[error("websocket")]
     Ws(#[from] tokio_tungstenite::tungstenite::Error),
     #[error("unexpected response")]
@@ -43,7 +49,11 @@ pub struct Client {
 
 impl Client {
     pub fn new(base_url: &str, api_key: &str) -> Client {
-        Client { base: base_url.trim_end_matches('/').to_string(), key: api_key.to_string(), http: reqwest::Client::new() }
+        Client {
+            base: base_url.trim_end_matches('/').to_string(),
+            key: api_key.to_string(),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -51,7 +61,9 @@ impl Client {
     }
 
     fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(&self.key)
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.key)
     }
 
     async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
@@ -61,7 +73,11 @@ impl Client {
         let status = resp.status().as_u16();
         let body = resp.bytes().await?;
         Err(match serde_json::from_slice::<ApiError>(&body) {
-            Ok(e) => ClientError::Api { status, code: e.code, message: e.message },
+            Ok(e) => ClientError::Api {
+                status,
+                code: e.code,
+                message: e.message,
+            },
             Err(_) => ClientError::Api {
                 status,
                 code: "http_error".into(),
@@ -70,7 +86,10 @@ impl Client {
         })
     }
 
-    async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T, ClientError> {
+    async fn json<T: DeserializeOwned>(
+        &self,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<T, ClientError> {
         let resp = Self::check(rb.send().await?).await?;
         Ok(serde_json::from_slice(&resp.bytes().await?)?)
     }
@@ -85,7 +104,8 @@ impl Client {
     }
 
     pub async fn create(&self, req: &CreateSandbox) -> Result<Sandbox, ClientError> {
-        self.json(self.request(Method::POST, "/v1/sandboxes").json(req)).await
+        self.json(self.request(Method::POST, "/v1/sandboxes").json(req))
+            .await
     }
 
     pub async fn list(&self) -> Result<Vec<Sandbox>, ClientError> {
@@ -93,52 +113,95 @@ impl Client {
     }
 
     pub async fn get(&self, id: &str) -> Result<Sandbox, ClientError> {
-        self.json(self.request(Method::GET, &format!("/v1/sandboxes/{id}"))).await
+        self.json(self.request(Method::GET, &format!("/v1/sandboxes/{id}")))
+            .await
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.empty(self.request(Method::DELETE, &format!("/v1/sandboxes/{id}"))).await
+        self.empty(self.request(Method::DELETE, &format!("/v1/sandboxes/{id}")))
+            .await
     }
 
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
-        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/exec")).json(req)).await
+        self.json(
+            self.request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+                .json(req),
+        )
+        .await
     }
 
     pub async fn start_process(&self, id: &str, req: &ExecRequest) -> Result<u32, ClientError> {
-        let v: serde_json::Value = self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/processes")).json(req)).await?;
+        let v: serde_json::Value = self
+            .json(
+                self.request(Method::POST, &format!("/v1/sandboxes/{id}/processes"))
+                    .json(req),
+            )
+            .await?;
         Ok(v["pid"].as_u64().unwrap_or_default() as u32)
     }
 
     pub async fn processes(&self, id: &str) -> Result<Vec<ProcessInfo>, ClientError> {
-        self.json(self.request(Method::GET, &format!("/v1/sandboxes/{id}/processes"))).await
+        self.json(self.request(Method::GET, &format!("/v1/sandboxes/{id}/processes")))
+            .await
     }
 
     pub async fn signal(&self, id: &str, pid: u32, signal: i32) -> Result<(), ClientError> {
         let body = serde_json::json!({ "signal": signal });
-        self.empty(self.request(Method::POST, &format!("/v1/sandboxes/{id}/processes/{pid}/signal")).json(&body)).await
+        self.empty(
+            self.request(
+                Method::POST,
+                &format!("/v1/sandboxes/{id}/processes/{pid}/signal"),
+            )
+            .json(&body),
+        )
+        .await
     }
 
     pub async fn kill(&self, id: &str, pid: u32) -> Result<(), ClientError> {
-        self.empty(self.request(Method::DELETE, &format!("/v1/sandboxes/{id}/processes/{pid}"))).await
+        self.empty(self.request(
+            Method::DELETE,
+            &format!("/v1/sandboxes/{id}/processes/{pid}"),
+        ))
+        .await
     }
 
     /// Uploads `body` (anything reqwest can stream) to `path` inside the sandbox.
-    pub async fn upload(&self, id: &str, path: &str, body: impl Into<reqwest::Body>) -> Result<FileStat, ClientError> {
-        let rb = self.request(Method::PUT, &format!("/v1/sandboxes/{id}/files")).query(&[("path", path)]).body(body);
+    pub async fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<FileStat, ClientError> {
+        let rb = self
+            .request(Method::PUT, &format!("/v1/sandboxes/{id}/files"))
+            .query(&[("path", path)])
+            .body(body);
         self.json(rb).await
     }
 
     /// Starts a download; read the body with `bytes_stream()`.
     pub async fn download(&self, id: &str, path: &str) -> Result<reqwest::Response, ClientError> {
-        let rb = self.request(Method::GET, &format!("/v1/sandboxes/{id}/files")).query(&[("path", path)]);
+        let rb = self
+            .request(Method::GET, &format!("/v1/sandboxes/{id}/files"))
+            .query(&[("path", path)]);
         Self::check(rb.send().await?).await
     }
 
     pub async fn stat(&self, id: &str, path: &str) -> Result<FileStat, ClientError> {
-        self.json(self.request(Method::GET, &format!("/v1/sandboxes/{id}/files/stat")).query(&[("path", path)])).await
+        self.json(
+            self.request(Method::GET, &format!("/v1/sandboxes/{id}/files/stat"))
+                .query(&[("path", path)]),
+        )
+        .await
     }
 
-    pub async fn list_dir(&self, id: &str, path: &str, cursor: Option<&str>, limit: Option<u32>) -> Result<DirListing, ClientError> {
+    pub async fn list_dir(
+        &self,
+        id: &str,
+        path: &str,
+        cursor: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<DirListing, ClientError> {
         let mut q = vec![("path", path.to_string())];
         if let Some(c) = cursor {
             q.push(("cursor", c.to_string()));
@@ -146,33 +209,62 @@ impl Client {
         if let Some(l) = limit {
             q.push(("limit", l.to_string()));
         }
-        self.json(self.request(Method::GET, &format!("/v1/sandboxes/{id}/files/list")).query(&q)).await
+        self.json(
+            self.request(Method::GET, &format!("/v1/sandboxes/{id}/files/list"))
+                .query(&q),
+        )
+        .await
     }
 
     pub async fn mkdir(&self, id: &str, path: &str) -> Result<FileStat, ClientError> {
         let body = serde_json::json!({ "path": path });
-        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/files/mkdir")).json(&body)).await
+        self.json(
+            self.request(Method::POST, &format!("/v1/sandboxes/{id}/files/mkdir"))
+                .json(&body),
+        )
+        .await
     }
 
     pub async fn rename(&self, id: &str, from: &str, to: &str) -> Result<FileStat, ClientError> {
         let body = serde_json::json!({ "from": from, "to": to });
-        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/files/rename")).json(&body)).await
+        self.json(
+            self.request(Method::POST, &format!("/v1/sandboxes/{id}/files/rename"))
+                .json(&body),
+        )
+        .await
     }
 
     pub async fn remove(&self, id: &str, path: &str, recursive: bool) -> Result<(), ClientError> {
-        let q = [("path", path.to_string()), ("recursive", recursive.to_string())];
-        self.empty(self.request(Method::DELETE, &format!("/v1/sandboxes/{id}/files")).query(&q)).await
+        let q = [
+            ("path", path.to_string()),
+            ("recursive", recursive.to_string()),
+        ];
+        self.empty(
+            self.request(Method::DELETE, &format!("/v1/sandboxes/{id}/files"))
+                .query(&q),
+        )
+        .await
     }
 
     /// Creates a user with one API key (admin key required). Returns the server's JSON, which holds
     /// `api_key`.
-    pub async fn create_user(&self, name: &str, plan: Option<&str>) -> Result<serde_json::Value, ClientError> {
+    pub async fn create_user(
+        &self,
+        name: &str,
+        plan: Option<&str>,
+    ) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::json!({ "name": name, "plan": plan });
-        self.json(self.request(Method::POST, "/v1/admin/users").json(&body)).await
+        self.json(self.request(Method::POST, "/v1/admin/users").json(&body))
+            .await
     }
 
     /// Sends any request and returns status and body, for callers that test the API's edges.
-    pub async fn raw<B: Serialize>(&self, method: Method, path: &str, body: Option<&B>) -> Result<(StatusCode, Vec<u8>), ClientError> {
+    pub async fn raw<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(StatusCode, Vec<u8>), ClientError> {
         let mut rb = self.request(method, path);
         if let Some(b) = body {
             rb = rb.json(b);
@@ -191,16 +283,25 @@ impl Client {
             return Err(ClientError::BadUrl(self.base.clone()));
         };
         let mut req = ws_url.into_client_request()?;
-        let auth = format!("Bearer {}", self.key).parse().map_err(|_| ClientError::BadUrl("api key is not a header value".into()))?;
+        let auth = format!("Bearer {}", self.key)
+            .parse()
+            .map_err(|_| ClientError::BadUrl("api key is not a header value".into()))?;
         req.headers_mut().insert("authorization", auth);
         let (ws, _) = match tokio_tungstenite::connect_async(req).await {
             Ok(ok) => ok,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();
                 let body = resp.body().clone().unwrap_or_default();
-                let e: ApiError = serde_json::from_slice(&body)
-                    .unwrap_or(ApiError { code: "http_error".into(), message: format!("status {status}"), details: None });
-                return Err(ClientError::Api { status, code: e.code, message: e.message });
+                let e: ApiError = serde_json::from_slice(&body).unwrap_or(ApiError {
+                    code: "http_error".into(),
+                    message: format!("status {status}"),
+                    details: None,
+                });
+                return Err(ClientError::Api {
+                    status,
+                    code: e.code,
+                    message: e.message,
+                });
             }
             Err(e) => return Err(e.into()),
         };
@@ -209,18 +310,30 @@ impl Client {
 
     /// Runs a command with streamed output (and stdin, resize and signals).
     pub async fn exec_stream(&self, id: &str, req: &ExecRequest) -> Result<Session, ClientError> {
-        let mut s = self.websocket(&format!("/v1/sandboxes/{id}/exec/ws")).await?;
+        let mut s = self
+            .websocket(&format!("/v1/sandboxes/{id}/exec/ws"))
+            .await?;
         s.input.text(serde_json::to_string(req)?).await?;
         Ok(s)
     }
 
-    pub async fn terminal(&self, id: &str, cols: u16, rows: u16, user: Option<&str>) -> Result<Session, ClientError> {
+    pub async fn terminal(
+        &self,
+        id: &str,
+        cols: u16,
+        rows: u16,
+        user: Option<&str>,
+    ) -> Result<Session, ClientError> {
         let user = user.map(|u| format!("&user={u}")).unwrap_or_default();
-        self.websocket(&format!("/v1/sandboxes/{id}/terminal?cols={cols}&rows={rows}{user}")).await
+        self.websocket(&format!(
+            "/v1/sandboxes/{id}/terminal?cols={cols}&rows={rows}{user}"
+        ))
+        .await
     }
 
     pub async fn attach(&self, id: &str, pid: u32) -> Result<Session, ClientError> {
-        self.websocket(&format!("/v1/sandboxes/{id}/processes/{pid}/attach")).await
+        self.websocket(&format!("/v1/sandboxes/{id}/processes/{pid}/attach"))
+            .await
     }
 }
 
@@ -232,7 +345,8 @@ pub enum Output {
     Event(StreamEvent),
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A streaming exec, attach or terminal session: an input half and an output half, usable from
 /// two tasks.
@@ -244,7 +358,10 @@ pub struct Session {
 impl Session {
     fn new(ws: WsStream) -> Session {
         let (sink, stream) = ws.split();
-        Session { input: SessionInput { sink }, output: SessionOutput { stream } }
+        Session {
+            input: SessionInput { sink },
+            output: SessionOutput { stream },
+        }
     }
 
     /// Next output or event; `None` once the server closed the stream.
@@ -267,11 +384,17 @@ pub struct SessionInput {
 
 impl SessionInput {
     pub async fn stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        Ok(self.sink.send(Message::Binary(data.to_vec().into())).await?)
+        Ok(self
+            .sink
+            .send(Message::Binary(data.to_vec().into()))
+            .await?)
     }
 
     pub async fn control(&mut self, input: &StreamInput) -> Result<(), ClientError> {
-        Ok(self.sink.send(Message::Text(serde_json::to_string(input)?.into())).await?)
+        Ok(self
+            .sink
+            .send(Message::Text(serde_json::to_string(input)?.into()))
+            .await?)
     }
 
     async fn text(&mut self, text: String) -> Result<(), ClientError> {

@@ -18,8 +18,20 @@ pub const AUDIT_WRITE: u32 = 29;
 pub const SETFCAP: u32 = 31;
 
 /// The capabilities a sandbox keeps.
-pub const SANDBOX: &[u32] =
-    &[CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, SETGID, SETUID, SETPCAP, NET_BIND_SERVICE, SYS_CHROOT, AUDIT_WRITE, SETFCAP];
+pub const SANDBOX: &[u32] = &[
+    CHOWN,
+    DAC_OVERRIDE,
+    FOWNER,
+    FSETID,
+    KILL,
+    SETGID,
+    SETUID,
+    SETPCAP,
+    NET_BIND_SERVICE,
+    SYS_CHROOT,
+    AUDIT_WRITE,
+    SETFCAP,
+];
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -38,7 +50,10 @@ struct CapData {
 }
 
 fn last_cap() -> u32 {
-    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
 }
 
 /// Limits the calling thread to `keep`: bounding set (so no exec can regain more), ambient set
@@ -59,7 +74,15 @@ pub fn restrict_to(keep: &[u32]) -> io::Result<()> {
         }
     }
     // SAFETY: clearing the ambient set takes no pointers.
-    let r = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) };
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -69,7 +92,10 @@ pub fn restrict_to(keep: &[u32]) -> io::Result<()> {
         data[i].effective |= bit;
         data[i].permitted |= bit;
     }
-    let mut head = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
+    let mut head = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
     // SAFETY: capset reads a v3 header and two data words, which these structs lay out.
     let r = unsafe { libc::syscall(libc::SYS_capset, &mut head as *mut CapHeader, data.as_ptr()) };
     if r < 0 {

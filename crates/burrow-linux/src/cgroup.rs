@@ -49,7 +49,8 @@ impl CgroupFs for RealFs {
         }
     }
     fn write(&self, p: &Path, v: &str) -> io::Result<()> {
-        std::fs::write(p, v).map_err(|e| io::Error::new(e.kind(), format!("writing {v:?} to {}: {e}", p.display())))
+        std::fs::write(p, v)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {v:?} to {}: {e}", p.display())))
     }
     fn read(&self, p: &Path) -> io::Result<String> {
         std::fs::read_to_string(p)
@@ -106,7 +107,10 @@ pub struct Cgroups<F: CgroupFs = RealFs> {
 
 impl Cgroups<RealFs> {
     pub fn host() -> Cgroups<RealFs> {
-        Cgroups { layout: Layout::detect(), fs: RealFs }
+        Cgroups {
+            layout: Layout::detect(),
+            fs: RealFs,
+        }
     }
 }
 
@@ -128,11 +132,17 @@ impl<F: CgroupFs> Cgroups<F> {
 
     /// Every directory of sandbox `id`.
     pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
-        self.parents().into_iter().map(|(_, p)| p.join(id)).collect()
+        self.parents()
+            .into_iter()
+            .map(|(_, p)| p.join(id))
+            .collect()
     }
 
     fn dir_of(&self, controller: &str, id: &str) -> Option<PathBuf> {
-        self.parents().into_iter().find(|(c, _)| *c == controller || *c == "unified").map(|(_, p)| p.join(id))
+        self.parents()
+            .into_iter()
+            .find(|(c, _)| *c == controller || *c == "unified")
+            .map(|(_, p)| p.join(id))
     }
 
     /// Creates burrow's parent cgroups (and on v2 enables the controllers for its children).
@@ -142,7 +152,8 @@ impl<F: CgroupFs> Cgroups<F> {
         }
         if let Layout::V2(root) = &self.layout {
             for dir in [root.clone(), root.join(PARENT)] {
-                self.fs.write(&dir.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
+                self.fs
+                    .write(&dir.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
             }
         }
         Ok(())
@@ -157,11 +168,16 @@ impl<F: CgroupFs> Cgroups<F> {
         match &self.layout {
             Layout::V1(_) => {
                 if let Some(cpu) = self.dir_of("cpu", id) {
-                    self.fs.write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
-                    self.fs.write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                    self.fs
+                        .write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    self.fs
+                        .write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 }
                 if let Some(mem) = self.dir_of("memory", id) {
-                    self.fs.write(&mem.join("memory.limit_in_bytes"), &l.memory_bytes.to_string())?;
+                    self.fs.write(
+                        &mem.join("memory.limit_in_bytes"),
+                        &l.memory_bytes.to_string(),
+                    )?;
                     // Memory plus swap at the same value: the sandbox cannot swap its way past it.
                     let memsw = mem.join("memory.memsw.limit_in_bytes");
                     if self.fs.exists(&memsw) {
@@ -174,8 +190,10 @@ impl<F: CgroupFs> Cgroups<F> {
             }
             Layout::V2(_) => {
                 let d = self.dirs(id).remove(0);
-                self.fs.write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
-                self.fs.write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
+                self.fs
+                    .write(&d.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                self.fs
+                    .write(&d.join("memory.max"), &l.memory_bytes.to_string())?;
                 if self.fs.exists(&d.join("memory.swap.max")) {
                     self.fs.write(&d.join("memory.swap.max"), "0")?;
                 }
@@ -198,7 +216,11 @@ impl<F: CgroupFs> Cgroups<F> {
         self.dirs(id)
             .iter()
             .filter_map(|d| self.fs.read(&d.join("cgroup.procs")).ok())
-            .flat_map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect::<Vec<u32>>())
+            .flat_map(|s| {
+                s.lines()
+                    .filter_map(|l| l.trim().parse().ok())
+                    .collect::<Vec<u32>>()
+            })
             .collect()
     }
 
@@ -206,10 +228,16 @@ impl<F: CgroupFs> Cgroups<F> {
     pub fn set_frozen(&self, id: &str, frozen: bool) -> io::Result<()> {
         match &self.layout {
             Layout::V1(_) => match self.dir_of("freezer", id) {
-                Some(d) => self.fs.write(&d.join("freezer.state"), if frozen { "FROZEN" } else { "THAWED" }),
+                Some(d) => self.fs.write(
+                    &d.join("freezer.state"),
+                    if frozen { "FROZEN" } else { "THAWED" },
+                ),
                 None => Ok(()),
             },
-            Layout::V2(_) => self.fs.write(&self.dirs(id)[0].join("cgroup.freeze"), if frozen { "1" } else { "0" }),
+            Layout::V2(_) => self.fs.write(
+                &self.dirs(id)[0].join("cgroup.freeze"),
+                if frozen { "1" } else { "0" },
+            ),
         }
     }
 
@@ -252,10 +280,17 @@ impl<F: CgroupFs> Cgroups<F> {
             loop {
                 match self.fs.rmdir(&d) {
                     Ok(()) => break,
-                    Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                    Err(e)
+                        if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) =>
+                    {
                         std::thread::sleep(Duration::from_millis(5))
                     }
-                    Err(e) => return Err(io::Error::new(e.kind(), format!("removing {}: {e}", d.display()))),
+                    Err(e) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("removing {}: {e}", d.display()),
+                        ))
+                    }
                 }
             }
         }
@@ -264,7 +299,10 @@ impl<F: CgroupFs> Cgroups<F> {
 
     /// Ids of every sandbox cgroup on the host.
     pub fn ids(&self) -> BTreeSet<String> {
-        self.parents().iter().flat_map(|(_, p)| self.fs.list(p)).collect()
+        self.parents()
+            .iter()
+            .flat_map(|(_, p)| self.fs.list(p))
+            .collect()
     }
 
     /// Bytes of memory the sandbox uses now.
@@ -300,11 +338,17 @@ mod tests {
             Ok(())
         }
         fn write(&self, p: &Path, v: &str) -> io::Result<()> {
-            self.files.borrow_mut().insert(p.to_path_buf(), v.to_string());
+            self.files
+                .borrow_mut()
+                .insert(p.to_path_buf(), v.to_string());
             Ok(())
         }
         fn read(&self, p: &Path) -> io::Result<String> {
-            self.files.borrow().get(p).cloned().ok_or_else(|| io::ErrorKind::NotFound.into())
+            self.files
+                .borrow()
+                .get(p)
+                .cloned()
+                .ok_or_else(|| io::ErrorKind::NotFound.into())
         }
         fn exists(&self, p: &Path) -> bool {
             self.files.borrow().contains_key(p) || self.dirs.borrow().contains(p)
@@ -319,10 +363,17 @@ mod tests {
         }
     }
 
-    const LIMITS: CgroupLimits = CgroupLimits { cpu_millis: 500, memory_bytes: 512 << 20, pids: 512 };
+    const LIMITS: CgroupLimits = CgroupLimits {
+        cpu_millis: 500,
+        memory_bytes: 512 << 20,
+        pids: 512,
+    };
 
     fn v1() -> Cgroups<FakeFs> {
-        let dirs = V1_CONTROLLERS.iter().map(|c| (*c, PathBuf::from(format!("/cg/{c}")))).collect();
+        let dirs = V1_CONTROLLERS
+            .iter()
+            .map(|c| (*c, PathBuf::from(format!("/cg/{c}"))))
+            .collect();
         Cgroups::new(Layout::V1(dirs), FakeFs::default())
     }
 
@@ -333,13 +384,33 @@ mod tests {
     #[test]
     fn v1_limits_land_in_each_controller() {
         let cg = v1();
-        cg.fs.write(Path::new("/cg/memory/burrow/s1/memory.memsw.limit_in_bytes"), "max").unwrap();
+        cg.fs
+            .write(
+                Path::new("/cg/memory/burrow/s1/memory.memsw.limit_in_bytes"),
+                "max",
+            )
+            .unwrap();
         cg.create("s1", LIMITS).unwrap();
-        assert_eq!(file(&cg, "/cg/cpu/burrow/s1/cpu.cfs_quota_us").as_deref(), Some("50000"));
-        assert_eq!(file(&cg, "/cg/cpu/burrow/s1/cpu.cfs_period_us").as_deref(), Some("100000"));
-        assert_eq!(file(&cg, "/cg/memory/burrow/s1/memory.limit_in_bytes").as_deref(), Some("536870912"));
-        assert_eq!(file(&cg, "/cg/memory/burrow/s1/memory.memsw.limit_in_bytes").as_deref(), Some("536870912"));
-        assert_eq!(file(&cg, "/cg/pids/burrow/s1/pids.max").as_deref(), Some("512"));
+        assert_eq!(
+            file(&cg, "/cg/cpu/burrow/s1/cpu.cfs_quota_us").as_deref(),
+            Some("50000")
+        );
+        assert_eq!(
+            file(&cg, "/cg/cpu/burrow/s1/cpu.cfs_period_us").as_deref(),
+            Some("100000")
+        );
+        assert_eq!(
+            file(&cg, "/cg/memory/burrow/s1/memory.limit_in_bytes").as_deref(),
+            Some("536870912")
+        );
+        assert_eq!(
+            file(&cg, "/cg/memory/burrow/s1/memory.memsw.limit_in_bytes").as_deref(),
+            Some("536870912")
+        );
+        assert_eq!(
+            file(&cg, "/cg/pids/burrow/s1/pids.max").as_deref(),
+            Some("512")
+        );
         assert_eq!(cg.dirs("s1").len(), V1_CONTROLLERS.len());
         assert_eq!(cg.ids(), BTreeSet::from(["s1".to_string()]));
     }
@@ -348,15 +419,34 @@ mod tests {
     fn v2_limits_land_in_one_directory() {
         let cg = Cgroups::new(Layout::V2(PathBuf::from("/cg")), FakeFs::default());
         cg.prepare().unwrap();
-        assert_eq!(file(&cg, "/cg/burrow/cgroup.subtree_control").as_deref(), Some("+cpu +memory +pids"));
-        cg.create("s1", CgroupLimits { cpu_millis: 2000, ..LIMITS }).unwrap();
-        assert_eq!(file(&cg, "/cg/burrow/s1/cpu.max").as_deref(), Some("200000 100000"));
-        assert_eq!(file(&cg, "/cg/burrow/s1/memory.max").as_deref(), Some("536870912"));
+        assert_eq!(
+            file(&cg, "/cg/burrow/cgroup.subtree_control").as_deref(),
+            Some("+cpu +memory +pids")
+        );
+        cg.create(
+            "s1",
+            CgroupLimits {
+                cpu_millis: 2000,
+                ..LIMITS
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            file(&cg, "/cg/burrow/s1/cpu.max").as_deref(),
+            Some("200000 100000")
+        );
+        assert_eq!(
+            file(&cg, "/cg/burrow/s1/memory.max").as_deref(),
+            Some("536870912")
+        );
         assert_eq!(file(&cg, "/cg/burrow/s1/pids.max").as_deref(), Some("512"));
         cg.join("s1", 42).unwrap();
         assert_eq!(cg.procs("s1"), BTreeSet::from([42]));
         cg.set_frozen("s1", true).unwrap();
-        assert_eq!(file(&cg, "/cg/burrow/s1/cgroup.freeze").as_deref(), Some("1"));
+        assert_eq!(
+            file(&cg, "/cg/burrow/s1/cgroup.freeze").as_deref(),
+            Some("1")
+        );
     }
 
     #[test]
@@ -365,10 +455,16 @@ mod tests {
         cg.create("s1", LIMITS).unwrap();
         cg.join("s1", 7).unwrap();
         for c in V1_CONTROLLERS {
-            assert_eq!(file(&cg, &format!("/cg/{c}/burrow/s1/cgroup.procs")).as_deref(), Some("7"));
+            assert_eq!(
+                file(&cg, &format!("/cg/{c}/burrow/s1/cgroup.procs")).as_deref(),
+                Some("7")
+            );
         }
         cg.set_frozen("s1", true).unwrap();
-        assert_eq!(file(&cg, "/cg/freezer/burrow/s1/freezer.state").as_deref(), Some("FROZEN"));
+        assert_eq!(
+            file(&cg, "/cg/freezer/burrow/s1/freezer.state").as_deref(),
+            Some("FROZEN")
+        );
         cg.remove("s1").unwrap();
         assert!(cg.ids().is_empty());
     }

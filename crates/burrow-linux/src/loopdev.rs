@@ -49,7 +49,10 @@ pub struct LoopDevice {
 /// Attaches `image` to a free loop device.
 pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
-    let ctl = OpenOptions::new().read(true).write(true).open("/dev/loop-control")?;
+    let ctl = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
     // Another process may take the free device between GET_FREE and CONFIGURE: retry then.
     for _ in 0..16 {
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
@@ -76,12 +79,17 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
             return Err(err);
         }
     }
-    Err(io::Error::new(io::ErrorKind::ResourceBusy, "no free loop device after 16 tries"))
+    Err(io::Error::new(
+        io::ErrorKind::ResourceBusy,
+        "no free loop device after 16 tries",
+    ))
 }
 
 /// Loop devices whose backing file path contains `needle` (for leak checks and clean-up).
 pub fn devices_backed_by(needle: &str) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
     rd.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with("loop"))

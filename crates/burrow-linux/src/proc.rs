@@ -19,7 +19,11 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 /// Whether `pid` is a zombie or gone (its resources are released either way).
 pub fn is_dead(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) == Some("Z"),
+        Ok(stat) => {
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].split_whitespace().next())
+                == Some("Z")
+        }
         Err(_) => true,
     }
 }
@@ -27,7 +31,10 @@ pub fn is_dead(pid: u32) -> bool {
 /// Sends SIGKILL to `pid`; a process that no longer exists is not an error.
 pub fn kill9(pid: u32) -> io::Result<()> {
     let pid = i32::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL) {
+    match nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    ) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
         Err(e) => Err(e.into()),
     }

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
+    SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -88,24 +88,50 @@ fn rule(conds: Vec<Cond>) -> Result<SeccompRule, SeccompError> {
 
 /// The EPERM filter.
 pub fn deny_filter() -> Result<BpfProgram, SeccompError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|nr| (*nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().map(|nr| (*nr, vec![])).collect();
     let domain = |af| Cond::new(0, Len::Dword, Op::Eq, af);
     rules.insert(
         libc::SYS_socket,
-        vec![rule(vec![domain(AF_ALG)?])?, rule(vec![domain(AF_PACKET)?])?, rule(vec![domain(AF_VSOCK)?])?],
+        vec![
+            rule(vec![domain(AF_ALG)?])?,
+            rule(vec![domain(AF_PACKET)?])?,
+            rule(vec![domain(AF_VSOCK)?])?,
+        ],
     );
     // No new user namespaces: the sandbox's own is the last one (K1).
-    rules.insert(libc::SYS_clone, vec![rule(vec![Cond::new(0, Len::Qword, Op::MaskedEq(CLONE_NEWUSER), CLONE_NEWUSER)?])?]);
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![Cond::new(
+            0,
+            Len::Qword,
+            Op::MaskedEq(CLONE_NEWUSER),
+            CLONE_NEWUSER,
+        )?])?],
+    );
     // TIOCSTI would push keystrokes into a terminal's input queue (K11).
-    rules.insert(libc::SYS_ioctl, vec![rule(vec![Cond::new(1, Len::Dword, Op::Eq, TIOCSTI)?])?]);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::EPERM as u32), arch())?;
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![rule(vec![Cond::new(1, Len::Dword, Op::Eq, TIOCSTI)?])?],
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch(),
+    )?;
     Ok(filter.try_into()?)
 }
 
 /// The ENOSYS filter: `clone3` passes its flags in memory a filter cannot read.
 pub fn enosys_filter() -> Result<BpfProgram, SeccompError> {
     let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
-    let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(libc::ENOSYS as u32), arch())?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch(),
+    )?;
     Ok(filter.try_into()?)
 }
 
@@ -127,13 +153,24 @@ mod tests {
         let deny = deny_filter().unwrap();
         let enosys = enosys_filter().unwrap();
         // A classic BPF program has at most 4096 instructions.
-        assert!(deny.len() > DENIED.len() && deny.len() < 4096, "{} instructions", deny.len());
+        assert!(
+            deny.len() > DENIED.len() && deny.len() < 4096,
+            "{} instructions",
+            deny.len()
+        );
         assert!(!enosys.is_empty());
     }
 
     #[test]
     fn the_attack_table_syscalls_are_denied() {
-        for nr in [libc::SYS_mount, libc::SYS_keyctl, libc::SYS_bpf, libc::SYS_io_uring_setup, libc::SYS_kexec_load, libc::SYS_open_tree] {
+        for nr in [
+            libc::SYS_mount,
+            libc::SYS_keyctl,
+            libc::SYS_bpf,
+            libc::SYS_io_uring_setup,
+            libc::SYS_kexec_load,
+            libc::SYS_open_tree,
+        ] {
             assert!(DENIED.contains(&nr), "syscall {nr} not denied");
         }
     }

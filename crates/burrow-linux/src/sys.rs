@@ -61,7 +61,11 @@ pub fn loopback_up() -> io::Result<()> {
     if sock < 0 {
         return Err(io::Error::last_os_error());
     }
-    let mut req = IfreqFlags { name: [0; libc::IFNAMSIZ], flags: 0, _pad: [0; 22] };
+    let mut req = IfreqFlags {
+        name: [0; libc::IFNAMSIZ],
+        flags: 0,
+        _pad: [0; 22],
+    };
     req.name[..2].copy_from_slice(b"lo");
     // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq, which IfreqFlags lays out
     // (name, then the flags union member, padded to the full 40 bytes).

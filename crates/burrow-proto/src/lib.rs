@@ -302,9 +302,15 @@ mod tests {
     #[tokio::test]
     async fn oversized_and_unknown_frames_are_refused() {
         let mut r: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1];
-        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::FrameTooLarge(_))));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtoError::FrameTooLarge(_))
+        ));
         let mut r: &[u8] = &[0, 0, 0, 1, 99];
-        assert!(matches!(read_frame(&mut r).await, Err(ProtoError::UnknownKind(99))));
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Err(ProtoError::UnknownKind(99))
+        ));
         let mut r: &[u8] = &[0, 0, 0, 0];
         assert!(matches!(read_frame(&mut r).await, Err(ProtoError::Empty)));
     }

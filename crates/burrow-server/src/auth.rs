@@ -53,7 +53,9 @@ mod tests {
             let id = new_id(20);
             assert_eq!(id.len(), 20);
             assert!(id.chars().next().unwrap().is_ascii_lowercase());
-            assert!(id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+            assert!(id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
         }
     }
 }

@@ -63,7 +63,12 @@ pub struct Control {
 impl Control {
     pub fn new(store: Arc<Store>, backend: Arc<dyn Backend>, plans: Vec<Plan>) -> Control {
         let plans = plans.into_iter().map(|p| (p.name.clone(), p)).collect();
-        Control { store, backend, plans, locks: SandboxLocks::default() }
+        Control {
+            store,
+            backend,
+            plans,
+            locks: SandboxLocks::default(),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -80,8 +85,14 @@ impl Control {
 
     pub async fn create(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
         let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
-        let plan = self.plans.get(&plan_name).ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?;
-        let image = req.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.to_string());
+        let plan = self
+            .plans
+            .get(&plan_name)
+            .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?;
+        let image = req
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if image != DEFAULT_IMAGE {
             return Err(ControlError::UnknownImage(image));
         }
@@ -133,7 +144,10 @@ impl Control {
             }
             Err(e) => {
                 warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
-                let reason = reason(codes::INTERNAL, format!("create failed: {}", error_chain(&e)));
+                let reason = reason(
+                    codes::INTERNAL,
+                    format!("create failed: {}", error_chain(&e)),
+                );
                 self.store.set_error(&id, &reason)?;
                 Err(e.into())
             }
@@ -154,11 +168,20 @@ impl Control {
     }
 
     pub fn list(&self, user: &User) -> Result<Vec<Sandbox>, ControlError> {
-        Ok(self.store.sandboxes_of(&user.id)?.iter().map(to_api).collect())
+        Ok(self
+            .store
+            .sandboxes_of(&user.id)?
+            .iter()
+            .map(to_api)
+            .collect())
     }
 
     /// A client for the guest agent of one of the caller's running sandboxes.
-    pub fn guest(&self, user: &User, id: &str) -> Result<(SandboxRecord, GuestClient), ControlError> {
+    pub fn guest(
+        &self,
+        user: &User,
+        id: &str,
+    ) -> Result<(SandboxRecord, GuestClient), ControlError> {
         let rec = self.record(user, id)?;
         if rec.state != SandboxState::Running {
             return Err(ControlError::NotRunning(rec.state.as_str()));
@@ -202,13 +225,19 @@ impl Control {
                         continue;
                     }
                     self.destroy_on_host(&rec).await?;
-                    let r = reason(codes::SANDBOX_LOST, "the sandbox's processes ended while the server was down".into());
+                    let r = reason(
+                        codes::SANDBOX_LOST,
+                        "the sandbox's processes ended while the server was down".into(),
+                    );
                     self.store.set_error(&rec.id, &r)?;
                     report.lost.push(rec.id.clone());
                 }
                 SandboxState::Starting => {
                     self.destroy_on_host(&rec).await?;
-                    let r = reason(codes::CREATE_INTERRUPTED, "the server stopped while the sandbox was being created".into());
+                    let r = reason(
+                        codes::CREATE_INTERRUPTED,
+                        "the server stopped while the sandbox was being created".into(),
+                    );
                     self.store.set_error(&rec.id, &r)?;
                     report.interrupted.push(rec.id.clone());
                 }
@@ -227,7 +256,9 @@ impl Control {
     }
 
     async fn still_alive(&self, rec: &SandboxRecord) -> bool {
-        let Some(runtime) = runtime_of(rec) else { return false };
+        let Some(runtime) = runtime_of(rec) else {
+            return false;
+        };
         let backend = self.backend.clone();
         let (id, rt) = (rec.id.clone(), runtime.clone());
         let alive = tokio::task::spawn_blocking(move || backend.probe(&id, &rt)).await;
@@ -248,11 +279,18 @@ pub struct ReconcileReport {
 }
 
 fn runtime_of(rec: &SandboxRecord) -> Option<RuntimeInfo> {
-    rec.runtime.as_ref().and_then(|v| serde_json::from_value(v.clone()).ok())
+    rec.runtime
+        .as_ref()
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
 }
 
 pub fn reason(code: &str, message: String) -> ErrorReason {
-    ErrorReason { code: code.to_string(), message, limit: None, observed: None }
+    ErrorReason {
+        code: code.to_string(),
+        message,
+        limit: None,
+        observed: None,
+    }
 }
 
 pub fn to_api(rec: &SandboxRecord) -> Sandbox {
@@ -304,16 +342,22 @@ fn validate_map(
     env_names: bool,
 ) -> Result<(), ControlError> {
     if map.len() > max_entries {
-        return Err(ControlError::BadRequest(format!("{what} has {} entries, at most {max_entries} allowed", map.len())));
+        return Err(ControlError::BadRequest(format!(
+            "{what} has {} entries, at most {max_entries} allowed",
+            map.len()
+        )));
     }
     for (k, v) in map {
-        if k.is_empty() || k.len() + v.len() > MAX_KV_BYTES || k.contains('\0') || v.contains('\0') {
+        if k.is_empty() || k.len() + v.len() > MAX_KV_BYTES || k.contains('\0') || v.contains('\0')
+        {
             return Err(ControlError::BadRequest(format!(
                 "{what} entry {k:?} is empty, too long (over {MAX_KV_BYTES} bytes) or contains NUL"
             )));
         }
         if env_names && k.contains('=') {
-            return Err(ControlError::BadRequest(format!("env name {k:?} contains '='")));
+            return Err(ControlError::BadRequest(format!(
+                "env name {k:?} contains '='"
+            )));
         }
     }
     Ok(())

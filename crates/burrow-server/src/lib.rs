@@ -63,7 +63,10 @@ pub struct Server {
 
 impl Server {
     pub async fn start(cfg: ServerConfig) -> Result<Server, ServerError> {
-        let dir_err = |source| ServerError::DataDir { path: cfg.data_dir.clone(), source };
+        let dir_err = |source| ServerError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
         let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
@@ -79,15 +82,33 @@ impl Server {
         );
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| ServerError::Listen { addr: cfg.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| ServerError::Listen { addr: cfg.listen, source })?;
-        Ok(Server { bootstrap, local_addr, listener, state: api::AppState { control } })
+            .map_err(|source| ServerError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Server {
+            bootstrap,
+            local_addr,
+            listener,
+            state: api::AppState { control },
+        })
     }
 
     /// Serves until `shutdown` resolves. Sandboxes keep running after the server stops.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let app = api::router(self.state);
-        axum::serve(self.listener, app).with_graceful_shutdown(shutdown).await
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
     }
 }
 
@@ -104,14 +125,30 @@ fn bootstrap_admin(store: &Store, admin_key: Option<&str>) -> Result<Bootstrap, 
     // An operator-given key is (re)registered on every start, so automation can rely on it.
     if let Some(k) = admin_key {
         if store.user_by_key_hash(&auth::hash_key(k))?.is_none() {
-            store.add_api_key(&auth::new_id(16), &admin.id, &auth::hash_key(k), &auth::key_display_prefix(k))?;
+            store.add_api_key(
+                &auth::new_id(16),
+                &admin.id,
+                &auth::hash_key(k),
+                &auth::key_display_prefix(k),
+            )?;
         }
-        return Ok(Bootstrap { generated_admin_key: None });
+        return Ok(Bootstrap {
+            generated_admin_key: None,
+        });
     }
     if store.has_api_keys(&admin.id)? {
-        return Ok(Bootstrap { generated_admin_key: None });
+        return Ok(Bootstrap {
+            generated_admin_key: None,
+        });
     }
     let key = auth::generate_key();
-    store.add_api_key(&auth::new_id(16), &admin.id, &auth::hash_key(&key), &auth::key_display_prefix(&key))?;
-    Ok(Bootstrap { generated_admin_key: Some(key) })
+    store.add_api_key(
+        &auth::new_id(16),
+        &admin.id,
+        &auth::hash_key(&key),
+        &auth::key_display_prefix(&key),
+    )?;
+    Ok(Bootstrap {
+        generated_admin_key: Some(key),
+    })
 }

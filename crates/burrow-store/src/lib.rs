@@ -82,7 +82,9 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations::apply(&conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -93,12 +95,23 @@ impl Store {
 
     // ---- users and keys ----
 
-    pub fn create_user(&self, id: &str, name: &str, plan: &str, is_admin: bool) -> Result<User, StoreError> {
+    pub fn create_user(
+        &self,
+        id: &str,
+        name: &str,
+        plan: &str,
+        is_admin: bool,
+    ) -> Result<User, StoreError> {
         self.conn().execute(
             "INSERT INTO users (id, name, plan, is_admin, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, name, plan, is_admin, now_rfc3339()],
         )?;
-        Ok(User { id: id.into(), name: name.into(), plan: plan.into(), is_admin })
+        Ok(User {
+            id: id.into(),
+            name: name.into(),
+            plan: plan.into(),
+            is_admin,
+        })
     }
 
     pub fn has_api_keys(&self, user_id: &str) -> Result<bool, StoreError> {
@@ -111,7 +124,9 @@ impl Store {
     }
 
     pub fn user_count(&self) -> Result<u64, StoreError> {
-        Ok(self.conn().query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))?)
     }
 
     pub fn user_by_name(&self, name: &str) -> Result<Option<User>, StoreError> {
@@ -126,7 +141,13 @@ impl Store {
     }
 
     /// Stores the hash of a key; the key itself is never stored.
-    pub fn add_api_key(&self, id: &str, user_id: &str, key_hash: &str, prefix: &str) -> Result<(), StoreError> {
+    pub fn add_api_key(
+        &self,
+        id: &str,
+        user_id: &str,
+        key_hash: &str,
+        prefix: &str,
+    ) -> Result<(), StoreError> {
         self.conn().execute(
             "INSERT INTO api_keys (id, user_id, hash, prefix, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, user_id, key_hash, prefix, now_rfc3339()],
@@ -154,7 +175,8 @@ impl Store {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let used: BTreeSet<u32> = {
-            let mut stmt = tx.prepare("SELECT uid_slot FROM sandboxes WHERE state != 'destroyed'")?;
+            let mut stmt =
+                tx.prepare("SELECT uid_slot FROM sandboxes WHERE state != 'destroyed'")?;
             let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
             rows.collect::<Result<_, _>>()?
         };
@@ -243,16 +265,27 @@ impl Store {
         )
     }
 
-    fn query_sandboxes(&self, sql: &str, params: impl rusqlite::Params) -> Result<Vec<SandboxRecord>, StoreError> {
+    fn query_sandboxes(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(sql)?;
-        let raws = stmt.query_map(params, raw_sandbox)?.collect::<Result<Vec<_>, _>>()?;
+        let raws = stmt
+            .query_map(params, raw_sandbox)?
+            .collect::<Result<Vec<_>, _>>()?;
         raws.into_iter().map(RawSandbox::decode).collect()
     }
 }
 
 fn user_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
-    Ok(User { id: r.get(0)?, name: r.get(1)?, plan: r.get(2)?, is_admin: r.get(3)? })
+    Ok(User {
+        id: r.get(0)?,
+        name: r.get(1)?,
+        plan: r.get(2)?,
+        is_admin: r.get(3)?,
+    })
 }
 
 /// A row as SQLite gives it, before the JSON columns are parsed (rusqlite's row closure cannot
@@ -296,12 +329,21 @@ fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
 impl RawSandbox {
     fn decode(self) -> Result<SandboxRecord, StoreError> {
         Ok(SandboxRecord {
-            state: SandboxState::parse(&self.state).ok_or_else(|| StoreError::BadState(self.state.clone()))?,
+            state: SandboxState::parse(&self.state)
+                .ok_or_else(|| StoreError::BadState(self.state.clone()))?,
             limits: serde_json::from_str(&self.limits)?,
             env: serde_json::from_str(&self.env)?,
             metadata: serde_json::from_str(&self.metadata)?,
-            runtime: self.runtime.as_deref().map(serde_json::from_str).transpose()?,
-            error: self.error.as_deref().map(serde_json::from_str).transpose()?,
+            runtime: self
+                .runtime
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?,
+            error: self
+                .error
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?,
             id: self.id,
             owner_id: self.owner_id,
             image: self.image,

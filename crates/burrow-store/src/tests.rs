@@ -51,7 +51,12 @@ fn listing_is_per_owner_and_hides_destroyed() {
     s.insert_sandbox(&record("b", "u2")).unwrap();
     s.insert_sandbox(&record("c", "u1")).unwrap();
     s.set_state("c", SandboxState::Destroyed).unwrap();
-    let ids: Vec<_> = s.sandboxes_of("u1").unwrap().into_iter().map(|r| r.id).collect();
+    let ids: Vec<_> = s
+        .sandboxes_of("u1")
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     assert_eq!(ids, ["a"]);
 }
 
@@ -64,10 +69,18 @@ fn state_runtime_and_error_round_trip() {
     assert_eq!(r.state, SandboxState::Running);
     assert_eq!(r.runtime.unwrap()["pid"], 7);
     assert_eq!(r.metadata["k"], "v");
-    let reason = ErrorReason { code: "sandbox_lost".into(), message: "gone".into(), limit: None, observed: None };
+    let reason = ErrorReason {
+        code: "sandbox_lost".into(),
+        message: "gone".into(),
+        limit: None,
+        observed: None,
+    };
     s.set_error("a", &reason).unwrap();
     let r = s.sandbox("a").unwrap().unwrap();
-    assert_eq!((r.state, r.error, r.runtime), (SandboxState::Error, Some(reason), None));
+    assert_eq!(
+        (r.state, r.error, r.runtime),
+        (SandboxState::Error, Some(reason), None)
+    );
 }
 
 #[test]

@@ -231,9 +231,18 @@ pub mod stream {
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     #[serde(tag = "type", rename_all = "snake_case")]
     pub enum StreamEvent {
-        Started { pid: u32 },
-        Exit { exit_code: Option<i32>, signal: Option<i32>, timed_out: bool },
-        Error { code: String, message: String },
+        Started {
+            pid: u32,
+        },
+        Exit {
+            exit_code: Option<i32>,
+            signal: Option<i32>,
+            timed_out: bool,
+        },
+        Error {
+            code: String,
+            message: String,
+        },
     }
 
     /// Client → server.
@@ -242,7 +251,12 @@ pub mod stream {
     pub enum StreamInput {
         /// Close the process's stdin.
         Eof,
-        Resize { cols: u16, rows: u16 },
-        Signal { signal: i32 },
+        Resize {
+            cols: u16,
+            rows: u16,
+        },
+        Signal {
+            signal: i32,
+        },
     }
 }

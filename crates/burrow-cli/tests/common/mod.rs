@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use burrow_client::Client;
 
 pub const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
-pub const CGROUP_CONTROLLERS: &[&str] = &["cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset"];
+pub const CGROUP_CONTROLLERS: &[&str] = &[
+    "cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset",
+];
 
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
@@ -21,7 +23,9 @@ pub fn require_root(what: &str) -> bool {
     if is_root() {
         return true;
     }
-    eprintln!("skipping: {what} needs root (namespaces, cgroups and loop devices); CI runs it as root");
+    eprintln!(
+        "skipping: {what} needs root (namespaces, cgroups and loop devices); CI runs it as root"
+    );
     false
 }
 
@@ -42,19 +46,34 @@ fn free_port() -> u16 {
 
 impl TestServer {
     pub async fn start() -> TestServer {
-        let tmp = tempfile::Builder::new().prefix("burrow-test-").tempdir().expect("tempdir");
+        let tmp = tempfile::Builder::new()
+            .prefix("burrow-test-")
+            .tempdir()
+            .expect("tempdir");
         let data = tmp.path().join("data");
         let home = tmp.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
         let key = format!("burrow_test_{}", hex_random(20));
         let listen = format!("127.0.0.1:{}", free_port());
-        let mut s = TestServer { url: format!("http://{listen}"), key, data, home, _tmp: tmp, child: None, listen };
+        let mut s = TestServer {
+            url: format!("http://{listen}"),
+            key,
+            data,
+            home,
+            _tmp: tmp,
+            child: None,
+            listen,
+        };
         s.spawn().await;
         s
     }
 
     async fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new(BURROW)
             .args(["up", "--data-dir"])
             .arg(&self.data)
@@ -77,7 +96,11 @@ impl TestServer {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("burrow up exited with {status}:\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "burrow up did not answer in 60 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "burrow up did not answer in 60 s:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -148,14 +171,21 @@ impl Drop for TestServer {
 
 fn list_dir(p: &Path) -> Vec<String> {
     std::fs::read_dir(p)
-        .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 fn hex_random(n: usize) -> String {
     use std::io::Read;
     let mut b = vec![0u8; n];
-    std::fs::File::open("/dev/urandom").unwrap().read_exact(&mut b).unwrap();
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut b)
+        .unwrap();
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -170,7 +200,10 @@ pub fn force_clean(id: &str) {
         if *ctrl == "freezer" {
             let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
         }
-        for pid in std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines() {
+        for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
             let _ = Command::new("kill").args(["-9", pid]).status();
         }
         for _ in 0..50 {
@@ -195,7 +228,10 @@ pub fn host_leftovers(srv: &TestServer, id: &str) -> Vec<String> {
     if Path::new(&format!("/sys/fs/cgroup/unified/burrow/{id}")).exists() {
         left.push("cgroup v2 dir".into());
     }
-    for pid in list_dir(Path::new("/proc")).into_iter().filter(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+    for pid in list_dir(Path::new("/proc"))
+        .into_iter()
+        .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    {
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         if cg.contains(id) {
             left.push(format!("process {pid}"));
@@ -205,8 +241,12 @@ pub fn host_leftovers(srv: &TestServer, id: &str) -> Vec<String> {
     for line in mounts.lines().filter(|l| l.contains(id)) {
         left.push(format!("mount {line}"));
     }
-    for dev in list_dir(Path::new("/sys/block")).into_iter().filter(|d| d.starts_with("loop")) {
-        let backing = std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file")).unwrap_or_default();
+    for dev in list_dir(Path::new("/sys/block"))
+        .into_iter()
+        .filter(|d| d.starts_with("loop"))
+    {
+        let backing = std::fs::read_to_string(format!("/sys/block/{dev}/loop/backing_file"))
+            .unwrap_or_default();
         if backing.contains(id) {
             left.push(format!("loop device {dev} -> {}", backing.trim()));
         }

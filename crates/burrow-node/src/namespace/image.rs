@@ -11,18 +11,69 @@ const VERSION: &str = "1";
 
 /// Entries of the host's `/etc` that programs need and that hold no secrets.
 const HOST_ETC: &[&str] = &[
-    "alternatives", "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "ca-certificates.conf",
-    "profile", "profile.d", "bash.bashrc", "skel", "localtime", "timezone", "os-release", "debian_version",
-    "inputrc", "mime.types", "protocols", "services", "python3", "python3.11", "perl", "environment",
-    "login.defs", "shells", "gai.conf", "host.conf", "networks", "ethertypes", "terminfo", "magic", "magic.mime",
-    "vim", "nanorc", "mailcap", "bindresvport.blacklist", "locale.alias", "locale.gen", "default",
+    "alternatives",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "profile",
+    "profile.d",
+    "bash.bashrc",
+    "skel",
+    "localtime",
+    "timezone",
+    "os-release",
+    "debian_version",
+    "inputrc",
+    "mime.types",
+    "protocols",
+    "services",
+    "python3",
+    "python3.11",
+    "perl",
+    "environment",
+    "login.defs",
+    "shells",
+    "gai.conf",
+    "host.conf",
+    "networks",
+    "ethertypes",
+    "terminfo",
+    "magic",
+    "magic.mime",
+    "vim",
+    "nanorc",
+    "mailcap",
+    "bindresvport.blacklist",
+    "locale.alias",
+    "locale.gen",
+    "default",
 ];
 
 const DIRS: &[(&str, u32)] = &[
-    ("usr", 0o755), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("run", 0o755),
-    ("run/burrow", 0o755), ("var", 0o755), ("var/tmp", 0o1777), ("var/lib", 0o755), ("var/cache", 0o755),
-    ("var/log", 0o755), ("root", 0o700), ("home", 0o755), ("home/user", 0o755), ("workspace", 0o755),
-    ("opt", 0o755), ("srv", 0o755), ("mnt", 0o755), ("media", 0o755), ("etc", 0o755),
+    ("usr", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("dev", 0o755),
+    ("tmp", 0o1777),
+    ("run", 0o755),
+    ("run/burrow", 0o755),
+    ("var", 0o755),
+    ("var/tmp", 0o1777),
+    ("var/lib", 0o755),
+    ("var/cache", 0o755),
+    ("var/log", 0o755),
+    ("root", 0o700),
+    ("home", 0o755),
+    ("home/user", 0o755),
+    ("workspace", 0o755),
+    ("opt", 0o755),
+    ("srv", 0o755),
+    ("mnt", 0o755),
+    ("media", 0o755),
+    ("etc", 0o755),
 ];
 
 const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\n\
@@ -38,7 +89,12 @@ pub const USER_UID: u32 = 1000;
 pub fn ensure_system_image(data_dir: &Path) -> io::Result<PathBuf> {
     let base = data_dir.join("images").join("system");
     let root = base.join("root");
-    if std::fs::read_to_string(base.join("version")).ok().as_deref() == Some(VERSION) && root.is_dir() {
+    if std::fs::read_to_string(base.join("version"))
+        .ok()
+        .as_deref()
+        == Some(VERSION)
+        && root.is_dir()
+    {
         return Ok(root);
     }
     let tmp = base.join(format!("root.tmp-{}", std::process::id()));
@@ -84,7 +140,9 @@ fn build(root: &Path) -> io::Result<()> {
 
 /// `/etc/hosts` for a sandbox called `hostname`.
 pub fn hosts(hostname: &str) -> String {
-    format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+    )
 }
 
 /// Copies files, directories and symlinks (as links), keeping permission bits.
@@ -118,11 +176,23 @@ mod tests {
         let root = ensure_system_image(dir.path()).unwrap();
         let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
         assert!(passwd.contains("root:x:0:0") && passwd.contains("user:x:1000:1000"));
-        for p in ["proc", "sys", "dev", "tmp", "workspace", "usr", "home/user", "run/burrow/guest"] {
+        for p in [
+            "proc",
+            "sys",
+            "dev",
+            "tmp",
+            "workspace",
+            "usr",
+            "home/user",
+            "run/burrow/guest",
+        ] {
             assert!(root.join(p).symlink_metadata().is_ok(), "{p} missing");
         }
         for secret in ["shadow", "gshadow", "ssh", "machine-id", "sudoers"] {
-            assert!(root.join("etc").join(secret).symlink_metadata().is_err(), "{secret} copied");
+            assert!(
+                root.join("etc").join(secret).symlink_metadata().is_err(),
+                "{secret} copied"
+            );
         }
         // A second call reuses the image.
         std::fs::write(root.join("marker"), b"").unwrap();

@@ -71,7 +71,9 @@ pub fn main() -> ! {
     let result = std::io::stdin()
         .read_to_string(&mut input)
         .ctx(|| "reading the request".into())
-        .and_then(|_| serde_json::from_str::<InitRequest>(&input).ctx(|| "parsing the request".into()))
+        .and_then(|_| {
+            serde_json::from_str::<InitRequest>(&input).ctx(|| "parsing the request".into())
+        })
         .and_then(|req| build(&req));
     match result {
         Ok(reply) => {
@@ -89,24 +91,40 @@ fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
     mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
         .ctx(|| format!("bind {} on {}", src.display(), dst.display()))?;
     if readonly {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>).ctx(|| format!("read-only {}", dst.display()))?;
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
+            .ctx(|| format!("read-only {}", dst.display()))?;
     }
     Ok(())
 }
 
 fn make_disk(req: &InitRequest, img: &Path) -> Result<()> {
     let f = std::fs::File::create(img).ctx(|| format!("creating {}", img.display()))?;
-    f.set_len(req.limits.disk_mib * 1024 * 1024).ctx(|| "sizing the disk image".into())?;
+    f.set_len(req.limits.disk_mib * 1024 * 1024)
+        .ctx(|| "sizing the disk image".into())?;
     drop(f);
     // No reserved blocks (the sandbox gets its whole size); lazy inode tables keep mkfs ~10 ms.
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .args([
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        ])
         .arg(img)
         .output()
         .ctx(|| "running mkfs.ext4 (install e2fsprogs)".into())?;
     if !out.status.success() {
-        return Err(format!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "mkfs.ext4 failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
@@ -119,16 +137,24 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     // Traversable but not listable: the sandbox's root user (an unprivileged uid here) must walk
     // through it to its root while setting up; nobody else needs to see what is in it.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).ctx(|| "chmod sandbox dir".into())?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .ctx(|| "chmod sandbox dir".into())?;
     let img = dir.join("disk.img");
     // A sandbox whose disk exists keeps it (a cold start after a host reboot reuses its files).
     if !img.exists() {
         make_disk(req, &img)?;
     }
 
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).ctx(|| "unshare(CLONE_NEWNS)".into())?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .ctx(|| "making / private".into())?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .ctx(|| "unshare(CLONE_NEWNS)".into())?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .ctx(|| "making / private".into())?;
 
     let disk = dir.join("disk");
     let root = dir.join("root");
@@ -136,15 +162,26 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
     }
     let lo = loopdev::attach(&img).ctx(|| "attaching the disk to a loop device".into())?;
-    mount(Some(&lo.path), &disk, Some("ext4"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
-        .ctx(|| format!("mounting {}", lo.path.display()))?;
+    mount(
+        Some(&lo.path),
+        &disk,
+        Some("ext4"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .ctx(|| format!("mounting {}", lo.path.display()))?;
     drop(lo);
-    for (sub, owner, mode) in [("upper", base, 0o755), ("work", 0, 0o700), ("workspace", user, 0o755)] {
+    for (sub, owner, mode) in [
+        ("upper", base, 0o755),
+        ("work", 0, 0o700),
+        ("workspace", user, 0o755),
+    ] {
         let p = disk.join(sub);
         if !p.exists() {
             std::fs::create_dir(&p).ctx(|| format!("creating {}", p.display()))?;
             chown(&p, Some(owner), Some(owner)).ctx(|| format!("chown {}", p.display()))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).ctx(|| "chmod".into())?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                .ctx(|| "chmod".into())?;
         }
     }
     let opts = format!(
@@ -153,10 +190,19 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         disk.join("upper").display(),
         disk.join("work").display()
     );
-    mount(Some("overlay"), &root, Some("overlay"), MsFlags::MS_NODEV, Some(opts.as_str()))
-        .ctx(|| "mounting the overlay root".into())?;
+    mount(
+        Some("overlay"),
+        &root,
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(opts.as_str()),
+    )
+    .ctx(|| "mounting the overlay root".into())?;
     own_image_dirs(&req.image_root, &root, base, user)?;
-    for (name, body) in [("etc/hostname", format!("{}\n", req.hostname)), ("etc/hosts", hosts(&req.hostname))] {
+    for (name, body) in [
+        ("etc/hostname", format!("{}\n", req.hostname)),
+        ("etc/hosts", hosts(&req.hostname)),
+    ] {
         let p = root.join(name);
         std::fs::write(&p, body).ctx(|| format!("writing {name}"))?;
         chown(&p, Some(base), Some(base)).ctx(|| format!("chown {name}"))?;
@@ -171,9 +217,13 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         memory_bytes: req.limits.memory_mib * 1024 * 1024,
         pids: req.limits.pids,
     };
-    cgroups.create(&req.id, limits).ctx(|| "creating cgroups".into())?;
+    cgroups
+        .create(&req.id, limits)
+        .ctx(|| "creating cgroups".into())?;
     // Join first, so the sandbox's cgroup namespace is rooted at its own cgroup.
-    cgroups.join(&req.id, std::process::id()).ctx(|| "joining the sandbox cgroups".into())?;
+    cgroups
+        .join(&req.id, std::process::id())
+        .ctx(|| "joining the sandbox cgroups".into())?;
 
     let sock = dir.join("guest.sock");
     let _ = std::fs::remove_file(&sock);
@@ -222,16 +272,21 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     if !msg.is_empty() {
         return fail(format!("sandbox setup: {msg}"));
     }
-    let pid_start = proc::start_time(pid as u32).ok_or_else(|| "the sandbox exited at once".to_string())?;
+    let pid_start =
+        proc::start_time(pid as u32).ok_or_else(|| "the sandbox exited at once".to_string())?;
     let _ = std::io::stdout().flush();
-    Ok(InitReply { pid: pid as u32, pid_start })
+    Ok(InitReply {
+        pid: pid as u32,
+        pid_start,
+    })
 }
 
 /// Directories of the image, owned by root inside (and `/home/user` by `user`), so the sandbox can
 /// create files in them; copied up to the sandbox's own layer, the shared image is untouched.
 fn own_image_dirs(image: &Path, root: &Path, base: u32, user: u32) -> Result<()> {
     fn walk(image: &Path, rel: &Path, root: &Path, base: u32, user: u32) -> Result<()> {
-        let rd = std::fs::read_dir(image.join(rel)).ctx(|| format!("reading image {}", rel.display()))?;
+        let rd = std::fs::read_dir(image.join(rel))
+            .ctx(|| format!("reading image {}", rel.display()))?;
         for entry in rd {
             let entry = entry.ctx(|| "reading image".into())?;
             let ft = entry.file_type().ctx(|| "reading image".into())?;
@@ -240,11 +295,19 @@ fn own_image_dirs(image: &Path, root: &Path, base: u32, user: u32) -> Result<()>
             }
             let rel = rel.join(entry.file_name());
             // Mount points get their owners from what is mounted on them.
-            if ["usr", "proc", "sys", "dev", "tmp", "workspace"].iter().any(|m| rel == Path::new(m)) {
+            if ["usr", "proc", "sys", "dev", "tmp", "workspace"]
+                .iter()
+                .any(|m| rel == Path::new(m))
+            {
                 continue;
             }
-            let owner = if rel.starts_with("home/user") { user } else { base };
-            lchown(root.join(&rel), Some(owner), Some(owner)).ctx(|| format!("chown /{}", rel.display()))?;
+            let owner = if rel.starts_with("home/user") {
+                user
+            } else {
+                base
+            };
+            lchown(root.join(&rel), Some(owner), Some(owner))
+                .ctx(|| format!("chown /{}", rel.display()))?;
             walk(image, &rel, root, base, user)?;
         }
         Ok(())
@@ -254,7 +317,13 @@ fn own_image_dirs(image: &Path, root: &Path, base: u32, user: u32) -> Result<()>
 }
 
 /// Sandbox half: PID 1 of the new namespaces, until it execs the guest. Returns only on error.
-fn sandbox_half(req: &InitRequest, root: &Path, listener: UnixListener, go: OwnedFd, err: &OwnedFd) -> Result<()> {
+fn sandbox_half(
+    req: &InitRequest,
+    root: &Path,
+    listener: UnixListener,
+    go: OwnedFd,
+    err: &OwnedFd,
+) -> Result<()> {
     let mut b = [0u8; 1];
     nix::unistd::read(go.as_raw_fd(), &mut b).ctx(|| "waiting for id maps".into())?;
     drop(go);
@@ -267,8 +336,14 @@ fn sandbox_half(req: &InitRequest, root: &Path, listener: UnixListener, go: Owne
 
     // The root and its submounts came from the host half's namespace, so they are locked here and
     // pivot_root refuses a locked new root: a recursive bind onto itself makes an unlocked copy.
-    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .ctx(|| "re-binding the root".into())?;
+    mount(
+        Some(root),
+        root,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .ctx(|| "re-binding the root".into())?;
     inner_mounts(req, root)?;
 
     std::env::set_current_dir(root).ctx(|| "chdir root".into())?;
@@ -277,22 +352,36 @@ fn sandbox_half(req: &InitRequest, root: &Path, listener: UnixListener, go: Owne
     std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
 
     sys::loopback_up().ctx(|| "bringing lo up".into())?;
-    sys::limit(nix::sys::resource::Resource::RLIMIT_NOFILE, req.limits.nofile).ctx(|| "RLIMIT_NOFILE".into())?;
+    sys::limit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        req.limits.nofile,
+    )
+    .ctx(|| "RLIMIT_NOFILE".into())?;
 
     // Descriptors: 0-2 /dev/null, 3 the guest socket, 4 the error pipe (close-on-exec), no others.
     // Both are first moved above any fd number they could collide with.
-    let high = |fd: i32| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).ctx(|| "dup fd".into());
+    let high = |fd: i32| {
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).ctx(|| "dup fd".into())
+    };
     let (listen_hi, err_hi) = (high(listener.as_raw_fd())?, high(err.as_raw_fd())?);
-    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").ctx(|| "/dev/null".into())?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .ctx(|| "/dev/null".into())?;
     for fd in 0..3 {
         nix::unistd::dup2(null.as_raw_fd(), fd).ctx(|| "dup2 stdio".into())?;
     }
     nix::unistd::dup2(listen_hi, GUEST_FD).ctx(|| "dup2 guest socket".into())?;
     nix::unistd::dup2(err_hi, ERR_FD).ctx(|| "dup2 error pipe".into())?;
     // SAFETY: ERR_FD and GUEST_FD were just made by dup2; nothing else owns them.
-    let (err4, guest_fd) = unsafe { (OwnedFd::from_raw_fd(ERR_FD), OwnedFd::from_raw_fd(GUEST_FD)) };
-    nix::fcntl::fcntl(err4.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .ctx(|| "cloexec error pipe".into())?;
+    let (err4, guest_fd) =
+        unsafe { (OwnedFd::from_raw_fd(ERR_FD), OwnedFd::from_raw_fd(GUEST_FD)) };
+    nix::fcntl::fcntl(
+        err4.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .ctx(|| "cloexec error pipe".into())?;
     sys::keep_on_exec(&guest_fd).ctx(|| "keeping the guest socket".into())?;
     // Everything else goes; the Rust owners of those fds are never used again (exec or _exit follow).
     std::mem::forget(null);
@@ -310,7 +399,11 @@ fn sandbox_half(req: &InitRequest, root: &Path, listener: UnixListener, go: Owne
             Err(_) => return report(format!("env {k:?} contains NUL")),
         }
     }
-    for var in [format!("BURROW_GUEST_FD={GUEST_FD}"), format!("BURROW_SANDBOX_ID={}", req.id), format!("HOSTNAME={}", req.hostname)] {
+    for var in [
+        format!("BURROW_GUEST_FD={GUEST_FD}"),
+        format!("BURROW_SANDBOX_ID={}", req.id),
+        format!("HOSTNAME={}", req.hostname),
+    ] {
         env.push(CString::new(var).unwrap_or_default());
     }
     let guest = CString::new("/run/burrow/guest").unwrap_or_default();
@@ -331,14 +424,27 @@ fn sandbox_half(req: &InitRequest, root: &Path, listener: UnixListener, go: Owne
 /// for its network namespace, a minimal /dev, a fresh /tmp; then the masks over /proc.
 fn inner_mounts(req: &InitRequest, root: &Path) -> Result<()> {
     let m = |src: &str, dst: &Path, fstype: &str, flags: MsFlags, data: Option<&str>| {
-        mount(Some(src), dst, Some(fstype), flags, data).ctx(|| format!("mounting {fstype} on {}", dst.display()))
+        mount(Some(src), dst, Some(fstype), flags, data)
+            .ctx(|| format!("mounting {fstype} on {}", dst.display()))
     };
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     m("proc", &root.join("proc"), "proc", hardened, None)?;
-    m("sysfs", &root.join("sys"), "sysfs", hardened | MsFlags::MS_RDONLY, None)?;
+    m(
+        "sysfs",
+        &root.join("sys"),
+        "sysfs",
+        hardened | MsFlags::MS_RDONLY,
+        None,
+    )?;
 
     let dev = root.join("dev");
-    m("tmpfs", &dev, "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=1m"))?;
+    m(
+        "tmpfs",
+        &dev,
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755,size=1m"),
+    )?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let p = dev.join(name);
         std::fs::write(&p, b"").ctx(|| format!("creating /dev/{name}"))?;
@@ -347,19 +453,51 @@ fn inner_mounts(req: &InitRequest, root: &Path) -> Result<()> {
     for d in ["pts", "shm", "mqueue"] {
         std::fs::create_dir(dev.join(d)).ctx(|| format!("creating /dev/{d}"))?;
     }
-    m("devpts", &dev.join("pts"), "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=620,gid=5"))?;
+    m(
+        "devpts",
+        &dev.join("pts"),
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+    )?;
     let shm_size = format!("mode=1777,size={}m", (req.limits.memory_mib / 4).max(16));
-    m("tmpfs", &dev.join("shm"), "tmpfs", hardened, Some(shm_size.as_str()))?;
+    m(
+        "tmpfs",
+        &dev.join("shm"),
+        "tmpfs",
+        hardened,
+        Some(shm_size.as_str()),
+    )?;
     m("mqueue", &dev.join("mqueue"), "mqueue", hardened, None)?;
-    for (link, target) in [("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+    for (link, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         std::os::unix::fs::symlink(target, dev.join(link)).ctx(|| format!("/dev/{link}"))?;
     }
     let tmp_size = format!("mode=1777,size={}m", (req.limits.memory_mib / 2).max(16));
-    m("tmpfs", &root.join("tmp"), "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(tmp_size.as_str()))?;
+    m(
+        "tmpfs",
+        &root.join("tmp"),
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(tmp_size.as_str()),
+    )?;
 
     // /proc: hide what leaks host information, freeze what could change host settings (K8).
     let procdir = root.join("proc");
-    for name in ["kcore", "keys", "timer_list", "sched_debug", "latency_stats", "kallsyms", "kmsg"] {
+    for name in [
+        "kcore",
+        "keys",
+        "timer_list",
+        "sched_debug",
+        "latency_stats",
+        "kallsyms",
+        "kmsg",
+    ] {
         let p = procdir.join(name);
         if p.exists() {
             bind(&dev.join("null"), &p, false)?;
@@ -368,15 +506,34 @@ fn inner_mounts(req: &InitRequest, root: &Path) -> Result<()> {
     for name in ["acpi", "scsi", "asound"] {
         let p = procdir.join(name);
         if p.is_dir() {
-            m("tmpfs", &p, "tmpfs", hardened | MsFlags::MS_RDONLY, Some("size=0"))?;
+            m(
+                "tmpfs",
+                &p,
+                "tmpfs",
+                hardened | MsFlags::MS_RDONLY,
+                Some("size=0"),
+            )?;
         }
     }
     for name in ["sys", "sysrq-trigger", "irq", "bus", "fs"] {
         let p = procdir.join(name);
         if p.exists() {
-            mount(Some(&p), &p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).ctx(|| format!("bind /proc/{name}"))?;
-            mount(None::<&str>, &p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | hardened, None::<&str>)
-                .ctx(|| format!("read-only /proc/{name}"))?;
+            mount(
+                Some(&p),
+                &p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .ctx(|| format!("bind /proc/{name}"))?;
+            mount(
+                None::<&str>,
+                &p,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | hardened,
+                None::<&str>,
+            )
+            .ctx(|| format!("read-only /proc/{name}"))?;
         }
     }
     Ok(())

@@ -48,7 +48,11 @@ impl NamespaceConfig {
             .and_then(std::fs::canonicalize)
             .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
         let guest_exe = init_exe.with_file_name("burrow-guest");
-        NamespaceConfig { data_dir, init_exe, guest_exe }
+        NamespaceConfig {
+            data_dir,
+            init_exe,
+            guest_exe,
+        }
     }
 }
 
@@ -69,14 +73,25 @@ impl NamespaceBackend {
     pub fn new(cfg: NamespaceConfig) -> Result<NamespaceBackend, NodeError> {
         for exe in [&cfg.init_exe, &cfg.guest_exe] {
             if !exe.is_file() {
-                return Err(NodeError::Setup(format!("{} is missing (build every binary: cargo build --workspace)", exe.display())));
+                return Err(NodeError::Setup(format!(
+                    "{} is missing (build every binary: cargo build --workspace)",
+                    exe.display()
+                )));
             }
         }
-        std::fs::create_dir_all(cfg.data_dir.join("sandboxes")).map_err(host_err("creating the sandboxes directory"))?;
+        std::fs::create_dir_all(cfg.data_dir.join("sandboxes"))
+            .map_err(host_err("creating the sandboxes directory"))?;
         let cgroups = Cgroups::host();
-        cgroups.prepare().map_err(host_err("creating burrow's cgroups"))?;
-        let image_root = image::ensure_system_image(&cfg.data_dir).map_err(host_err("building the system image"))?;
-        Ok(NamespaceBackend { cfg, image_root, cgroups })
+        cgroups
+            .prepare()
+            .map_err(host_err("creating burrow's cgroups"))?;
+        let image_root = image::ensure_system_image(&cfg.data_dir)
+            .map_err(host_err("building the system image"))?;
+        Ok(NamespaceBackend {
+            cfg,
+            image_root,
+            cgroups,
+        })
     }
 
     fn sandbox_dir(&self, id: &str) -> PathBuf {
@@ -94,7 +109,8 @@ impl NamespaceBackend {
             image_root: self.image_root.clone(),
             guest_exe: self.cfg.guest_exe.clone(),
         };
-        let body = serde_json::to_vec(&req).map_err(|e| NodeError::Setup(format!("encoding the init request: {e}")))?;
+        let body = serde_json::to_vec(&req)
+            .map_err(|e| NodeError::Setup(format!("encoding the init request: {e}")))?;
         let mut child = Command::new(&self.cfg.init_exe)
             .arg("__init")
             .stdin(Stdio::piped())
@@ -103,16 +119,29 @@ impl NamespaceBackend {
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .spawn()
-            .map_err(host_err(format!("starting {} __init", self.cfg.init_exe.display())))?;
+            .map_err(host_err(format!(
+                "starting {} __init",
+                self.cfg.init_exe.display()
+            )))?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(&body).map_err(host_err("writing the init request"))?;
+            stdin
+                .write_all(&body)
+                .map_err(host_err("writing the init request"))?;
         }
-        let out = child.wait_with_output().map_err(host_err("waiting for __init"))?;
+        let out = child
+            .wait_with_output()
+            .map_err(host_err("waiting for __init"))?;
         if !out.status.success() {
-            return Err(NodeError::Setup(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(NodeError::Setup(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
-        serde_json::from_slice(&out.stdout)
-            .map_err(|e| NodeError::Setup(format!("bad reply from __init ({e}): {}", String::from_utf8_lossy(&out.stdout))))
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            NodeError::Setup(format!(
+                "bad reply from __init ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            ))
+        })
     }
 }
 
@@ -157,9 +186,14 @@ impl Backend for NamespaceBackend {
         loop {
             match ping(&info.guest_socket) {
                 Ok(()) => break,
-                Err(e) if Instant::now() >= deadline || self.probe(&spec.id, &info) == Liveness::Gone => {
+                Err(e)
+                    if Instant::now() >= deadline
+                        || self.probe(&spec.id, &info) == Liveness::Gone =>
+                {
                     let _ = self.destroy(&spec.id, Some(&info));
-                    return Err(NodeError::Setup(format!("the guest agent did not answer: {e}")));
+                    return Err(NodeError::Setup(format!(
+                        "the guest agent did not answer: {e}"
+                    )));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
@@ -176,12 +210,19 @@ impl Backend for NamespaceBackend {
             }
         }
         // Anything left (a crash mid-create, before PID 1 existed) is found through the cgroups.
-        self.cgroups.kill_all(id, KILL_TIMEOUT).map_err(host_err("killing the sandbox's processes"))?;
-        self.cgroups.remove(id).map_err(host_err("removing the sandbox's cgroups"))?;
+        self.cgroups
+            .kill_all(id, KILL_TIMEOUT)
+            .map_err(host_err("killing the sandbox's processes"))?;
+        self.cgroups
+            .remove(id)
+            .map_err(host_err("removing the sandbox's cgroups"))?;
         let dir = self.sandbox_dir(id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(NodeError::Host { what: format!("removing {}", dir.display()), source: e })
+                return Err(NodeError::Host {
+                    what: format!("removing {}", dir.display()),
+                    source: e,
+                })
             }
             _ => {}
         }
@@ -208,7 +249,9 @@ impl Backend for NamespaceBackend {
     fn host_sandboxes(&self) -> Result<Vec<String>, NodeError> {
         let mut ids = std::collections::BTreeSet::new();
         let dir = self.cfg.data_dir.join("sandboxes");
-        for entry in std::fs::read_dir(&dir).map_err(host_err(format!("listing {}", dir.display())))? {
+        for entry in
+            std::fs::read_dir(&dir).map_err(host_err(format!("listing {}", dir.display())))?
+        {
             let entry = entry.map_err(host_err("listing sandboxes"))?;
             if let Ok(name) = entry.file_name().into_string() {
                 ids.insert(name);

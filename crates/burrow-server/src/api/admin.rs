@@ -37,27 +37,65 @@ pub async fn create_user(
     ApiJson(req): ApiJson<CreateUser>,
 ) -> Result<(StatusCode, Json<CreatedUser>), HttpError> {
     if !caller.is_admin {
-        return Err(HttpError::new(StatusCode::FORBIDDEN, codes::FORBIDDEN, "admin key required"));
+        return Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            codes::FORBIDDEN,
+            "admin key required",
+        ));
     }
     let name_ok = !req.name.is_empty()
         && req.name.len() <= 64
-        && req.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && req
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if !name_ok {
-        return Err(HttpError::bad_request("user name must be 1-64 letters, digits, '-', '_' or '.'"));
+        return Err(HttpError::bad_request(
+            "user name must be 1-64 letters, digits, '-', '_' or '.'",
+        ));
     }
     let plan = req.plan.unwrap_or_else(|| "free".into());
     if !s.control.has_plan(&plan) {
-        return Err(HttpError::new(StatusCode::BAD_REQUEST, codes::UNKNOWN_PLAN, format!("unknown plan {plan:?}")));
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            codes::UNKNOWN_PLAN,
+            format!("unknown plan {plan:?}"),
+        ));
     }
     let store = s.control.store();
-    let internal = |e: burrow_store::StoreError| HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, e.to_string());
+    let internal = |e: burrow_store::StoreError| {
+        HttpError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::INTERNAL,
+            e.to_string(),
+        )
+    };
     if store.user_by_name(&req.name).map_err(internal)?.is_some() {
-        return Err(HttpError::new(StatusCode::CONFLICT, codes::ALREADY_EXISTS, format!("user {:?} exists", req.name)));
+        return Err(HttpError::new(
+            StatusCode::CONFLICT,
+            codes::ALREADY_EXISTS,
+            format!("user {:?} exists", req.name),
+        ));
     }
-    let user = store.create_user(&auth::new_id(16), &req.name, &plan, false).map_err(internal)?;
+    let user = store
+        .create_user(&auth::new_id(16), &req.name, &plan, false)
+        .map_err(internal)?;
     let key = auth::generate_key();
     store
-        .add_api_key(&auth::new_id(16), &user.id, &auth::hash_key(&key), &auth::key_display_prefix(&key))
+        .add_api_key(
+            &auth::new_id(16),
+            &user.id,
+            &auth::hash_key(&key),
+            &auth::key_display_prefix(&key),
+        )
         .map_err(internal)?;
-    Ok((StatusCode::CREATED, Json(CreatedUser { id: user.id, name: user.name, plan: user.plan, api_key: key })))
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedUser {
+            id: user.id,
+            name: user.name,
+            plan: user.plan,
+            api_key: key,
+        }),
+    ))
 }

@@ -18,7 +18,11 @@ pub struct HttpError {
 
 impl HttpError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        HttpError { status, code, message: message.into() }
+        HttpError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -26,7 +30,11 @@ impl HttpError {
     }
 
     pub fn body(&self) -> ApiError {
-        ApiError { code: self.code.to_string(), message: self.message.clone(), details: None }
+        ApiError {
+            code: self.code.to_string(),
+            message: self.message.clone(),
+            details: None,
+        }
     }
 }
 
@@ -74,7 +82,10 @@ impl From<GuestError> for HttpError {
             other => HttpError::new(
                 StatusCode::BAD_GATEWAY,
                 codes::GUEST_UNREACHABLE,
-                format!("the sandbox's guest agent did not answer: {}", error_chain(&other)),
+                format!(
+                    "the sandbox's guest agent did not answer: {}",
+                    error_chain(&other)
+                ),
             ),
         }
     }
@@ -84,19 +95,31 @@ impl From<ControlError> for HttpError {
     fn from(e: ControlError) -> Self {
         use StatusCode as S;
         match e {
-            ControlError::NotFound => HttpError::new(S::NOT_FOUND, codes::SANDBOX_NOT_FOUND, "sandbox not found"),
+            ControlError::NotFound => {
+                HttpError::new(S::NOT_FOUND, codes::SANDBOX_NOT_FOUND, "sandbox not found")
+            }
             ControlError::NotRunning(state) => HttpError::new(
                 S::CONFLICT,
                 codes::SANDBOX_NOT_RUNNING,
                 format!("sandbox is {state}, not running"),
             ),
-            ControlError::UnknownPlan(p) => HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_PLAN, format!("unknown plan {p:?}")),
-            ControlError::UnknownImage(i) => {
-                HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_IMAGE, format!("unknown image {i:?}; this server has \"system\""))
-            }
+            ControlError::UnknownPlan(p) => HttpError::new(
+                S::BAD_REQUEST,
+                codes::UNKNOWN_PLAN,
+                format!("unknown plan {p:?}"),
+            ),
+            ControlError::UnknownImage(i) => HttpError::new(
+                S::BAD_REQUEST,
+                codes::UNKNOWN_IMAGE,
+                format!("unknown image {i:?}; this server has \"system\""),
+            ),
             ControlError::BadRequest(m) => HttpError::bad_request(m),
             ControlError::Guest(g) => g.into(),
-            other => HttpError::new(S::INTERNAL_SERVER_ERROR, codes::INTERNAL, error_chain(&other)),
+            other => HttpError::new(
+                S::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                error_chain(&other),
+            ),
         }
     }
 }
@@ -105,8 +128,16 @@ impl From<JsonRejection> for HttpError {
     fn from(r: JsonRejection) -> Self {
         // axum answers 422 for well-formed JSON of the wrong shape; to a client both are a bad request.
         match r.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => HttpError::new(StatusCode::PAYLOAD_TOO_LARGE, codes::PAYLOAD_TOO_LARGE, r.body_text()),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => HttpError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, codes::BAD_REQUEST, r.body_text()),
+            StatusCode::PAYLOAD_TOO_LARGE => HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                codes::PAYLOAD_TOO_LARGE,
+                r.body_text(),
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => HttpError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                codes::BAD_REQUEST,
+                r.body_text(),
+            ),
             _ => HttpError::bad_request(r.body_text()),
         }
     }

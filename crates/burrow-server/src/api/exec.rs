@@ -35,8 +35,16 @@ fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<Exe
     if req.cmd.is_empty() || req.cmd[0].is_empty() {
         return Err(HttpError::bad_request("cmd must name a program"));
     }
-    if req.cmd.iter().chain(req.env.keys()).chain(req.env.values()).any(|s| s.contains('\0')) {
-        return Err(HttpError::bad_request("cmd and env must not contain NUL bytes"));
+    if req
+        .cmd
+        .iter()
+        .chain(req.env.keys())
+        .chain(req.env.values())
+        .any(|s| s.contains('\0'))
+    {
+        return Err(HttpError::bad_request(
+            "cmd and env must not contain NUL bytes",
+        ));
     }
     if req.timeout_ms == Some(0) {
         return Err(HttpError::bad_request("timeout_ms must be positive"));
@@ -74,8 +82,15 @@ pub async fn exec(
     }
     let (rec, guest) = s.control.guest(&user, &id)?;
     let stdin = req.stdin.clone().map(String::into_bytes);
-    let spec = spec_of(req, rec.limits.max_duration_s * 1000, Some(DEFAULT_EXEC_TIMEOUT_MS))?;
-    let out = guest.exec_buffered(spec, stdin, rec.limits.output_bytes).await.map_err(start_error)?;
+    let spec = spec_of(
+        req,
+        rec.limits.max_duration_s * 1000,
+        Some(DEFAULT_EXEC_TIMEOUT_MS),
+    )?;
+    let out = guest
+        .exec_buffered(spec, stdin, rec.limits.output_bytes)
+        .await
+        .map_err(start_error)?;
     Ok(Json(ExecResult {
         exit_code: out.exit_code,
         signal: out.signal,
@@ -100,13 +115,23 @@ pub async fn exec_ws(
     let (rec, guest) = s.control.guest(&user, &id)?;
     Ok(upgrade.on_upgrade(move |mut socket| async move {
         use axum::extract::ws::Message;
-        let first = match tokio::time::timeout(std::time::Duration::from_secs(30), socket.recv()).await {
-            Ok(Some(Ok(Message::Text(t)))) => t,
-            _ => return ws::fail(socket, codes::BAD_REQUEST, "expected an ExecRequest as the first message".into()).await,
-        };
+        let first =
+            match tokio::time::timeout(std::time::Duration::from_secs(30), socket.recv()).await {
+                Ok(Some(Ok(Message::Text(t)))) => t,
+                _ => {
+                    return ws::fail(
+                        socket,
+                        codes::BAD_REQUEST,
+                        "expected an ExecRequest as the first message".into(),
+                    )
+                    .await
+                }
+            };
         let req: ExecRequest = match serde_json::from_str(&first) {
             Ok(r) => r,
-            Err(e) => return ws::fail(socket, codes::BAD_REQUEST, format!("bad ExecRequest: {e}")).await,
+            Err(e) => {
+                return ws::fail(socket, codes::BAD_REQUEST, format!("bad ExecRequest: {e}")).await
+            }
         };
         let spec = match spec_of(req, rec.limits.max_duration_s * 1000, None) {
             Ok(mut spec) => {
@@ -150,7 +175,10 @@ pub async fn terminal(
     let req = ExecRequest {
         cmd: vec!["/bin/bash".into(), "-l".into()],
         user: q.user,
-        pty: Some(PtySize { cols: q.cols.unwrap_or(80), rows: q.rows.unwrap_or(24) }),
+        pty: Some(PtySize {
+            cols: q.cols.unwrap_or(80),
+            rows: q.rows.unwrap_or(24),
+        }),
         ..Default::default()
     };
     let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
@@ -179,7 +207,9 @@ pub async fn start_process(
 ) -> Result<(StatusCode, Json<Started>), HttpError> {
     let (rec, guest) = s.control.guest(&user, &id)?;
     if req.stdin.is_some() {
-        return Err(HttpError::bad_request("a background process takes stdin through attach, not `stdin`"));
+        return Err(HttpError::bad_request(
+            "a background process takes stdin through attach, not `stdin`",
+        ));
     }
     let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
     spec.background = true;
@@ -187,7 +217,11 @@ pub async fn start_process(
     let (_input, mut output) = guest.exec_stream(spec).await.map_err(start_error)?;
     match output.next().await? {
         Some(ExecEvent::Started { pid }) => Ok((StatusCode::CREATED, Json(Started { pid }))),
-        _ => Err(HttpError::new(StatusCode::BAD_GATEWAY, codes::GUEST_UNREACHABLE, "the guest did not start the process")),
+        _ => Err(HttpError::new(
+            StatusCode::BAD_GATEWAY,
+            codes::GUEST_UNREACHABLE,
+            "the guest did not start the process",
+        )),
     }
 }
 
@@ -232,7 +266,13 @@ pub async fn kill_process(
     signal(&s, &user, &id, pid, SIGKILL).await
 }
 
-async fn signal(s: &AppState, user: &User, id: &str, pid: u32, sig: i32) -> Result<StatusCode, HttpError> {
+async fn signal(
+    s: &AppState,
+    user: &User,
+    id: &str,
+    pid: u32,
+    sig: i32,
+) -> Result<StatusCode, HttpError> {
     let (_, guest) = s.control.guest(user, id)?;
     guest.signal(pid, sig).await?;
     Ok(StatusCode::NO_CONTENT)

@@ -18,20 +18,33 @@ pub struct Caller(pub User);
 impl FromRequestParts<AppState> for Caller {
     type Rejection = HttpError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         let key = header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .or_else(|| header("x-api-key"))
             .map(str::trim);
-        let unauthorized = |m: &str| HttpError::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, m);
+        let unauthorized =
+            |m: &str| HttpError::new(StatusCode::UNAUTHORIZED, codes::UNAUTHORIZED, m);
         let Some(key) = key.filter(|k| !k.is_empty()) else {
-            return Err(unauthorized("missing API key: send `Authorization: Bearer <key>`"));
+            return Err(unauthorized(
+                "missing API key: send `Authorization: Bearer <key>`",
+            ));
         };
         match state.control.store().user_by_key_hash(&hash_key(key)) {
             Ok(Some(user)) => Ok(Caller(user)),
             Ok(None) => Err(unauthorized("invalid API key")),
-            Err(e) => Err(HttpError::new(StatusCode::SERVICE_UNAVAILABLE, codes::UNAVAILABLE, e.to_string())),
+            Err(e) => Err(HttpError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                codes::UNAVAILABLE,
+                e.to_string(),
+            )),
         }
     }
 }
@@ -54,6 +67,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        Ok(ApiQuery(Query::<T>::from_request_parts(parts, state).await?.0))
+        Ok(ApiQuery(
+            Query::<T>::from_request_parts(parts, state).await?.0,
+        ))
     }
 }

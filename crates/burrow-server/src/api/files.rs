@@ -91,7 +91,10 @@ pub async fn download(
         }
     });
     Ok((
-        [(header::CONTENT_TYPE, "application/octet-stream".to_string()), ("x-file-size".parse().unwrap(), size.to_string())],
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            ("x-file-size".parse().unwrap(), size.to_string()),
+        ],
         Body::from_stream(stream),
     )
         .into_response())
@@ -112,14 +115,19 @@ pub async fn upload(
         None => None,
         Some(m) => match u32::from_str_radix(m, 8) {
             Ok(v) if v <= 0o7777 => Some(v),
-            _ => return Err(HttpError::bad_request(format!("mode {m:?} is not octal permission bits"))),
+            _ => {
+                return Err(HttpError::bad_request(format!(
+                    "mode {m:?} is not octal permission bits"
+                )))
+            }
         },
     };
     let (_, guest) = s.control.guest(&user, &id)?;
     let mut upload = guest.write_file(q.path, mode, q.user).await?;
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
-        let chunk = chunk.map_err(|e| HttpError::bad_request(format!("reading the request body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| HttpError::bad_request(format!("reading the request body: {e}")))?;
         if let Err(e) = upload.write(&chunk).await {
             // The guest may have refused (no space, not a regular file): its reason beats the
             // broken pipe we saw.
@@ -153,12 +161,18 @@ pub async fn list(
 ) -> Result<Json<DirListing>, HttpError> {
     let cursor = match q.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(c.parse::<u64>().map_err(|_| HttpError::bad_request("cursor is not one this server gave"))?),
+        Some(c) => Some(
+            c.parse::<u64>()
+                .map_err(|_| HttpError::bad_request("cursor is not one this server gave"))?,
+        ),
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let (_, guest) = s.control.guest(&user, &id)?;
     let (entries, next) = guest.list_dir(q.path, cursor, limit).await?;
-    Ok(Json(DirListing { entries, next_cursor: next.map(|c| c.to_string()) }))
+    Ok(Json(DirListing {
+        entries,
+        next_cursor: next.map(|c| c.to_string()),
+    }))
 }
 
 /// Create a directory and its parents.

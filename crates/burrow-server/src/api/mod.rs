@@ -34,15 +34,29 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let sandbox = Router::new()
-        .route("/", get(sandboxes::get_sandbox).delete(sandboxes::delete_sandbox))
+        .route(
+            "/",
+            get(sandboxes::get_sandbox).delete(sandboxes::delete_sandbox),
+        )
         .route("/exec", post(exec::exec))
         .route("/exec/ws", get(exec::exec_ws))
         .route("/terminal", get(exec::terminal))
-        .route("/processes", get(exec::list_processes).post(exec::start_process))
-        .route("/processes/{pid}", axum::routing::delete(exec::kill_process))
+        .route(
+            "/processes",
+            get(exec::list_processes).post(exec::start_process),
+        )
+        .route(
+            "/processes/{pid}",
+            axum::routing::delete(exec::kill_process),
+        )
         .route("/processes/{pid}/signal", post(exec::signal_process))
         .route("/processes/{pid}/attach", get(exec::attach))
-        .route("/files", get(files::download).put(files::upload).delete(files::remove))
+        .route(
+            "/files",
+            get(files::download)
+                .put(files::upload)
+                .delete(files::remove),
+        )
         .route("/files/stat", get(files::stat))
         .route("/files/list", get(files::list))
         .route("/files/mkdir", post(files::mkdir))
@@ -51,15 +65,29 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/admin/users", post(admin::create_user))
-        .route("/v1/sandboxes", post(sandboxes::create_sandbox).get(sandboxes::list_sandboxes))
+        .route(
+            "/v1/sandboxes",
+            post(sandboxes::create_sandbox).get(sandboxes::list_sandboxes),
+        )
         .nest("/v1/sandboxes/{id}", sandbox)
-        .fallback(|| async { HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route") })
+        .fallback(|| async {
+            HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
+        })
         .method_not_allowed_fallback(|| async {
-            HttpError::new(StatusCode::METHOD_NOT_ALLOWED, codes::BAD_REQUEST, "method not allowed on this route")
+            HttpError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                codes::BAD_REQUEST,
+                "method not allowed on this route",
+            )
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
         .layer(CatchPanicLayer::custom(|_| {
-            HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, codes::INTERNAL, "internal error").into_response()
+            HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                "internal error",
+            )
+            .into_response()
         }))
         .with_state(state)
 }
@@ -74,5 +102,9 @@ pub struct Health {
 /// Liveness; needs no key.
 #[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
 pub async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Health> {
-    Json(Health { status: "ok", backend: state.control.backend_name(), version: env!("CARGO_PKG_VERSION") })
+    Json(Health {
+        status: "ok",
+        backend: state.control.backend_name(),
+        version: env!("CARGO_PKG_VERSION"),
+    })
 }

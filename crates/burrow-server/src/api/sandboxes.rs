@@ -17,12 +17,18 @@ pub async fn create_sandbox(
     Caller(user): Caller,
     ApiJson(req): ApiJson<CreateSandbox>,
 ) -> Result<(StatusCode, Json<Sandbox>), HttpError> {
-    Ok((StatusCode::CREATED, Json(s.control.create(&user, req).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(s.control.create(&user, req).await?),
+    ))
 }
 
 /// The caller's sandboxes that are not destroyed.
 #[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", responses((status = 200, body = [Sandbox])))]
-pub async fn list_sandboxes(State(s): State<AppState>, Caller(user): Caller) -> Result<Json<Vec<Sandbox>>, HttpError> {
+pub async fn list_sandboxes(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+) -> Result<Json<Vec<Sandbox>>, HttpError> {
     Ok(Json(s.control.list(&user)?))
 }
 

@@ -21,7 +21,12 @@ fn framed(tag: u8, data: &[u8]) -> Message {
 
 /// Sends an error event and closes; used when the stream cannot start.
 pub async fn fail(mut socket: WebSocket, code: &str, message: String) {
-    let _ = socket.send(text(&StreamEvent::Error { code: code.to_string(), message })).await;
+    let _ = socket
+        .send(text(&StreamEvent::Error {
+            code: code.to_string(),
+            message,
+        }))
+        .await;
     let _ = socket.close().await;
 }
 
@@ -36,18 +41,38 @@ pub async fn pump(socket: WebSocket, mut input: ExecInput, mut output: ExecOutpu
                 Ok(Some(ExecEvent::Started { pid })) => text(&StreamEvent::Started { pid }),
                 Ok(Some(ExecEvent::Stdout(b))) => framed(STREAM_STDOUT, &b),
                 Ok(Some(ExecEvent::Stderr(b))) => framed(STREAM_STDERR, &b),
-                Ok(Some(ExecEvent::Exited { exit_code, signal, timed_out })) => {
-                    let _ = sink.send(text(&StreamEvent::Exit { exit_code, signal, timed_out })).await;
+                Ok(Some(ExecEvent::Exited {
+                    exit_code,
+                    signal,
+                    timed_out,
+                })) => {
+                    let _ = sink
+                        .send(text(&StreamEvent::Exit {
+                            exit_code,
+                            signal,
+                            timed_out,
+                        }))
+                        .await;
                     break;
                 }
                 Ok(None) => {
                     let message = "the guest agent closed the stream".to_string();
-                    let _ = sink.send(text(&StreamEvent::Error { code: codes::GUEST_UNREACHABLE.into(), message })).await;
+                    let _ = sink
+                        .send(text(&StreamEvent::Error {
+                            code: codes::GUEST_UNREACHABLE.into(),
+                            message,
+                        }))
+                        .await;
                     break;
                 }
                 Err(e) => {
                     let message = error_chain(&e);
-                    let _ = sink.send(text(&StreamEvent::Error { code: codes::GUEST_UNREACHABLE.into(), message })).await;
+                    let _ = sink
+                        .send(text(&StreamEvent::Error {
+                            code: codes::GUEST_UNREACHABLE.into(),
+                            message,
+                        }))
+                        .await;
                     break;
                 }
             };
