@@ -231,6 +231,20 @@ async fn output_is_capped_timeouts_kill_and_bombs_stay_inside() {
         events.contains("max") && !events.contains("max 0"),
         "pids limit never hit: {events:?}"
     );
+    // The timeout killed the bomb's whole process group: only the guest's own threads remain.
+    let current = format!("/sys/fs/cgroup/pids/burrow/{id}/pids.current");
+    let settled = eventually(20, || {
+        std::fs::read_to_string(&current)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .is_some_and(|n| n <= 20)
+    })
+    .await;
+    assert!(
+        settled,
+        "fork bomb processes outlived the exec: pids.current = {:?}",
+        std::fs::read_to_string(&current)
+    );
 
     // Memory bomb: killed inside its cgroup; the sandbox and the server live on.
     let r = client

@@ -273,17 +273,18 @@ impl<F: CgroupFs> Cgroups<F> {
         }
     }
 
-    /// Removes the sandbox's (empty) cgroups, retrying briefly while the kernel finishes exits.
+    /// Removes the sandbox's (empty) cgroups, retrying while the kernel finishes exits: the last
+    /// process of a sandbox unmounts its disk on the way out, which can take seconds on a busy disk.
     pub fn remove(&self, id: &str) -> io::Result<()> {
         for d in self.dirs(id) {
-            let deadline = Instant::now() + Duration::from_secs(2);
+            let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 match self.fs.rmdir(&d) {
                     Ok(()) => break,
                     Err(e)
                         if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) =>
                     {
-                        std::thread::sleep(Duration::from_millis(5))
+                        std::thread::sleep(Duration::from_millis(10))
                     }
                     Err(e) => {
                         return Err(io::Error::new(

@@ -102,3 +102,28 @@ pub fn write_id_maps(pid: libc::pid_t, base: u32, count: u32) -> io::Result<()> 
     std::fs::write(format!("/proc/{pid}/gid_map"), &line)?;
     Ok(())
 }
+
+/// Asks the kernel to SIGKILL this process when the thread that started it exits, so a helper
+/// whose parent was killed cannot go on changing the host. Fails if the parent is already gone.
+pub fn die_with_parent() -> io::Result<()> {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number only.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The parent may have died before the call: then we were already reparented.
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        return Err(io::Error::other(
+            "the parent exited before the helper started",
+        ));
+    }
+    Ok(())
+}

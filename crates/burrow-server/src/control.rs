@@ -217,31 +217,35 @@ impl Control {
         let mut report = ReconcileReport::default();
         let mut keep = HashSet::new();
         for rec in self.store.live_sandboxes()? {
-            match rec.state {
+            let (code, message, list) = match rec.state {
                 SandboxState::Running | SandboxState::Paused => {
                     if self.still_alive(&rec).await {
                         keep.insert(rec.id.clone());
                         report.adopted.push(rec.id.clone());
                         continue;
                     }
-                    self.destroy_on_host(&rec).await?;
-                    let r = reason(
+                    (
                         codes::SANDBOX_LOST,
-                        "the sandbox's processes ended while the server was down".into(),
-                    );
-                    self.store.set_error(&rec.id, &r)?;
-                    report.lost.push(rec.id.clone());
+                        "the sandbox's processes ended while the server was down",
+                        &mut report.lost,
+                    )
                 }
-                SandboxState::Starting => {
-                    self.destroy_on_host(&rec).await?;
-                    let r = reason(
-                        codes::CREATE_INTERRUPTED,
-                        "the server stopped while the sandbox was being created".into(),
-                    );
-                    self.store.set_error(&rec.id, &r)?;
-                    report.interrupted.push(rec.id.clone());
+                SandboxState::Starting => (
+                    codes::CREATE_INTERRUPTED,
+                    "the server stopped while the sandbox was being created",
+                    &mut report.interrupted,
+                ),
+                SandboxState::Error | SandboxState::Hibernated | SandboxState::Destroyed => {
+                    continue
                 }
-                SandboxState::Error | SandboxState::Hibernated | SandboxState::Destroyed => {}
+            };
+            // The row says what happened before the host is touched, so a failed clean-up is
+            // retried at the next start rather than forgotten.
+            self.store
+                .set_error(&rec.id, &reason(code, message.into()))?;
+            list.push(rec.id.clone());
+            if let Err(e) = self.destroy_on_host(&rec).await {
+                warn!(sandbox_id = %rec.id, error = %error_chain(&e), "clean-up failed; retried at the next start");
             }
         }
         let backend = self.backend.clone();
@@ -249,8 +253,12 @@ impl Control {
         for id in on_host.into_iter().filter(|id| !keep.contains(id)) {
             let backend = self.backend.clone();
             let id2 = id.clone();
-            tokio::task::spawn_blocking(move || backend.destroy(&id2, None)).await??;
-            report.cleaned.push(id);
+            match tokio::task::spawn_blocking(move || backend.destroy(&id2, None)).await? {
+                Ok(()) => report.cleaned.push(id),
+                Err(e) => {
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "clean-up failed; retried at the next start")
+                }
+            }
         }
         Ok(report)
     }

@@ -68,9 +68,15 @@ impl<T, E: std::fmt::Display> Ctx<T> for std::result::Result<T, E> {
 /// Entry point of `burrow __init`.
 pub fn main() -> ! {
     let mut input = String::new();
-    let result = std::io::stdin()
-        .read_to_string(&mut input)
-        .ctx(|| "reading the request".into())
+    // If the server dies mid-create, this half-built sandbox must not be finished behind the back of
+    // the next server's clean-up.
+    let result = sys::die_with_parent()
+        .ctx(|| "PR_SET_PDEATHSIG".into())
+        .and_then(|_| {
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .ctx(|| "reading the request".into())
+        })
         .and_then(|_| {
             serde_json::from_str::<InitRequest>(&input).ctx(|| "parsing the request".into())
         })

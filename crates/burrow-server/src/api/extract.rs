@@ -67,6 +67,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = HttpError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        // Query decoding replaces invalid UTF-8 with U+FFFD; a path must never silently become
+        // another path, so such a query is refused (ATTACKS.md F6).
+        let raw = parts.uri.query().unwrap_or_default();
+        for pair in raw.split('&') {
+            let value = pair
+                .split_once('=')
+                .map_or(pair, |(_, v)| v)
+                .replace('+', " ");
+            if percent_encoding::percent_decode_str(&value)
+                .decode_utf8()
+                .is_err()
+            {
+                return Err(HttpError::bad_request(
+                    "a query parameter is not valid UTF-8",
+                ));
+            }
+        }
         Ok(ApiQuery(
             Query::<T>::from_request_parts(parts, state).await?.0,
         ))

@@ -84,7 +84,14 @@ pub async fn pump(socket: WebSocket, mut input: ExecInput, mut output: ExecOutpu
     });
     loop {
         tokio::select! {
-            _ = &mut to_client => return,
+            _ = &mut to_client => {
+                // The exit event and a Close frame are sent. Read until the client closes too: a
+                // socket dropped with unread input is reset, and a reset can discard the exit
+                // event before the client reads it.
+                let drain = async { while let Some(Ok(m)) = stream.next().await { if matches!(m, Message::Close(_)) { break } } };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
+                return;
+            }
             msg = stream.next() => match msg {
                 // Input errors (stdin already closed, process gone) are not fatal: the exit event
                 // is still on its way to the client.
