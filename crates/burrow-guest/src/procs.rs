@@ -236,6 +236,13 @@ impl Proc {
         }
     }
 
+    /// SIGKILLs the whole process group even when its leader has exited: a timeout ends everything
+    /// the command started (a fork bomb's children outlive a leader that died of SIGTERM). Safe
+    /// because a pgid cannot be reused while any process of the group is alive.
+    pub fn kill_group(&self) {
+        let _ = killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+    }
+
     pub fn resize(&self, size: PtySize) -> Result<(), Fail> {
         let Some(m) = &self.master else {
             return Err(Fail::new(codes::BAD_REQUEST, "process has no terminal"));
@@ -748,12 +755,8 @@ async fn timeout_task(proc: Arc<Proc>, after: Duration) {
     }
     lock(&proc.st).timed_out = true;
     let _ = proc.signal_group(libc::SIGTERM);
-    tokio::select! {
-        _ = proc.wait_exit() => {}
-        _ = tokio::time::sleep(KILL_GRACE) => {
-            let _ = proc.signal_group(libc::SIGKILL);
-        }
-    }
+    tokio::time::sleep(KILL_GRACE).await;
+    proc.kill_group();
 }
 
 #[cfg(test)]
