@@ -360,6 +360,16 @@ async fn kill_9_mid_create_and_mid_exec_then_restart_leaves_nothing_half_made() 
         srv.restart().await;
     }
 
+    // Mid-delete: the server dies while a sandbox is being torn down.
+    let doomed = client.create(&CreateSandbox::default()).await.unwrap().id;
+    let c = client.clone();
+    let d = doomed.clone();
+    let delete = tokio::spawn(async move { c.delete(&d).await });
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    srv.kill9();
+    let _ = delete.await;
+    srv.restart().await;
+
     // Mid-exec: a long command is running when the server dies.
     let mut session = client
         .exec_stream(&keeper, &cmd(&["sleep", "300"]))
@@ -415,4 +425,82 @@ async fn kill_9_mid_create_and_mid_exec_then_restart_leaves_nothing_half_made() 
         client.delete(&sb.id).await.unwrap();
         assert_eq!(host_leftovers(&srv, &sb.id), Vec::<String>::new());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_passes_flags_stdin_and_exit_codes_through_the_cli() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let srv = TestServer::start().await;
+    let id = create_cli(&srv);
+    let out = srv.cli(&[
+        "exec",
+        &id,
+        "--env",
+        "GREETING=hi",
+        "--cwd",
+        "/workspace",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $(pwd); echo err >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(stdout(&out), "hi /workspace\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    let t = std::time::Instant::now();
+    let out = srv.cli(&["exec", &id, "--timeout", "1", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(124), "timeout exit code");
+    assert!(t.elapsed() < Duration::from_secs(15));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"));
+
+    let out = srv.cli(&["exec", &id, "--", "no-such-program"]);
+    assert_eq!(
+        out.status.code(),
+        Some(127),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut child = srv
+        .cli_cmd(&["exec", &id, "--", "wc", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&[b'x'; 300_000])
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        stdout(&out).trim(),
+        "300000",
+        "piped stdin reaches the command"
+    );
+
+    let json: serde_json::Value = serde_json::from_slice(
+        &srv.cli(&["--json", "exec", &id, "--", "echo", "doc"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        (json["stdout"].as_str(), json["exit_code"].as_i64()),
+        (Some("doc\n"), Some(0))
+    );
+
+    // A background process is listed and killed.
+    let pid = srv
+        .client()
+        .start_process(&id, &cmd(&["sleep", "300"]))
+        .await
+        .unwrap();
+    assert!(stdout(&srv.cli(&["ps", &id])).contains("sleep 300"));
+    assert_ok(&srv.cli(&["kill", &id, &pid.to_string()]));
+    let gone = eventually(10, || !stdout(&srv.cli(&["ps", &id])).contains("running")).await;
+    assert!(gone, "killed process still running");
 }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use super::error::HttpError;
 use super::extract::{ApiJson, ApiQuery, Caller};
 use super::AppState;
+use burrow_store::User;
 
 /// Entries per listing page when the caller gives no limit, and the most it may ask for.
 const DEFAULT_PAGE: u32 = 200;
@@ -122,9 +123,26 @@ pub async fn upload(
             }
         },
     };
-    let (_, guest) = s.control.guest(&user, &id)?;
-    let mut upload = guest.write_file(q.path, mode, q.user).await?;
     let mut chunks = body.into_data_stream();
+    let result = write_body(&s, &user, &id, q, mode, &mut chunks).await;
+    if result.is_err() {
+        // Read (and drop) the rest of the body before answering, so the client can finish sending
+        // and read the error instead of seeing a reset connection.
+        drain(chunks).await;
+    }
+    result.map(Json)
+}
+
+async fn write_body(
+    s: &AppState,
+    user: &User,
+    id: &str,
+    q: UploadQuery,
+    mode: Option<u32>,
+    chunks: &mut axum::body::BodyDataStream,
+) -> Result<FileStat, HttpError> {
+    let (_, guest) = s.control.guest(user, id)?;
+    let mut upload = guest.write_file(q.path, mode, q.user).await?;
     while let Some(chunk) = chunks.next().await {
         let chunk =
             chunk.map_err(|e| HttpError::bad_request(format!("reading the request body: {e}")))?;
@@ -134,7 +152,24 @@ pub async fn upload(
             return Err(upload.finish().await.err().unwrap_or(e).into());
         }
     }
-    Ok(Json(upload.finish().await?))
+    Ok(upload.finish().await?)
+}
+
+/// Bounded: a client that keeps sending past these gets the connection closed instead.
+const DRAIN_BYTES: usize = 256 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn drain(mut chunks: axum::body::BodyDataStream) {
+    let read = async {
+        let mut n = 0;
+        while let Some(Ok(c)) = chunks.next().await {
+            n += c.len();
+            if n > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, read).await;
 }
 
 /// Metadata of a path (symlinks are not followed).
