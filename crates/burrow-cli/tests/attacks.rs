@@ -539,6 +539,44 @@ async fn k7_k8_k9_guest_binary_proc_and_sys_are_protected() {
         "the host's guest binary changed"
     );
 
+    // The masks themselves, not only their effect (a user namespace already hides some of these).
+    let mounts = run(&c, &id, "cat /proc/self/mountinfo").await.stdout;
+    let mount_at = |p: &str| {
+        mounts
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(p))
+            .map(str::to_string)
+    };
+    // Only what this kernel has (this one is built without kcore, sched_debug and sysrq-trigger).
+    let present = |p: &&&str| std::path::Path::new(p).exists();
+    for masked in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+    ]
+    .iter()
+    .filter(present)
+    {
+        assert!(
+            mount_at(masked).is_some(),
+            "{masked} is not masked:\n{mounts}"
+        );
+    }
+    for ro in ["/proc/sys", "/proc/sysrq-trigger", "/proc/bus", "/proc/irq"]
+        .iter()
+        .filter(present)
+    {
+        let line = mount_at(ro).unwrap_or_else(|| panic!("{ro} has no read-only mount:\n{mounts}"));
+        assert!(
+            line.split(' ')
+                .nth(5)
+                .unwrap_or("")
+                .split(',')
+                .any(|o| o == "ro"),
+            "{ro} is writable: {line}"
+        );
+    }
     let core_before = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
     let r = run(&c, &id, "head -c 16 /proc/kcore | wc -c; cat /proc/keys | wc -c; cat /proc/sched_debug 2>/dev/null | wc -c; \
                           echo c > /proc/sysrq-trigger; echo rc=$?; echo '|/bin/evil' > /proc/sys/kernel/core_pattern; echo rc=$?").await;
