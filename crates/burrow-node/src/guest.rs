@@ -373,24 +373,18 @@ impl GuestClient {
     /// Starts a process; the output's first event is `Started`. Spawn failures (command not
     /// found, bad cwd or user) come back here as [`GuestError::Remote`].
     pub async fn exec_stream(&self, spec: ExecSpec) -> Result<(ExecInput, ExecOutput), GuestError> {
-        let (mut r, w) = self.open(&Request::Exec { spec }).await?;
-        match within(REPLY_TIMEOUT, read_reply(&mut r)).await? {
-            Reply::Started { pid } => Ok((
-                ExecInput { w },
-                ExecOutput {
-                    r,
-                    pending: Some(ExecEvent::Started { pid }),
-                    finished: false,
-                },
-            )),
-            other => Err(unexpected(&other)),
-        }
+        self.stream(&Request::Exec { spec }).await
     }
 
     /// Re-attaches to a background process: `Started`, the output the guest kept (up to the last
     /// 1 MiB of each stream), live output, then `Exited` (at once if it already ended).
     pub async fn attach(&self, pid: u32) -> Result<(ExecInput, ExecOutput), GuestError> {
-        let (mut r, w) = self.open(&Request::Attach { pid }).await?;
+        self.stream(&Request::Attach { pid }).await
+    }
+
+    /// Opens a process stream: both `Exec` and `Attach` answer `Started` first.
+    async fn stream(&self, req: &Request) -> Result<(ExecInput, ExecOutput), GuestError> {
+        let (mut r, w) = self.open(req).await?;
         match within(REPLY_TIMEOUT, read_reply(&mut r)).await? {
             Reply::Started { pid } => Ok((
                 ExecInput { w },

@@ -55,24 +55,17 @@ pub async fn pump(socket: WebSocket, mut input: ExecInput, mut output: ExecOutpu
                         .await;
                     break;
                 }
-                Ok(None) => {
-                    let message = "the guest agent closed the stream".to_string();
-                    let _ = sink
-                        .send(text(&StreamEvent::Error {
-                            code: codes::GUEST_UNREACHABLE.into(),
-                            message,
-                        }))
-                        .await;
-                    break;
-                }
-                Err(e) => {
-                    let message = error_chain(&e);
-                    let _ = sink
-                        .send(text(&StreamEvent::Error {
-                            code: codes::GUEST_UNREACHABLE.into(),
-                            message,
-                        }))
-                        .await;
+                // The guest went away (or sent garbage) before the exit: say so, then stop.
+                other => {
+                    let message = match other {
+                        Err(e) => error_chain(&e),
+                        _ => "the guest agent closed the stream".to_string(),
+                    };
+                    let event = StreamEvent::Error {
+                        code: codes::GUEST_UNREACHABLE.into(),
+                        message,
+                    };
+                    let _ = sink.send(text(&event)).await;
                     break;
                 }
             };
