@@ -156,6 +156,61 @@ async fn f1_f2_f3_paths_and_symlinks_never_reach_the_host() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn f5_archives_are_stored_as_they_are_never_extracted() {
+    // Every file or link newer than the sandbox's creation, outside the pseudo-filesystems and the
+    // read-only /usr.
+    const NEWER_FILES: &str = "find / \\( -path /proc -o -path /sys -o -path /dev -o -path /usr \\) -prune -o ! -type d -newer /etc/hostname -print | sort";
+    let Some((_srv, c, id)) = setup().await else {
+        return;
+    };
+    // An archive with `../x`, an absolute name and a symlink-then-file pair: burrow has no
+    // extraction path, so uploading it must store exactly these bytes as one file and create
+    // nothing else, in the sandbox or on the host.
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("evil.tar");
+    let script = format!(
+        "import tarfile, io\nt = tarfile.open('{}', 'w')\n\
+         def add(name, data=b'x', kind=tarfile.REGTYPE, link=''):\n\
+         \ti = tarfile.TarInfo(name); i.type = kind; i.linkname = link; i.size = len(data) if kind == tarfile.REGTYPE else 0\n\
+         \tt.addfile(i, io.BytesIO(data) if kind == tarfile.REGTYPE else None)\n\
+         add('../escape-{tag}')\nadd('/tmp/abs-{tag}')\nadd('l', kind=tarfile.SYMTYPE, link='/etc')\nadd('l/passwd', b'owned')\nt.close()\n",
+        tar.display(),
+        tag = std::process::id()
+    );
+    let ok = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let bytes = std::fs::read(&tar).unwrap();
+    let before = run(&c, &id, NEWER_FILES).await.stdout;
+    let stat = c
+        .upload(&id, "/workspace/evil.tar", bytes.clone())
+        .await
+        .unwrap();
+    assert_eq!(stat.size, bytes.len() as u64);
+    assert_eq!(
+        download(&c, &id, "/workspace/evil.tar").await.unwrap(),
+        bytes
+    );
+    let after = run(&c, &id, NEWER_FILES).await.stdout;
+    let new: Vec<&str> = after
+        .lines()
+        .filter(|l| !before.lines().any(|b| b == *l))
+        .collect();
+    assert_eq!(
+        new,
+        ["/workspace/evil.tar"],
+        "uploading an archive created more than the file"
+    );
+    assert!(!run(&c, &id, "cat /etc/passwd")
+        .await
+        .stdout
+        .contains("owned"));
+    assert!(!std::path::Path::new(&format!("/tmp/abs-{}", std::process::id())).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn f4_special_files_are_refused_without_hanging() {
     let Some((_srv, c, id)) = setup().await else {
         return;

@@ -493,6 +493,60 @@ async fn exec_passes_flags_stdin_and_exit_codes_through_the_cli() {
         (Some("doc\n"), Some(0))
     );
 
+    // Commands can run as the unprivileged `user`.
+    let r = srv
+        .client()
+        .exec(
+            &id,
+            &ExecRequest {
+                user: Some("user".into()),
+                ..sh("id -u; echo $HOME; touch /workspace/mine")
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "1000\n/home/user\n", "{r:?}");
+    let r = srv
+        .client()
+        .exec(
+            &id,
+            &ExecRequest {
+                user: Some("user".into()),
+                ..sh("touch /etc/nope")
+            },
+        )
+        .await
+        .unwrap();
+    assert_ne!(r.exit_code, Some(0), "user could write /etc");
+
+    // A background process keeps its output for a later attach.
+    let pid = srv
+        .client()
+        .start_process(&id, &sh("echo one; sleep 1; echo two; exit 3"))
+        .await
+        .unwrap();
+    let mut session = srv.client().attach(&id, pid).await.unwrap();
+    let mut out = Vec::new();
+    let exit = loop {
+        match tokio::time::timeout(Duration::from_secs(10), session.next())
+            .await
+            .expect("attach hung")
+            .unwrap()
+        {
+            Some(burrow_client::Output::Stdout(b)) => out.extend(b),
+            Some(burrow_client::Output::Event(burrow_types::stream::StreamEvent::Exit {
+                exit_code,
+                ..
+            })) => break exit_code,
+            Some(_) => {}
+            None => panic!("stream closed before the exit"),
+        }
+    };
+    assert_eq!(
+        (String::from_utf8_lossy(&out).as_ref(), exit),
+        ("one\ntwo\n", Some(3))
+    );
+
     // A background process is listed and killed.
     let pid = srv
         .client()
