@@ -54,6 +54,10 @@ enum Command {
         #[arg(required = true)]
         ids: Vec<String>,
     },
+    /// Freeze every process of a sandbox in place (files are synced first).
+    Pause { id: String },
+    /// Thaw a paused sandbox.
+    Resume { id: String },
     /// List the processes started through the API in a sandbox.
     Ps { id: String },
     /// Send a signal to a process in a sandbox (default SIGKILL).
@@ -195,6 +199,14 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(i32::from(failed))
         }
+        Command::Pause { id } => {
+            let sb = config::client()?.pause(&id).await?;
+            print_state(&sb, json)
+        }
+        Command::Resume { id } => {
+            let sb = config::client()?.resume(&id).await?;
+            print_state(&sb, json)
+        }
         Command::Ps { id } => {
             let procs = config::client()?.processes(&id).await?;
             if json {
@@ -233,6 +245,15 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn print_state(sb: &burrow_types::Sandbox, json: bool) -> Result<i32> {
+    if json {
+        print_json(sb)?;
+    } else {
+        println!("{} {}", sb.id, sb.state.as_str());
+    }
+    Ok(0)
 }
 
 pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {

@@ -558,3 +558,106 @@ async fn exec_passes_flags_stdin_and_exit_codes_through_the_cli() {
     let gone = eventually(10, || !stdout(&srv.cli(&["ps", &id])).contains("running")).await;
     assert!(gone, "killed process still running");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_freezes_processes_in_place_and_resume_carries_on() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let mut srv = TestServer::start().await;
+    let c = srv.client();
+    let id = c.create(&CreateSandbox::default()).await.unwrap().id;
+    let counter = c
+        .start_process(
+            &id,
+            &sh("i=0; while true; do i=$((i+1)); echo $i > /workspace/counter; sleep 0.1; done"),
+        )
+        .await
+        .unwrap();
+    let web = c
+        .start_process(
+            &id,
+            &cmd(&[
+                "python3",
+                "-m",
+                "http.server",
+                "8000",
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+                "/workspace",
+            ]),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let read = |c: burrow_client::Client, id: String| async move {
+        c.exec(&id, &sh("cat /workspace/counter"))
+            .await
+            .unwrap()
+            .stdout
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let before = read(c.clone(), id.clone()).await;
+    let t_before = std::time::Instant::now();
+    assert_eq!(c.pause(&id).await.unwrap().state, SandboxState::Paused);
+    let running_before_freeze = t_before.elapsed();
+    let t_frozen = std::time::Instant::now();
+    assert_eq!(
+        c.pause(&id).await.unwrap_err().code(),
+        Some("conflict"),
+        "double pause"
+    );
+    assert_eq!(
+        c.exec(&id, &cmd(&["true"])).await.unwrap_err().code(),
+        Some("sandbox_not_running")
+    );
+    let freezer =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/freezer/burrow/{id}/freezer.state"))
+            .unwrap();
+    assert_eq!(freezer.trim(), "FROZEN");
+
+    // Paused across a server restart: adopted as paused, not mistaken for lost.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    srv.restart().await;
+    let c = srv.client();
+    assert_eq!(c.get(&id).await.unwrap().state, SandboxState::Paused);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    assert_eq!(c.resume(&id).await.unwrap().state, SandboxState::Running);
+    assert_eq!(
+        c.resume(&id).await.unwrap_err().code(),
+        Some("conflict"),
+        "resume of a running sandbox"
+    );
+    let after = read(c.clone(), id.clone()).await;
+    // About 2 s passed while paused: a counter that kept going would be ~20 further on.
+    assert!(
+        after >= before && after - before <= 6,
+        "counter went {before} -> {after} across the pause"
+    );
+    let running: Vec<u32> = c
+        .processes(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.running)
+        .map(|p| p.pid)
+        .collect();
+    assert!(
+        running.contains(&counter) && running.contains(&web),
+        "processes lost across pause: {running:?}"
+    );
+    let r = c
+        .exec(&id, &cmd(&["python3", "-c", "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8000/counter').status)"]))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "200\n", "{r:?}");
+
+    // A paused sandbox deletes cleanly too.
+    c.pause(&id).await.unwrap();
+    c.delete(&id).await.unwrap();
+    assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
+}

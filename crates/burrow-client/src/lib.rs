@@ -122,6 +122,16 @@ impl Client {
             .await
     }
 
+    pub async fn pause(&self, id: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/pause")))
+            .await
+    }
+
+    pub async fn resume(&self, id: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/resume")))
+            .await
+    }
+
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
         self.json(
             self.request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))

@@ -241,6 +241,30 @@ impl<F: CgroupFs> Cgroups<F> {
         }
     }
 
+    /// Freezes the sandbox and waits (up to `wait`) until the kernel reports every task frozen.
+    pub fn freeze(&self, id: &str, wait: Duration) -> io::Result<()> {
+        self.set_frozen(id, true)?;
+        let (file, frozen) = match &self.layout {
+            Layout::V1(_) => match self.dir_of("freezer", id) {
+                Some(d) => (d.join("freezer.state"), "FROZEN"),
+                None => return Ok(()),
+            },
+            Layout::V2(_) => (self.dirs(id)[0].join("cgroup.events"), "frozen 1"),
+        };
+        let deadline = Instant::now() + wait;
+        while !self.fs.read(&file)?.contains(frozen) {
+            if Instant::now() >= deadline {
+                let _ = self.set_frozen(id, false);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("sandbox {id} did not freeze"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Kills every process of the sandbox and waits (up to `wait`) until none is left.
     pub fn kill_all(&self, id: &str, wait: Duration) -> io::Result<()> {
         let deadline = Instant::now() + wait;

@@ -72,6 +72,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the sandbox described by `info` still runs.
     fn probe(&self, id: &str, info: &RuntimeInfo) -> Liveness;
 
+    /// Freezes every process of the sandbox (memory, open connections and state stay); returns
+    /// once they are all frozen. The caller syncs files first.
+    fn pause(&self, id: &str) -> Result<(), NodeError>;
+
+    /// Thaws a paused sandbox.
+    fn resume(&self, id: &str) -> Result<(), NodeError>;
+
     /// Ids of every sandbox that has anything on this host (directories, cgroups), so the control
     /// layer can destroy the ones it has no row for.
     fn host_sandboxes(&self) -> Result<Vec<String>, NodeError>;

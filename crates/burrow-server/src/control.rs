@@ -24,6 +24,12 @@ pub enum ControlError {
     NotFound,
     #[error("sandbox is {0}, not running")]
     NotRunning(&'static str),
+    #[error("sandbox is {state}; {action} needs it {needs}")]
+    WrongState {
+        state: &'static str,
+        action: &'static str,
+        needs: &'static str,
+    },
     #[error("unknown plan {0:?}")]
     UnknownPlan(String),
     #[error("unknown image {0:?}")]
@@ -202,6 +208,59 @@ impl Control {
         Ok(())
     }
 
+    /// Hot pause: files are synced to the sandbox's disk, then every process is frozen in place
+    /// (memory, open connections and pids stay).
+    pub async fn pause(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        let mut rec = self.record(user, id)?;
+        if rec.state != SandboxState::Running {
+            return Err(ControlError::WrongState {
+                state: rec.state.as_str(),
+                action: "pause",
+                needs: "running",
+            });
+        }
+        let runtime = runtime_of(&rec).ok_or(ControlError::NotRunning("starting"))?;
+        // sync(2) inside the sandbox flushes its disk (and only what it can see) to the image file.
+        let sync = burrow_proto::ExecSpec {
+            argv: vec!["sync".into()],
+            timeout_ms: Some(30_000),
+            ..Default::default()
+        };
+        GuestClient::new(runtime.guest_socket)
+            .exec_buffered(sync, None, 4096)
+            .await?;
+        let backend = self.backend.clone();
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || backend.pause(&id2)).await??;
+        self.store.set_state(id, SandboxState::Paused)?;
+        rec.state = SandboxState::Paused;
+        info!(sandbox_id = %id, "sandbox paused");
+        Ok(to_api(&rec))
+    }
+
+    /// Hot resume: thaws a paused sandbox; its processes carry on where they were.
+    pub async fn resume(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        let mut rec = self.record(user, id)?;
+        if rec.state != SandboxState::Paused {
+            return Err(ControlError::WrongState {
+                state: rec.state.as_str(),
+                action: "resume",
+                needs: "paused",
+            });
+        }
+        let backend = self.backend.clone();
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || backend.resume(&id2)).await??;
+        self.store.set_state(id, SandboxState::Running)?;
+        rec.state = SandboxState::Running;
+        info!(sandbox_id = %id, "sandbox resumed");
+        Ok(to_api(&rec))
+    }
+
     async fn destroy_on_host(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
         let backend = self.backend.clone();
         let id = rec.id.clone();
@@ -273,7 +332,9 @@ impl Control {
         if !matches!(alive, Ok(Liveness::Alive)) {
             return false;
         }
-        GuestClient::new(runtime.guest_socket).ping().await.is_ok()
+        // A paused sandbox's guest is frozen and cannot answer; its live PID 1 is proof enough.
+        rec.state == SandboxState::Paused
+            || GuestClient::new(runtime.guest_socket).ping().await.is_ok()
     }
 }
 

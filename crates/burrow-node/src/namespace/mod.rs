@@ -243,6 +243,18 @@ impl Backend for NamespaceBackend {
         }
     }
 
+    fn pause(&self, id: &str) -> Result<(), NodeError> {
+        self.cgroups
+            .freeze(id, Duration::from_secs(5))
+            .map_err(host_err("freezing the sandbox"))
+    }
+
+    fn resume(&self, id: &str) -> Result<(), NodeError> {
+        self.cgroups
+            .set_frozen(id, false)
+            .map_err(host_err("thawing the sandbox"))
+    }
+
     /// Sandboxes are known by their directories under this node's data directory: `__init` makes the
     /// directory before anything else and `destroy` removes it last. (Cgroups are shared by every
     /// burrow on the host, so they cannot say which node a sandbox belongs to.)

@@ -103,6 +103,9 @@ impl From<ControlError> for HttpError {
                 codes::SANDBOX_NOT_RUNNING,
                 format!("sandbox is {state}, not running"),
             ),
+            e @ ControlError::WrongState { .. } => {
+                HttpError::new(S::CONFLICT, codes::CONFLICT, e.to_string())
+            }
             ControlError::UnknownPlan(p) => HttpError::new(
                 S::BAD_REQUEST,
                 codes::UNKNOWN_PLAN,

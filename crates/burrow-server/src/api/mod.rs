@@ -38,6 +38,8 @@ pub fn router(state: AppState) -> Router {
             "/",
             get(sandboxes::get_sandbox).delete(sandboxes::delete_sandbox),
         )
+        .route("/pause", post(sandboxes::pause_sandbox))
+        .route("/resume", post(sandboxes::resume_sandbox))
         .route("/exec", post(exec::exec))
         .route("/exec/ws", get(exec::exec_ws))
         .route("/terminal", get(exec::terminal))

@@ -13,6 +13,8 @@ use super::{admin, exec, files, sandboxes};
     paths(
         super::health, serve,
         sandboxes::create_sandbox, sandboxes::list_sandboxes, sandboxes::get_sandbox, sandboxes::delete_sandbox,
+        sandboxes::pause_sandbox,
+        sandboxes::resume_sandbox,
         exec::exec, exec::exec_ws, exec::terminal,
         exec::start_process, exec::list_processes, exec::signal_process, exec::kill_process, exec::attach,
         admin::create_user,

@@ -53,3 +53,25 @@ pub async fn delete_sandbox(
     s.control.destroy(&user, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
+
+/// Pause: sync files, then freeze every process in place (memory and connections stay).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
+    responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn pause_sandbox(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.pause(&user, &id).await?))
+}
+
+/// Resume a paused sandbox: its processes carry on where they were.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
+    responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn resume_sandbox(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.resume(&user, &id).await?))
+}
