@@ -56,8 +56,10 @@ enum Command {
     },
     /// Freeze every process of a sandbox in place (files are synced first).
     Pause { id: String },
-    /// Thaw a paused sandbox.
+    /// Resume a paused sandbox (hot) or a hibernated one (cold, same files).
     Resume { id: String },
+    /// End every process of a sandbox but keep its files; `resume` starts it again.
+    Hibernate { id: String },
     /// List the processes started through the API in a sandbox.
     Ps { id: String },
     /// Send a signal to a process in a sandbox (default SIGKILL).
@@ -205,6 +207,10 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Resume { id } => {
             let sb = config::client()?.resume(&id).await?;
+            print_state(&sb, json)
+        }
+        Command::Hibernate { id } => {
+            let sb = config::client()?.hibernate(&id).await?;
             print_state(&sb, json)
         }
         Command::Ps { id } => {

@@ -670,3 +670,76 @@ async fn pause_freezes_processes_in_place_and_resume_carries_on() {
     c.delete(&id).await.unwrap();
     assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hibernate_keeps_files_and_resume_starts_cold() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let mut srv = TestServer::start().await;
+    let c = srv.client();
+    let sb = c
+        .create(&CreateSandbox {
+            hostname: Some("keeper".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let id = sb.id;
+    // Written just before hibernating, in /workspace and in the root layer.
+    c.exec(
+        &id,
+        &sh("echo ws > /workspace/f && echo root > /root/g && mkdir -p /opt/app"),
+    )
+    .await
+    .unwrap();
+    let old = c.start_process(&id, &cmd(&["sleep", "600"])).await.unwrap();
+
+    assert_eq!(
+        c.hibernate(&id).await.unwrap().state,
+        SandboxState::Hibernated
+    );
+    assert_eq!(c.hibernate(&id).await.unwrap_err().code(), Some("conflict"));
+    assert_eq!(
+        c.exec(&id, &cmd(&["true"])).await.unwrap_err().code(),
+        Some("sandbox_not_running")
+    );
+    // No process, cgroup or mount is left; only the disk stays.
+    let left = host_leftovers(&srv, &id);
+    assert_eq!(
+        left,
+        ["sandbox directory"],
+        "hibernated sandbox still holds {left:?}"
+    );
+    assert!(srv
+        .data
+        .join("sandboxes")
+        .join(&id)
+        .join("disk.img")
+        .exists());
+
+    // Hibernated across a server restart: kept, not cleaned as an orphan.
+    srv.restart().await;
+    let c = srv.client();
+    assert_eq!(c.get(&id).await.unwrap().state, SandboxState::Hibernated);
+
+    assert_eq!(c.resume(&id).await.unwrap().state, SandboxState::Running);
+    let r = c
+        .exec(
+            &id,
+            &sh("cat /workspace/f /root/g; hostname; test -d /opt/app && echo dir"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "ws\nroot\nkeeper\ndir\n", "{r:?}");
+    let procs = c.processes(&id).await.unwrap();
+    assert!(
+        procs.iter().all(|p| p.pid != old || !p.running),
+        "a process survived hibernation: {procs:?}"
+    );
+    assert_eq!(c.get(&id).await.unwrap().id, id);
+
+    c.hibernate(&id).await.unwrap();
+    c.delete(&id).await.unwrap();
+    assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
+}

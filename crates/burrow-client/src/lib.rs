@@ -127,6 +127,11 @@ impl Client {
             .await
     }
 
+    pub async fn hibernate(&self, id: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/hibernate")))
+            .await
+    }
+
     pub async fn resume(&self, id: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/resume")))
             .await

@@ -69,6 +69,10 @@ pub trait Backend: Send + Sync + 'static {
     /// mounts, loop devices, files. Idempotent; works with `info` unknown (after a crash mid-create).
     fn destroy(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError>;
 
+    /// Ends every process of the sandbox and releases its cgroups, but keeps its disk: a later
+    /// `create` with the same id starts fresh processes on the same files (a cold resume).
+    fn stop(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError>;
+
     /// Whether the sandbox described by `info` still runs.
     fn probe(&self, id: &str, info: &RuntimeInfo) -> Liveness;
 

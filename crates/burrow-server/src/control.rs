@@ -130,14 +130,7 @@ impl Control {
         // The row exists before anything on the host does: a crash from here on is cleaned up by
         // `reconcile` at the next start.
         rec.uid_slot = self.store.insert_sandbox(&rec)?;
-        let spec = SandboxSpec {
-            id: id.clone(),
-            hostname: rec.hostname.clone(),
-            image: rec.image.clone(),
-            limits: rec.limits.clone(),
-            uid_slot: rec.uid_slot,
-            env: rec.env.clone(),
-        };
+        let spec = spec_of(&rec);
         let backend = self.backend.clone();
         match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
             Ok(runtime) => {
@@ -221,16 +214,7 @@ impl Control {
                 needs: "running",
             });
         }
-        let runtime = runtime_of(&rec).ok_or(ControlError::NotRunning("starting"))?;
-        // sync(2) inside the sandbox flushes its disk (and only what it can see) to the image file.
-        let sync = burrow_proto::ExecSpec {
-            argv: vec!["sync".into()],
-            timeout_ms: Some(30_000),
-            ..Default::default()
-        };
-        GuestClient::new(runtime.guest_socket)
-            .exec_buffered(sync, None, 4096)
-            .await?;
+        sync_files(&rec).await?;
         let backend = self.backend.clone();
         let id2 = id.to_string();
         tokio::task::spawn_blocking(move || backend.pause(&id2)).await??;
@@ -240,24 +224,63 @@ impl Control {
         Ok(to_api(&rec))
     }
 
-    /// Hot resume: thaws a paused sandbox; its processes carry on where they were.
+    /// Resume: a paused sandbox is thawed (hot: its processes carry on where they were); a
+    /// hibernated one starts cold (same id, same files, fresh processes).
     pub async fn resume(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;
-        if rec.state != SandboxState::Paused {
-            return Err(ControlError::WrongState {
-                state: rec.state.as_str(),
-                action: "resume",
-                needs: "paused",
-            });
-        }
         let backend = self.backend.clone();
-        let id2 = id.to_string();
-        tokio::task::spawn_blocking(move || backend.resume(&id2)).await??;
-        self.store.set_state(id, SandboxState::Running)?;
+        match rec.state {
+            SandboxState::Paused => {
+                let id2 = id.to_string();
+                tokio::task::spawn_blocking(move || backend.resume(&id2)).await??;
+                self.store.set_state(id, SandboxState::Running)?;
+            }
+            SandboxState::Hibernated => {
+                let spec = spec_of(&rec);
+                let runtime = tokio::task::spawn_blocking(move || backend.create(&spec)).await??;
+                let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
+                self.store.set_running(id, &value)?;
+                rec.runtime = Some(value);
+            }
+            other => {
+                return Err(ControlError::WrongState {
+                    state: other.as_str(),
+                    action: "resume",
+                    needs: "paused or hibernated",
+                })
+            }
+        }
         rec.state = SandboxState::Running;
         info!(sandbox_id = %id, "sandbox resumed");
+        Ok(to_api(&rec))
+    }
+
+    /// Hibernate: files are synced and kept, every process ends. A later resume starts cold.
+    pub async fn hibernate(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        let mut rec = self.record(user, id)?;
+        match rec.state {
+            SandboxState::Running => sync_files(&rec).await?,
+            // Paused sandboxes were synced when they paused and cannot run `sync` now.
+            SandboxState::Paused => {}
+            other => {
+                return Err(ControlError::WrongState {
+                    state: other.as_str(),
+                    action: "hibernate",
+                    needs: "running or paused",
+                })
+            }
+        }
+        let backend = self.backend.clone();
+        let (id2, runtime) = (id.to_string(), runtime_of(&rec));
+        tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
+        self.store.set_hibernated(id)?;
+        rec.state = SandboxState::Hibernated;
+        rec.runtime = None;
+        info!(sandbox_id = %id, "sandbox hibernated");
         Ok(to_api(&rec))
     }
 
@@ -294,9 +317,12 @@ impl Control {
                     "the server stopped while the sandbox was being created",
                     &mut report.interrupted,
                 ),
-                SandboxState::Error | SandboxState::Hibernated | SandboxState::Destroyed => {
-                    continue
+                // Files without processes: nothing to adopt, but the disk must stay.
+                SandboxState::Hibernated => {
+                    keep.insert(rec.id.clone());
+                    continue;
                 }
+                SandboxState::Error | SandboxState::Destroyed => continue,
             };
             // The row says what happened before the host is touched, so a failed clean-up is
             // retried at the next start rather than forgotten.
@@ -338,6 +364,20 @@ impl Control {
     }
 }
 
+/// sync(2) inside the sandbox: flushes its disk (and only what it can see) to the image file.
+async fn sync_files(rec: &SandboxRecord) -> Result<(), ControlError> {
+    let runtime = runtime_of(rec).ok_or(ControlError::NotRunning("starting"))?;
+    let sync = burrow_proto::ExecSpec {
+        argv: vec!["sync".into()],
+        timeout_ms: Some(30_000),
+        ..Default::default()
+    };
+    GuestClient::new(runtime.guest_socket)
+        .exec_buffered(sync, None, 4096)
+        .await?;
+    Ok(())
+}
+
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub adopted: Vec<String>,
@@ -345,6 +385,17 @@ pub struct ReconcileReport {
     pub interrupted: Vec<String>,
     /// Host leftovers with no live row.
     pub cleaned: Vec<String>,
+}
+
+fn spec_of(rec: &SandboxRecord) -> SandboxSpec {
+    SandboxSpec {
+        id: rec.id.clone(),
+        hostname: rec.hostname.clone(),
+        image: rec.image.clone(),
+        limits: rec.limits.clone(),
+        uid_slot: rec.uid_slot,
+        env: rec.env.clone(),
+    }
 }
 
 fn runtime_of(rec: &SandboxRecord) -> Option<RuntimeInfo> {

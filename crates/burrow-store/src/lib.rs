@@ -225,6 +225,15 @@ impl Store {
         Ok(())
     }
 
+    /// A hibernated sandbox has files but no processes, so no runtime to find.
+    pub fn set_hibernated(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = 'hibernated', runtime = NULL, updated_at = ?2 WHERE id = ?1",
+            params![id, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
     /// Moves a sandbox to `error`, keeping the reason. Its computer is gone or going.
     pub fn set_error(&self, id: &str, reason: &ErrorReason) -> Result<(), StoreError> {
         self.conn().execute(

@@ -203,6 +203,21 @@ impl Backend for NamespaceBackend {
     }
 
     fn destroy(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError> {
+        self.stop(id, info)?;
+        let dir = self.sandbox_dir(id);
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(NodeError::Host {
+                    what: format!("removing {}", dir.display()),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn stop(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError> {
         // PID 1's death takes the whole pid namespace with it.
         if let Some(info) = info {
             if self.probe(id, info) == Liveness::Alive {
@@ -216,21 +231,18 @@ impl Backend for NamespaceBackend {
         self.cgroups
             .remove(id)
             .map_err(host_err("removing the sandbox's cgroups"))?;
-        let dir = self.sandbox_dir(id);
-        match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(NodeError::Host {
-                    what: format!("removing {}", dir.display()),
-                    source: e,
-                })
-            }
-            _ => {}
-        }
-        // The loop device detaches itself once its mount's last namespace is gone; wait for that
-        // so "destroyed" means nothing is left.
+        let _ = std::fs::remove_file(self.sandbox_dir(id).join("guest.sock"));
+        // The loop device detaches itself once the disk's last mount namespace is gone. Wait for
+        // it: "stopped" must mean the disk is no longer mounted anywhere, or a cold start could
+        // mount the same ext4 image twice.
         let needle = format!("/sandboxes/{id}/");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !loopdev::devices_backed_by(&needle).is_empty() && Instant::now() < deadline {
+        let deadline = Instant::now() + KILL_TIMEOUT * 3;
+        while !loopdev::devices_backed_by(&needle).is_empty() {
+            if Instant::now() >= deadline {
+                return Err(NodeError::Setup(format!(
+                    "the disk of sandbox {id} is still in use"
+                )));
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
         Ok(())

@@ -15,6 +15,7 @@ use super::{admin, exec, files, sandboxes};
         sandboxes::create_sandbox, sandboxes::list_sandboxes, sandboxes::get_sandbox, sandboxes::delete_sandbox,
         sandboxes::pause_sandbox,
         sandboxes::resume_sandbox,
+        sandboxes::hibernate_sandbox,
         exec::exec, exec::exec_ws, exec::terminal,
         exec::start_process, exec::list_processes, exec::signal_process, exec::kill_process, exec::attach,
         admin::create_user,

@@ -65,7 +65,7 @@ pub async fn pause_sandbox(
     Ok(Json(s.control.pause(&user, &id).await?))
 }
 
-/// Resume a paused sandbox: its processes carry on where they were.
+/// Resume: a paused sandbox carries on where it was (hot); a hibernated one starts cold with its files.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
     responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn resume_sandbox(
@@ -74,4 +74,15 @@ pub async fn resume_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.resume(&user, &id).await?))
+}
+
+/// Hibernate: sync and keep the files, end every process. Resume starts it cold.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/hibernate", tag = "sandboxes",
+    responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn hibernate_sandbox(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.hibernate(&user, &id).await?))
 }
