@@ -101,6 +101,12 @@ struct CreateArgs {
     /// Environment for every command: `--env KEY=VALUE`, repeatable.
     #[arg(long = "env", value_parser = parse_kv)]
     env: Vec<(String, String)>,
+    /// Idle timeout in seconds (no API call for this long), then `--on-timeout`.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// `destroy` (default) or `pause`.
+    #[arg(long, value_parser = ["destroy", "pause"])]
+    on_timeout: Option<String>,
     /// Metadata: `--meta KEY=VALUE`, repeatable.
     #[arg(long = "meta", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
@@ -147,6 +153,11 @@ async fn run(cli: Cli) -> Result<i32> {
                 hostname: a.hostname,
                 env: a.env.into_iter().collect(),
                 metadata: a.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+                timeout_s: a.timeout,
+                on_timeout: a
+                    .on_timeout
+                    .as_deref()
+                    .and_then(burrow_types::OnTimeout::parse),
             };
             let sb = config::client()?.create(&req).await?;
             if json {

@@ -17,6 +17,9 @@ pub struct UpArgs {
     /// Address of the API (loopback by default: put a TLS proxy in front to expose it).
     #[arg(long, env = "BURROW_LISTEN", default_value_t = crate::default_listen())]
     listen: SocketAddr,
+    /// A JSON file of extra plans: `[{"name": "tiny", "limits": {...}}]` (same name replaces a default).
+    #[arg(long, env = "BURROW_PLANS")]
+    plans: Option<PathBuf>,
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -38,6 +41,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         admin_key: admin_key.clone(),
+        plans: match &args.plans {
+            Some(p) => serde_json::from_slice(
+                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("{} is not a JSON list of plans", p.display()))?,
+            None => Vec::new(),
+        },
     })
     .await
     .context("starting the server")?;

@@ -743,3 +743,124 @@ async fn hibernate_keeps_files_and_resume_starts_cold() {
     c.delete(&id).await.unwrap();
     assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_timeouts_pause_or_destroy_and_max_duration_ends_in_a_structured_error() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let plans = tempfile::NamedTempFile::new().unwrap();
+    let tiny = serde_json::json!([{ "name": "tiny", "limits": {
+        "cpu_millis": 500, "memory_mib": 256, "pids": 128, "disk_mib": 256, "nofile": 1024,
+        "output_bytes": 1048576, "max_duration_s": 3 } }]);
+    std::fs::write(plans.path(), tiny.to_string()).unwrap();
+    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let c = srv.client();
+    let with_timeout = |on: burrow_types::OnTimeout| CreateSandbox {
+        timeout_s: Some(2),
+        on_timeout: Some(on),
+        ..Default::default()
+    };
+    let doomed = c
+        .create(&with_timeout(burrow_types::OnTimeout::Destroy))
+        .await
+        .unwrap()
+        .id;
+    let napper = c
+        .create(&with_timeout(burrow_types::OnTimeout::Pause))
+        .await
+        .unwrap()
+        .id;
+    let busy = c
+        .create(&with_timeout(burrow_types::OnTimeout::Destroy))
+        .await
+        .unwrap()
+        .id;
+    let cleared = c
+        .create(&with_timeout(burrow_types::OnTimeout::Destroy))
+        .await
+        .unwrap();
+    assert_eq!(
+        (cleared.timeout_s, cleared.on_timeout),
+        (Some(2), burrow_types::OnTimeout::Destroy)
+    );
+    let cleared = cleared.id;
+    let off = c
+        .set_timeout(
+            &cleared,
+            &burrow_types::SetTimeout {
+                timeout_s: None,
+                on_timeout: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(off.timeout_s, None);
+    let short = c
+        .create(&CreateSandbox {
+            plan: Some("tiny".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(short.limits.max_duration_s, 3);
+
+    // `busy` is used every half second for 5 s; the others sit idle.
+    for _ in 0..10 {
+        c.exec(&busy, &cmd(&["true"])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        c.exec(&busy, &cmd(&["true"])).await.unwrap();
+        let gone = c
+            .get(&doomed)
+            .await
+            .err()
+            .and_then(|e| e.code().map(str::to_string));
+        let napping = c.get(&napper).await.unwrap().state;
+        let ended = c.get(&short.id).await.unwrap();
+        if gone.as_deref() == Some("sandbox_not_found")
+            && napping == SandboxState::Paused
+            && ended.state == SandboxState::Error
+        {
+            let reason = ended.error.unwrap();
+            assert_eq!(reason.code, "max_duration_exceeded");
+            assert_eq!(reason.limit, Some(serde_json::json!(3)));
+            assert!(reason
+                .observed
+                .and_then(|o| o.as_u64())
+                .is_some_and(|o| o >= 3));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timeouts not applied: {gone:?} {napping:?} {:?}",
+            ended.state
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(host_leftovers(&srv, &doomed), Vec::<String>::new());
+    assert_eq!(
+        host_leftovers(&srv, &short.id),
+        Vec::<String>::new(),
+        "max duration left the computer behind"
+    );
+    assert_eq!(
+        c.exec(&short.id, &cmd(&["true"])).await.unwrap_err().code(),
+        Some("sandbox_not_running")
+    );
+    assert_eq!(
+        c.get(&busy).await.unwrap().state,
+        SandboxState::Running,
+        "activity did not keep it alive"
+    );
+    assert_eq!(
+        c.get(&cleared).await.unwrap().state,
+        SandboxState::Running,
+        "a cleared timeout still fired"
+    );
+    for id in [&napper, &busy, &cleared, &short.id] {
+        c.delete(id).await.unwrap();
+    }
+}

@@ -122,6 +122,18 @@ impl Client {
             .await
     }
 
+    pub async fn set_timeout(
+        &self,
+        id: &str,
+        req: &burrow_types::SetTimeout,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::POST, &format!("/v1/sandboxes/{id}/timeout"))
+                .json(req),
+        )
+        .await
+    }
+
     pub async fn pause(&self, id: &str) -> Result<Sandbox, ClientError> {
         self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/pause")))
             .await

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use burrow_node::guest::{GuestClient, GuestError};
 use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
-use burrow_store::{now_rfc3339, SandboxRecord, Store, StoreError, User};
-use burrow_types::{codes, CreateSandbox, ErrorReason, Plan, Sandbox, SandboxState};
+use burrow_store::{now_rfc3339, now_unix, SandboxRecord, Store, StoreError, User};
+use burrow_types::{
+    codes, CreateSandbox, ErrorReason, OnTimeout, Plan, Sandbox, SandboxState, SetTimeout,
+};
 use tracing::{info, warn};
 
 use crate::auth::new_id;
@@ -64,6 +66,9 @@ pub struct Control {
     backend: Arc<dyn Backend>,
     plans: BTreeMap<String, Plan>,
     locks: SandboxLocks,
+    /// Last API activity per sandbox, for idle timeouts. Kept in memory: a database write per exec
+    /// would cost more than the exec; after a restart every idle clock starts again.
+    activity: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Control {
@@ -74,6 +79,7 @@ impl Control {
             backend,
             plans,
             locks: SandboxLocks::default(),
+            activity: Mutex::default(),
         }
     }
 
@@ -124,6 +130,9 @@ impl Control {
             error: None,
             warm_hit: false,
             created_at: now_rfc3339(),
+            timeout_s: req.timeout_s,
+            on_timeout: req.on_timeout.unwrap_or_default(),
+            started_at: now_unix(),
         };
         let lock = self.locks.get(&id);
         let _guard = lock.lock().await;
@@ -186,7 +195,95 @@ impl Control {
             return Err(ControlError::NotRunning(rec.state.as_str()));
         }
         let runtime = runtime_of(&rec).ok_or(ControlError::NotRunning("starting"))?;
+        self.touch(id);
         Ok((rec, GuestClient::new(runtime.guest_socket)))
+    }
+
+    fn touch(&self, id: &str) {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        a.insert(id.to_string(), std::time::Instant::now());
+    }
+
+    fn idle_for(&self, id: &str) -> std::time::Duration {
+        let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
+        a.entry(id.to_string())
+            .or_insert_with(std::time::Instant::now)
+            .elapsed()
+    }
+
+    /// Sets or clears the idle timeout; the idle clock restarts now.
+    pub fn set_timeout(
+        &self,
+        user: &User,
+        id: &str,
+        req: SetTimeout,
+    ) -> Result<Sandbox, ControlError> {
+        let mut rec = self.record(user, id)?;
+        if req.timeout_s == Some(0) {
+            return Err(ControlError::BadRequest(
+                "timeout_s must be positive (null turns it off)".into(),
+            ));
+        }
+        rec.timeout_s = req.timeout_s;
+        rec.on_timeout = req.on_timeout.unwrap_or(rec.on_timeout);
+        self.store.set_timeout(id, rec.timeout_s, rec.on_timeout)?;
+        self.touch(id);
+        Ok(to_api(&rec))
+    }
+
+    /// Applies idle timeouts and the plans' maximum durations; run about once a second.
+    pub async fn enforce_limits(&self) -> Result<(), ControlError> {
+        for rec in self.store.live_sandboxes()? {
+            if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
+                continue;
+            }
+            let ran = now_unix().saturating_sub(rec.started_at).max(0) as u64;
+            let result = if ran > rec.limits.max_duration_s {
+                let reason = ErrorReason {
+                    code: codes::MAX_DURATION_EXCEEDED.into(),
+                    message: format!(
+                        "the plan allows {} s per run; this one ran {ran} s",
+                        rec.limits.max_duration_s
+                    ),
+                    limit: Some(rec.limits.max_duration_s.into()),
+                    observed: Some(ran.into()),
+                };
+                self.end_with_error(&rec.id, reason).await
+            } else if let Some(t) = rec.timeout_s.filter(|_| rec.state == SandboxState::Running) {
+                if self.idle_for(&rec.id).as_secs() < t {
+                    continue;
+                }
+                info!(sandbox_id = %rec.id, timeout_s = t, action = rec.on_timeout.as_str(), "idle timeout");
+                let owner = User {
+                    id: rec.owner_id.clone(),
+                    name: String::new(),
+                    plan: String::new(),
+                    is_admin: false,
+                };
+                match rec.on_timeout {
+                    OnTimeout::Pause => self.pause(&owner, &rec.id).await.map(|_| ()),
+                    OnTimeout::Destroy => self.destroy(&owner, &rec.id).await,
+                }
+            } else {
+                continue;
+            };
+            if let Err(e) = result {
+                warn!(sandbox_id = %rec.id, error = %error_chain(&e), "enforcing a limit failed; retrying");
+            }
+        }
+        Ok(())
+    }
+
+    /// A hard limit was hit: the row says why (`error` with the reason), the computer is destroyed.
+    async fn end_with_error(&self, id: &str, reason: ErrorReason) -> Result<(), ControlError> {
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        let Some(rec) = self.store.sandbox(id)? else {
+            return Ok(());
+        };
+        warn!(sandbox_id = %id, code = %reason.code, "hard limit hit; destroying the computer");
+        self.store.set_error(id, &reason)?;
+        self.destroy_on_host(&rec).await
     }
 
     pub async fn destroy(&self, user: &User, id: &str) -> Result<(), ControlError> {
@@ -243,6 +340,7 @@ impl Control {
                 let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
                 self.store.set_running(id, &value)?;
                 rec.runtime = Some(value);
+                rec.started_at = now_unix();
             }
             other => {
                 return Err(ControlError::WrongState {
@@ -253,6 +351,7 @@ impl Control {
             }
         }
         rec.state = SandboxState::Running;
+        self.touch(id);
         info!(sandbox_id = %id, "sandbox resumed");
         Ok(to_api(&rec))
     }
@@ -425,6 +524,8 @@ pub fn to_api(rec: &SandboxRecord) -> Sandbox {
         metadata: rec.metadata.clone(),
         error: rec.error.clone(),
         warm_hit: rec.warm_hit,
+        timeout_s: rec.timeout_s,
+        on_timeout: rec.on_timeout,
     }
 }
 

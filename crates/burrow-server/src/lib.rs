@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Operator-chosen admin key (`BURROW_ADMIN_KEY`), used on first start instead of a random one.
     pub admin_key: Option<String>,
+    /// Plans on top of (or replacing, by name) the defaults.
+    pub plans: Vec<Plan>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +73,12 @@ impl Server {
         let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
         let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
-        let control = Arc::new(Control::new(store, Arc::new(backend), Plan::defaults()));
+        let mut plans = Plan::defaults();
+        for p in cfg.plans {
+            plans.retain(|d| d.name != p.name);
+            plans.push(p);
+        }
+        let control = Arc::new(Control::new(store, Arc::new(backend), plans));
         let report = control.reconcile().await?;
         info!(
             adopted = report.adopted.len(),
@@ -105,10 +112,23 @@ impl Server {
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        // Idle timeouts and maximum durations are checked once a second.
+        let control = self.state.control.clone();
+        let enforcer = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if let Err(e) = control.enforce_limits().await {
+                    tracing::warn!(error = %control::error_chain(&e), "checking limits failed");
+                }
+            }
+        });
         let app = api::router(self.state);
-        axum::serve(self.listener, app)
+        let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        enforcer.abort();
+        served
     }
 }
 

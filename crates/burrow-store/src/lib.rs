@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use burrow_types::{ErrorReason, Limits, SandboxState};
+use burrow_types::{ErrorReason, Limits, OnTimeout, SandboxState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 mod migrations;
@@ -51,10 +51,21 @@ pub struct SandboxRecord {
     pub error: Option<ErrorReason>,
     pub warm_hit: bool,
     pub created_at: String,
+    pub timeout_s: Option<u64>,
+    pub on_timeout: OnTimeout,
+    /// Unix seconds when the computer last started (create or cold resume).
+    pub started_at: i64,
 }
 
 pub struct Store {
     conn: Mutex<Connection>,
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn now_rfc3339() -> String {
@@ -62,7 +73,8 @@ pub fn now_rfc3339() -> String {
 }
 
 const SANDBOX_COLUMNS: &str = "id, owner_id, state, image, plan, hostname, limits, env, metadata, \
-                               uid_slot, runtime, error, warm_hit, created_at";
+                               uid_slot, runtime, error, warm_hit, created_at, timeout_s, on_timeout, \
+                               started_at";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -186,7 +198,7 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?14)"
             ),
             params![
                 rec.id,
@@ -203,16 +215,33 @@ impl Store {
                 rec.error.as_ref().map(serde_json::to_string).transpose()?,
                 rec.warm_hit,
                 rec.created_at,
+                rec.timeout_s,
+                rec.on_timeout.as_str(),
+                rec.started_at,
             ],
         )?;
         tx.commit()?;
         Ok(slot)
     }
 
+    /// The computer runs (after a create or a cold resume): its maximum duration counts from now.
     pub fn set_running(&self, id: &str, runtime: &serde_json::Value) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE sandboxes SET state = 'running', runtime = ?2, updated_at = ?3 WHERE id = ?1",
-            params![id, runtime.to_string(), now_rfc3339()],
+            "UPDATE sandboxes SET state = 'running', runtime = ?2, updated_at = ?3, started_at = ?4 WHERE id = ?1",
+            params![id, runtime.to_string(), now_rfc3339(), now_unix()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_timeout(
+        &self,
+        id: &str,
+        timeout_s: Option<u64>,
+        on_timeout: OnTimeout,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET timeout_s = ?2, on_timeout = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, timeout_s, on_timeout.as_str(), now_rfc3339()],
         )?;
         Ok(())
     }
@@ -314,6 +343,9 @@ struct RawSandbox {
     error: Option<String>,
     warm_hit: bool,
     created_at: String,
+    timeout_s: Option<u64>,
+    on_timeout: String,
+    started_at: i64,
 }
 
 fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -332,6 +364,9 @@ fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
         error: r.get(11)?,
         warm_hit: r.get(12)?,
         created_at: r.get(13)?,
+        timeout_s: r.get(14)?,
+        on_timeout: r.get(15)?,
+        started_at: r.get(16)?,
     })
 }
 
@@ -361,6 +396,9 @@ impl RawSandbox {
             uid_slot: self.uid_slot,
             warm_hit: self.warm_hit,
             created_at: self.created_at,
+            timeout_s: self.timeout_s,
+            on_timeout: OnTimeout::parse(&self.on_timeout).unwrap_or_default(),
+            started_at: self.started_at,
         })
     }
 }

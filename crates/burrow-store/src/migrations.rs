@@ -39,6 +39,10 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX sandboxes_owner ON sandboxes(owner_id, state);
     CREATE UNIQUE INDEX sandboxes_live_slot ON sandboxes(uid_slot) WHERE state != 'destroyed';",
+    // 2: idle timeout, and when the computer last started (for the plan's maximum duration).
+    "ALTER TABLE sandboxes ADD COLUMN timeout_s INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'destroy';
+    ALTER TABLE sandboxes ADD COLUMN started_at INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

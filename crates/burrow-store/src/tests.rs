@@ -1,5 +1,5 @@
 use super::*;
-use burrow_types::Plan;
+use burrow_types::{OnTimeout, Plan};
 
 fn record(id: &str, owner: &str) -> SandboxRecord {
     SandboxRecord {
@@ -17,6 +17,9 @@ fn record(id: &str, owner: &str) -> SandboxRecord {
         error: None,
         warm_hit: false,
         created_at: now_rfc3339(),
+        timeout_s: Some(60),
+        on_timeout: OnTimeout::Pause,
+        started_at: 0,
     }
 }
 
@@ -69,6 +72,11 @@ fn state_runtime_and_error_round_trip() {
     assert_eq!(r.state, SandboxState::Running);
     assert_eq!(r.runtime.unwrap()["pid"], 7);
     assert_eq!(r.metadata["k"], "v");
+    assert_eq!((r.timeout_s, r.on_timeout), (Some(60), OnTimeout::Pause));
+    assert!(r.started_at > 0, "set_running records the start");
+    s.set_timeout("a", None, OnTimeout::Destroy).unwrap();
+    let r = s.sandbox("a").unwrap().unwrap();
+    assert_eq!((r.timeout_s, r.on_timeout), (None, OnTimeout::Destroy));
     let reason = ErrorReason {
         code: "sandbox_lost".into(),
         message: "gone".into(),

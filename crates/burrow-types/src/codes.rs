@@ -26,3 +26,4 @@ pub const UNAVAILABLE: &str = "unavailable";
 pub const GUEST_UNREACHABLE: &str = "guest_unreachable";
 pub const SANDBOX_LOST: &str = "sandbox_lost";
 pub const CREATE_INTERRUPTED: &str = "create_interrupted";
+pub const MAX_DURATION_EXCEEDED: &str = "max_duration_exceeded";

@@ -79,6 +79,50 @@ pub struct Sandbox {
     /// True when the sandbox came from the warm pool.
     #[serde(default)]
     pub warm_hit: bool,
+    /// Idle timeout in seconds, if any.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+}
+
+/// What happens when a sandbox has been idle (no API call for it) for its timeout.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    Pause,
+    #[default]
+    Destroy,
+}
+
+impl OnTimeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnTimeout::Pause => "pause",
+            OnTimeout::Destroy => "destroy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pause" => Some(OnTimeout::Pause),
+            "destroy" => Some(OnTimeout::Destroy),
+            _ => None,
+        }
+    }
+}
+
+/// Body of `POST /v1/sandboxes/{id}/timeout` (like E2B's `set_timeout`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SetTimeout {
+    /// Seconds without an API call before `on_timeout` applies; `null` turns the timeout off.
+    pub timeout_s: Option<u64>,
+    /// Unchanged when absent.
+    #[serde(default)]
+    pub on_timeout: Option<OnTimeout>,
 }
 
 /// Body of `POST /v1/sandboxes`. Unknown fields are refused: owner, limits and host paths are the
@@ -100,6 +144,12 @@ pub struct CreateSandbox {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Idle timeout in seconds (no API call for this long); off when absent.
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// What the idle timeout does: `destroy` (default) or `pause`.
+    #[serde(default)]
+    pub on_timeout: Option<OnTimeout>,
 }
 
 /// Body of a buffered exec (`POST /v1/sandboxes/{id}/exec`) and the first message of a streaming one.

@@ -37,6 +37,7 @@ pub struct TestServer {
     _tmp: tempfile::TempDir,
     child: Option<Child>,
     listen: String,
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -46,6 +47,11 @@ fn free_port() -> u16 {
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        Self::start_with_env(&[]).await
+    }
+
+    /// A server with extra environment (e.g. `BURROW_PLANS`).
+    pub async fn start_with_env(env: &[(&str, &str)]) -> TestServer {
         let tmp = tempfile::Builder::new()
             .prefix("burrow-test-")
             .tempdir()
@@ -63,6 +69,10 @@ impl TestServer {
             _tmp: tmp,
             child: None,
             listen,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         s.spawn().await;
         s
@@ -82,6 +92,7 @@ impl TestServer {
             .env("HOME", &self.home)
             .env_remove("XDG_CONFIG_HOME")
             .env("BURROW_LOG", "info,burrow=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

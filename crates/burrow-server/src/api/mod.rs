@@ -41,6 +41,7 @@ pub fn router(state: AppState) -> Router {
         .route("/pause", post(sandboxes::pause_sandbox))
         .route("/resume", post(sandboxes::resume_sandbox))
         .route("/hibernate", post(sandboxes::hibernate_sandbox))
+        .route("/timeout", post(sandboxes::set_timeout))
         .route("/exec", post(exec::exec))
         .route("/exec/ws", get(exec::exec_ws))
         .route("/terminal", get(exec::terminal))

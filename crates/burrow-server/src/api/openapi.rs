@@ -16,6 +16,7 @@ use super::{admin, exec, files, sandboxes};
         sandboxes::pause_sandbox,
         sandboxes::resume_sandbox,
         sandboxes::hibernate_sandbox,
+        sandboxes::set_timeout,
         exec::exec, exec::exec_ws, exec::terminal,
         exec::start_process, exec::list_processes, exec::signal_process, exec::kill_process, exec::attach,
         admin::create_user,

@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use burrow_types::{ApiError, CreateSandbox, Sandbox};
+use burrow_types::{ApiError, CreateSandbox, Sandbox, SetTimeout};
 
 use super::error::HttpError;
 use super::extract::{ApiJson, Caller};
@@ -85,4 +85,16 @@ pub async fn hibernate_sandbox(
     Path(id): Path<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.hibernate(&user, &id).await?))
+}
+
+/// Set or clear the idle timeout (no API call for `timeout_s` seconds → `on_timeout`).
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", request_body = SetTimeout, tag = "sandboxes",
+    responses((status = 200, body = Sandbox), (status = 400, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn set_timeout(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SetTimeout>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.set_timeout(&user, &id, req)?))
 }
