@@ -20,6 +20,9 @@ pub struct UpArgs {
     /// A JSON file of extra plans: `[{"name": "tiny", "limits": {...}}]` (same name replaces a default).
     #[arg(long, env = "BURROW_PLANS")]
     plans: Option<PathBuf>,
+    /// Seconds a paused sandbox keeps its processes before it hibernates (files only).
+    #[arg(long, env = "BURROW_HOT_WINDOW", default_value_t = 8 * 3600)]
+    hot_window: u64,
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -41,6 +44,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         admin_key: admin_key.clone(),
+        hot_window: std::time::Duration::from_secs(args.hot_window),
         plans: match &args.plans {
             Some(p) => serde_json::from_slice(
                 &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,

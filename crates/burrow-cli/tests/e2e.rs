@@ -864,3 +864,33 @@ async fn idle_timeouts_pause_or_destroy_and_max_duration_ends_in_a_structured_er
         c.delete(id).await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_sandbox_hibernates_after_the_hot_window() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let srv = TestServer::start_with_env(&[("BURROW_HOT_WINDOW", "2")]).await;
+    let c = srv.client();
+    let id = c.create(&CreateSandbox::default()).await.unwrap().id;
+    c.exec(&id, &sh("echo before-pause > /workspace/f"))
+        .await
+        .unwrap();
+    c.pause(&id).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while c.get(&id).await.unwrap().state != SandboxState::Hibernated {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not hibernated after the hot window"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        std::fs::read_dir(format!("/sys/fs/cgroup/pids/burrow/{id}")).is_err(),
+        "a hibernated sandbox still has cgroups"
+    );
+    c.resume(&id).await.unwrap();
+    let r = c.exec(&id, &sh("cat /workspace/f")).await.unwrap();
+    assert_eq!(r.stdout, "before-pause\n");
+    c.delete(&id).await.unwrap();
+}

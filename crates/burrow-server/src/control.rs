@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use crate::auth::new_id;
 
 pub const DEFAULT_IMAGE: &str = "system";
+pub const DEFAULT_HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_ENV_ENTRIES: usize = 256;
 const MAX_KV_BYTES: usize = 4096;
@@ -69,6 +70,8 @@ pub struct Control {
     /// Last API activity per sandbox, for idle timeouts. Kept in memory: a database write per exec
     /// would cost more than the exec; after a restart every idle clock starts again.
     activity: Mutex<HashMap<String, std::time::Instant>>,
+    /// How long a paused sandbox keeps its processes before it hibernates (DESIGN.md §3).
+    hot_window: std::time::Duration,
 }
 
 impl Control {
@@ -80,11 +83,17 @@ impl Control {
             plans,
             locks: SandboxLocks::default(),
             activity: Mutex::default(),
+            hot_window: DEFAULT_HOT_WINDOW,
         }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn with_hot_window(mut self, window: std::time::Duration) -> Control {
+        self.hot_window = window;
+        self
     }
 
     pub fn has_plan(&self, name: &str) -> bool {
@@ -133,6 +142,7 @@ impl Control {
             timeout_s: req.timeout_s,
             on_timeout: req.on_timeout.unwrap_or_default(),
             started_at: now_unix(),
+            paused_at: 0,
         };
         let lock = self.locks.get(&id);
         let _guard = lock.lock().await;
@@ -249,6 +259,18 @@ impl Control {
                     observed: Some(ran.into()),
                 };
                 self.end_with_error(&rec.id, reason).await
+            } else if rec.state == SandboxState::Paused
+                && now_unix().saturating_sub(rec.paused_at).max(0) as u64
+                    >= self.hot_window.as_secs()
+            {
+                info!(sandbox_id = %rec.id, "hot window over; hibernating");
+                let owner = User {
+                    id: rec.owner_id.clone(),
+                    name: String::new(),
+                    plan: String::new(),
+                    is_admin: false,
+                };
+                self.hibernate(&owner, &rec.id).await.map(|_| ())
             } else if let Some(t) = rec.timeout_s.filter(|_| rec.state == SandboxState::Running) {
                 if self.idle_for(&rec.id).as_secs() < t {
                     continue;
@@ -315,7 +337,7 @@ impl Control {
         let backend = self.backend.clone();
         let id2 = id.to_string();
         tokio::task::spawn_blocking(move || backend.pause(&id2)).await??;
-        self.store.set_state(id, SandboxState::Paused)?;
+        self.store.set_paused(id)?;
         rec.state = SandboxState::Paused;
         info!(sandbox_id = %id, "sandbox paused");
         Ok(to_api(&rec))

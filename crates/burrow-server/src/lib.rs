@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub admin_key: Option<String>,
     /// Plans on top of (or replacing, by name) the defaults.
     pub plans: Vec<Plan>,
+    /// How long a paused sandbox stays hot before it hibernates.
+    pub hot_window: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +80,8 @@ impl Server {
             plans.retain(|d| d.name != p.name);
             plans.push(p);
         }
-        let control = Arc::new(Control::new(store, Arc::new(backend), plans));
+        let control =
+            Arc::new(Control::new(store, Arc::new(backend), plans).with_hot_window(cfg.hot_window));
         let report = control.reconcile().await?;
         info!(
             adopted = report.adopted.len(),

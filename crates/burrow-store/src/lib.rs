@@ -55,6 +55,8 @@ pub struct SandboxRecord {
     pub on_timeout: OnTimeout,
     /// Unix seconds when the computer last started (create or cold resume).
     pub started_at: i64,
+    /// Unix seconds when it was last paused.
+    pub paused_at: i64,
 }
 
 pub struct Store {
@@ -74,7 +76,7 @@ pub fn now_rfc3339() -> String {
 
 const SANDBOX_COLUMNS: &str = "id, owner_id, state, image, plan, hostname, limits, env, metadata, \
                                uid_slot, runtime, error, warm_hit, created_at, timeout_s, on_timeout, \
-                               started_at";
+                               started_at, paused_at";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -198,7 +200,7 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?14)"
             ),
             params![
                 rec.id,
@@ -218,6 +220,7 @@ impl Store {
                 rec.timeout_s,
                 rec.on_timeout.as_str(),
                 rec.started_at,
+                rec.paused_at,
             ],
         )?;
         tx.commit()?;
@@ -242,6 +245,15 @@ impl Store {
         self.conn().execute(
             "UPDATE sandboxes SET timeout_s = ?2, on_timeout = ?3, updated_at = ?4 WHERE id = ?1",
             params![id, timeout_s, on_timeout.as_str(), now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Frozen now: the hot window counts from here.
+    pub fn set_paused(&self, id: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = 'paused', paused_at = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, now_unix(), now_rfc3339()],
         )?;
         Ok(())
     }
@@ -346,6 +358,7 @@ struct RawSandbox {
     timeout_s: Option<u64>,
     on_timeout: String,
     started_at: i64,
+    paused_at: i64,
 }
 
 fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -367,6 +380,7 @@ fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
         timeout_s: r.get(14)?,
         on_timeout: r.get(15)?,
         started_at: r.get(16)?,
+        paused_at: r.get(17)?,
     })
 }
 
@@ -399,6 +413,7 @@ impl RawSandbox {
             timeout_s: self.timeout_s,
             on_timeout: OnTimeout::parse(&self.on_timeout).unwrap_or_default(),
             started_at: self.started_at,
+            paused_at: self.paused_at,
         })
     }
 }

@@ -43,6 +43,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE sandboxes ADD COLUMN timeout_s INTEGER;
     ALTER TABLE sandboxes ADD COLUMN on_timeout TEXT NOT NULL DEFAULT 'destroy';
     ALTER TABLE sandboxes ADD COLUMN started_at INTEGER NOT NULL DEFAULT 0;",
+    // 3: when a sandbox was paused (for the hot window).
+    "ALTER TABLE sandboxes ADD COLUMN paused_at INTEGER NOT NULL DEFAULT 0;",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

@@ -20,6 +20,7 @@ fn record(id: &str, owner: &str) -> SandboxRecord {
         timeout_s: Some(60),
         on_timeout: OnTimeout::Pause,
         started_at: 0,
+        paused_at: 0,
     }
 }
 
