@@ -396,13 +396,25 @@ async fn kill_9_mid_create_and_mid_exec_then_restart_leaves_nothing_half_made() 
                     sb.id
                 );
             }
+            // Its processes were lost with the server (mid-delete): files kept, no process left.
+            SandboxState::Hibernated => {
+                assert_eq!(
+                    host_leftovers(&srv, &sb.id),
+                    ["sandbox directory"],
+                    "{}",
+                    sb.id
+                );
+                client.resume(&sb.id).await.unwrap();
+                let r = client.exec(&sb.id, &cmd(&["true"])).await.unwrap();
+                assert_eq!(r.exit_code, Some(0), "{} resumed but unusable", sb.id);
+            }
             other => panic!("{} is {other:?} after restart", sb.id),
         }
     }
-    // Every sandbox directory on the host belongs to a running sandbox.
+    // Every sandbox directory on the host belongs to a running (or resumed) sandbox.
     let running: Vec<_> = all
         .iter()
-        .filter(|s| s.state == SandboxState::Running)
+        .filter(|s| matches!(s.state, SandboxState::Running | SandboxState::Hibernated))
         .map(|s| s.id.clone())
         .collect();
     for dir in srv.host_sandbox_dirs() {
@@ -893,4 +905,28 @@ async fn a_paused_sandbox_hibernates_after_the_hot_window() {
     let r = c.exec(&id, &sh("cat /workspace/f")).await.unwrap();
     assert_eq!(r.stdout, "before-pause\n");
     c.delete(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_host_reboot_sandboxes_come_back_cold_with_their_files() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let mut srv = TestServer::start().await;
+    let c = srv.client();
+    let id = c.create(&CreateSandbox::default()).await.unwrap().id;
+    c.exec(&id, &sh("echo survived > /workspace/f && sync"))
+        .await
+        .unwrap();
+    // A reboot, as far as burrow can tell: the server and every process of the sandbox die.
+    srv.kill9();
+    force_clean(&id);
+    srv.restart().await;
+    let c = srv.client();
+    assert_eq!(c.get(&id).await.unwrap().state, SandboxState::Hibernated);
+    c.resume(&id).await.unwrap();
+    let r = c.exec(&id, &sh("cat /workspace/f")).await.unwrap();
+    assert_eq!(r.stdout, "survived\n");
+    c.delete(&id).await.unwrap();
+    assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
 }

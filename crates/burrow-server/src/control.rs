@@ -427,9 +427,26 @@ impl Control {
                         report.adopted.push(rec.id.clone());
                         continue;
                     }
+                    // The processes are gone (a host reboot, a crash) but the disk is not: the
+                    // sandbox comes back cold on the next resume (DESIGN.md §3).
+                    let backend = self.backend.clone();
+                    let (id, runtime) = (rec.id.clone(), runtime_of(&rec));
+                    match tokio::task::spawn_blocking(move || backend.stop(&id, runtime.as_ref()))
+                        .await?
+                    {
+                        Ok(()) => {
+                            self.store.set_hibernated(&rec.id)?;
+                            keep.insert(rec.id.clone());
+                            report.hibernated.push(rec.id.clone());
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(sandbox_id = %rec.id, error = %error_chain(&e), "could not keep a lost sandbox's files")
+                        }
+                    }
                     (
                         codes::SANDBOX_LOST,
-                        "the sandbox's processes ended while the server was down",
+                        "the sandbox's processes ended and its files could not be kept",
                         &mut report.lost,
                     )
                 }
@@ -502,6 +519,8 @@ async fn sync_files(rec: &SandboxRecord) -> Result<(), ControlError> {
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub adopted: Vec<String>,
+    /// Their processes were gone; their files are kept and a resume starts them cold.
+    pub hibernated: Vec<String>,
     pub lost: Vec<String>,
     pub interrupted: Vec<String>,
     /// Host leftovers with no live row.

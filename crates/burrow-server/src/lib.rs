@@ -85,6 +85,7 @@ impl Server {
         let report = control.reconcile().await?;
         info!(
             adopted = report.adopted.len(),
+            hibernated = report.hibernated.len(),
             lost = report.lost.len(),
             interrupted = report.interrupted.len(),
             cleaned = report.cleaned.len(),
