@@ -52,10 +52,13 @@ impl TestServer {
 
     /// A server with extra environment (e.g. `BURROW_PLANS`).
     pub async fn start_with_env(env: &[(&str, &str)]) -> TestServer {
+        sweep_dead_runs();
         let tmp = tempfile::Builder::new()
             .prefix("burrow-test-")
             .tempdir()
             .expect("tempdir");
+        // Which test process owns this directory, so a later run can sweep it if we are killed.
+        std::fs::write(tmp.path().join("owner.pid"), std::process::id().to_string()).unwrap();
         let data = tmp.path().join("data");
         let home = tmp.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
@@ -177,6 +180,29 @@ impl Drop for TestServer {
         for id in self.host_sandbox_dirs() {
             force_clean(&id);
         }
+    }
+}
+
+/// Sandboxes outlive their server by design, so a test process killed outright (no `Drop`) leaves
+/// its sandboxes running. Sweep the directories of test processes that no longer exist.
+fn sweep_dead_runs() {
+    let tmp = std::env::temp_dir();
+    for name in list_dir(&tmp)
+        .into_iter()
+        .filter(|n| n.starts_with("burrow-test-"))
+    {
+        let dir = tmp.join(&name);
+        let owner = std::fs::read_to_string(dir.join("owner.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let Some(owner) = owner else { continue };
+        if Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        for id in list_dir(&dir.join("data").join("sandboxes")) {
+            force_clean(&id);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
