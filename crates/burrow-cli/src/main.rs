@@ -83,6 +83,9 @@ enum AdminCommand {
         name: String,
         #[arg(long)]
         plan: Option<String>,
+        /// Issue the key as `e2b_<hex>`, the shape the e2b SDKs expect (see docs/e2b.md).
+        #[arg(long)]
+        e2b_key: bool,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -246,9 +249,13 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
-        Command::Admin(AdminCommand::CreateUser { name, plan }) => {
+        Command::Admin(AdminCommand::CreateUser {
+            name,
+            plan,
+            e2b_key,
+        }) => {
             let v = config::client()?
-                .create_user(&name, plan.as_deref())
+                .create_user_with(&name, plan.as_deref(), e2b_key)
                 .await?;
             if json {
                 print_json(&v)?;

@@ -13,6 +13,7 @@ use tracing::info;
 pub mod api;
 pub mod auth;
 pub mod control;
+pub mod e2b;
 
 use control::Control;
 
@@ -44,6 +45,8 @@ pub enum ServerError {
     Node(#[from] burrow_node::NodeError),
     #[error("start-up reconcile")]
     Reconcile(#[from] control::ControlError),
+    #[error("e2b facade")]
+    E2b(#[from] e2b::FacadeError),
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -82,6 +85,10 @@ impl Server {
         }
         let control =
             Arc::new(Control::new(store, Arc::new(backend), plans).with_hot_window(cfg.hot_window));
+        let e2b = Arc::new(e2b::Facade::open(
+            &cfg.data_dir,
+            std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
+        )?);
         let report = control.reconcile().await?;
         info!(
             adopted = report.adopted.len(),
@@ -107,7 +114,7 @@ impl Server {
             bootstrap,
             local_addr,
             listener,
-            state: api::AppState { control },
+            state: api::AppState { control, e2b },
         })
     }
 

@@ -30,6 +30,8 @@ pub const MAX_JSON_BODY: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub control: Arc<Control>,
+    /// The E2B-compatible facade's own state (tokens, templates, watchers).
+    pub e2b: Arc<crate::e2b::Facade>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -74,6 +76,7 @@ pub fn router(state: AppState) -> Router {
             post(sandboxes::create_sandbox).get(sandboxes::list_sandboxes),
         )
         .nest("/v1/sandboxes/{id}", sandbox)
+        .merge(crate::e2b::router())
         .fallback(|| async {
             HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
         })

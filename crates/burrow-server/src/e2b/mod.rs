@@ -1,0 +1,409 @@
+//! The E2B-compatible facade (DESIGN.md §8): E2B's REST API and the in-sandbox daemon protocol
+//! ("envd": Connect-RPC `process.Process` and `filesystem.Filesystem`, `GET/POST /files`,
+//! `GET /health`), so the unmodified `e2b` SDKs drive burrow. Everything here translates onto
+//! the control layer and the guest client; there is no second sandbox implementation.
+//!
+//! Routing: the REST routes answer on the server's own address (`E2B_API_URL`). envd requests
+//! name their sandbox with the `E2b-Sandbox-Id` header (the SDKs send it on every envd call, so
+//! `E2B_SANDBOX_URL` can be the same address) or with a Host of `49983-<id>.<domain>`, which a
+//! Host router hands to [`envd_router`].
+//!
+//! Authentication: REST calls carry a burrow API key in `X-API-Key`. envd calls carry the
+//! sandbox's access token (`X-Access-Token`), an HMAC of the sandbox id under a server secret,
+//! returned as `envdAccessToken` when the sandbox is created or connected: a leaked token acts for
+//! that one sandbox only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use burrow_node::guest::GuestClient;
+use burrow_store::{SandboxRecord, User};
+use burrow_types::SandboxState;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::api::AppState;
+
+mod connect;
+mod files;
+mod filesystem;
+mod process;
+mod rest;
+
+/// The envd port the SDKs address (`49983-<id>.<domain>`).
+pub const ENVD_PORT: u16 = 49983;
+/// The envd version we report. It selects what the SDKs use: default user (0.4.0), closing
+/// stdin (0.5.2), octet-stream uploads (0.5.7). File metadata (0.6.2) is not offered, and the
+/// SDKs then say so themselves.
+pub const ENVD_VERSION: &str = "0.5.7";
+/// E2B's default user inside a sandbox; burrow's image has the same `user` (uid 1000).
+pub const DEFAULT_USER: &str = "user";
+
+/// What the facade keeps beside the control layer: the token secret, the template table, and
+/// per-process details envd reports that burrow's guest does not keep (tags, env, cwd).
+pub struct Facade {
+    secret: [u8; 32],
+    templates: BTreeMap<String, String>,
+    procs: Mutex<HashMap<(String, u32), process::ProcMeta>>,
+    watchers: filesystem::Watchers,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FacadeError {
+    #[error("e2b token secret {path}")]
+    Secret {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("BURROW_E2B_TEMPLATES is not a JSON object of template name to image: {0}")]
+    Templates(String),
+}
+
+impl Facade {
+    /// Loads (or makes, on first start) the token secret under `data_dir`. Templates map E2B
+    /// template names to burrow images: `base` is burrow's default image; more come from
+    /// `BURROW_E2B_TEMPLATES` (a JSON object).
+    pub fn open(data_dir: &Path, templates_json: Option<&str>) -> Result<Facade, FacadeError> {
+        let path = data_dir.join("e2b-token.key");
+        let err = |source| FacadeError::Secret {
+            path: path.clone(),
+            source,
+        };
+        let secret = match std::fs::read(&path) {
+            Ok(b) if b.len() == 32 => {
+                let mut s = [0u8; 32];
+                s.copy_from_slice(&b);
+                s
+            }
+            Ok(_) | Err(_) => {
+                let s: [u8; 32] = rand::random();
+                let tmp = path.with_extension("tmp");
+                {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(0o600)
+                        .open(&tmp)
+                        .map_err(err)?;
+                    f.write_all(&s).map_err(err)?;
+                    f.sync_all().map_err(err)?;
+                }
+                std::fs::rename(&tmp, &path).map_err(err)?;
+                s
+            }
+        };
+        let mut templates = BTreeMap::from([(
+            "base".to_string(),
+            crate::control::DEFAULT_IMAGE.to_string(),
+        )]);
+        if let Some(json) = templates_json.filter(|j| !j.trim().is_empty()) {
+            let extra: BTreeMap<String, String> =
+                serde_json::from_str(json).map_err(|e| FacadeError::Templates(e.to_string()))?;
+            templates.extend(extra);
+        }
+        Ok(Facade {
+            secret,
+            templates,
+            procs: Mutex::default(),
+            watchers: filesystem::Watchers::default(),
+        })
+    }
+
+    /// The envd access token of a sandbox.
+    pub fn access_token(&self, sandbox_id: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
+        mac.update(b"e2b-envd:");
+        mac.update(sandbox_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn token_ok(&self, sandbox_id: &str, token: &str) -> bool {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
+        mac.update(b"e2b-envd:");
+        mac.update(sandbox_id.as_bytes());
+        match hex::decode(token) {
+            Ok(t) => mac.verify_slice(&t).is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    pub fn image_for(&self, template: &str) -> Option<&str> {
+        self.templates.get(template).map(String::as_str)
+    }
+
+    /// Forgets what the facade kept about a sandbox that is gone.
+    fn forget(&self, sandbox_id: &str) {
+        lock(&self.procs).retain(|(sid, _), _| sid != sandbox_id);
+        self.watchers.forget(sandbox_id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Every E2B route: REST on the server's own address plus envd selected by header or Host.
+pub fn router() -> Router<AppState> {
+    rest::router().merge(envd_routes())
+}
+
+/// envd alone, for a Host router that sends `49983-<id>.<domain>` here: the sandbox comes from
+/// the Host header (or `E2b-Sandbox-Id`), so it can be mounted at `/` of any listener.
+pub fn envd_router(state: AppState) -> Router {
+    envd_routes().with_state(state)
+}
+
+fn envd_routes() -> Router<AppState> {
+    use axum::routing::{get, post};
+    Router::new()
+        .route("/health", get(envd_health))
+        .route(
+            "/files",
+            get(files::download)
+                .post(files::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/process.Process/{method}", post(process::call))
+        .route("/filesystem.Filesystem/{method}", post(filesystem::call))
+}
+
+/// envd's health check answers 204; without a sandbox id this is the REST API's own liveness.
+async fn envd_health(
+    axum::extract::State(s): axum::extract::State<AppState>,
+    parts: axum::http::HeaderMap,
+) -> Response {
+    let Some(id) = sandbox_id_of(&parts) else {
+        return StatusCode::OK.into_response();
+    };
+    match s.control.store().sandbox(&id) {
+        Ok(Some(r)) if r.state == SandboxState::Running => StatusCode::NO_CONTENT.into_response(),
+        Ok(Some(r)) if r.state != SandboxState::Destroyed && r.state != SandboxState::Error => {
+            envd_error(
+                StatusCode::BAD_GATEWAY,
+                format!("sandbox {id} is {}", r.state.as_str()),
+            )
+        }
+        _ => not_found_502(&id),
+    }
+}
+
+/// The sandbox an envd request is for: `E2b-Sandbox-Id`, else a Host of `49983-<id>.<domain>`.
+pub fn sandbox_id_of(headers: &axum::http::HeaderMap) -> Option<String> {
+    let valid = |s: &str| {
+        !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if let Some(id) = headers.get("e2b-sandbox-id").and_then(|v| v.to_str().ok()) {
+        return valid(id).then(|| id.to_string());
+    }
+    let host = headers.get("host").and_then(|v| v.to_str().ok())?;
+    let label = host.split('.').next()?;
+    let (port, id) = label.split_once('-')?;
+    (port == ENVD_PORT.to_string() && valid(id)).then(|| id.to_string())
+}
+
+/// envd's plain HTTP error body.
+pub(crate) fn envd_error(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({"code": status.as_u16(), "message": message})),
+    )
+        .into_response()
+}
+
+/// What E2B's sandbox proxy answers for a sandbox that is gone; the SDKs recognise the words
+/// "was not found" and report the sandbox as not running.
+fn not_found_502(id: &str) -> Response {
+    envd_error(
+        StatusCode::BAD_GATEWAY,
+        format!("The sandbox {id} was not found"),
+    )
+}
+
+/// An authenticated envd call: the sandbox (running), its owner and its guest, and the user the
+/// call acts as (`Authorization: Basic <user>:`, else E2B's default `user`).
+pub struct Envd {
+    pub rec: SandboxRecord,
+    pub owner: User,
+    pub guest: GuestClient,
+    pub user: String,
+}
+
+impl Envd {
+    pub fn home(&self) -> String {
+        home_of(&self.user)
+    }
+
+    /// envd resolves relative paths (and `~`) against the user's home directory.
+    pub fn path(&self, p: &str) -> String {
+        let home = self.home();
+        if p.is_empty() {
+            home
+        } else if p == "~" {
+            home
+        } else if let Some(rest) = p.strip_prefix("~/") {
+            format!("{home}/{rest}")
+        } else if p.starts_with('/') {
+            p.to_string()
+        } else {
+            format!("{home}/{p}")
+        }
+    }
+}
+
+pub fn home_of(user: &str) -> String {
+    if user == "root" || user == "0" {
+        "/root".into()
+    } else {
+        format!("/home/{user}")
+    }
+}
+
+/// Why an envd call was refused before reaching the sandbox.
+pub struct EnvdRejection(Response);
+
+impl IntoResponse for EnvdRejection {
+    fn into_response(self) -> Response {
+        self.0
+    }
+}
+
+impl FromRequestParts<AppState> for Envd {
+    type Rejection = EnvdRejection;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let reject = |status, m: String| EnvdRejection(envd_error(status, m));
+        let Some(id) = sandbox_id_of(&parts.headers) else {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "no sandbox named: send the E2b-Sandbox-Id header or use the host 49983-<id>.<domain>"
+                    .into(),
+            ));
+        };
+        let token = parts
+            .headers
+            .get("x-access-token")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        // A wrong token and an unknown sandbox look the same, so tokens cannot probe for ids.
+        if !state.e2b.token_ok(&id, token) {
+            return Err(reject(
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid X-Access-Token for this sandbox".into(),
+            ));
+        }
+        let rec = match state.control.store().sandbox(&id) {
+            Ok(Some(r)) if r.state != SandboxState::Destroyed => r,
+            Ok(_) => {
+                state.e2b.forget(&id);
+                return Err(EnvdRejection(not_found_502(&id)));
+            }
+            Err(e) => return Err(reject(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        };
+        let owner = User {
+            id: rec.owner_id.clone(),
+            name: String::new(),
+            plan: String::new(),
+            is_admin: false,
+        };
+        let (rec, guest) = match state.control.guest(&owner, &id) {
+            Ok(g) => g,
+            Err(crate::control::ControlError::NotFound) => {
+                return Err(EnvdRejection(not_found_502(&id)))
+            }
+            Err(e) => {
+                return Err(reject(
+                    StatusCode::BAD_GATEWAY,
+                    format!("sandbox {id} cannot serve this call: {e}"),
+                ))
+            }
+        };
+        let user = basic_user(&parts.headers).unwrap_or_else(|| DEFAULT_USER.to_string());
+        Ok(Envd {
+            rec,
+            owner,
+            guest,
+            user,
+        })
+    }
+}
+
+/// The user of `Authorization: Basic base64(<user>:)`, as the SDKs send it per call.
+fn basic_user(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine;
+    let v = headers.get("authorization")?.to_str().ok()?;
+    let b64 = v
+        .strip_prefix("Basic ")
+        .or_else(|| v.strip_prefix("basic "))?;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let s = String::from_utf8(raw).ok()?;
+    let user = s.split(':').next()?.trim();
+    (!user.is_empty()).then(|| user.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_per_sandbox_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Facade::open(dir.path(), None).unwrap();
+        let t = a.access_token("abc");
+        assert!(a.token_ok("abc", &t));
+        assert!(!a.token_ok("abd", &t));
+        assert!(!a.token_ok("abc", "zz"));
+        let b = Facade::open(dir.path(), None).unwrap();
+        assert!(b.token_ok("abc", &t));
+        let other = tempfile::tempdir().unwrap();
+        assert!(!Facade::open(other.path(), None)
+            .unwrap()
+            .token_ok("abc", &t));
+    }
+
+    #[test]
+    fn templates_map_to_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Facade::open(dir.path(), Some(r#"{"python":"py-img"}"#)).unwrap();
+        assert_eq!(f.image_for("base"), Some("system"));
+        assert_eq!(f.image_for("python"), Some("py-img"));
+        assert_eq!(f.image_for("nope"), None);
+        assert!(Facade::open(dir.path(), Some("[1]")).is_err());
+    }
+
+    #[test]
+    fn sandbox_ids_come_from_the_header_or_the_host() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("host", "49983-abc123.burrow.local".parse().unwrap());
+        assert_eq!(sandbox_id_of(&h).as_deref(), Some("abc123"));
+        h.insert("host", "8080-abc123.burrow.local".parse().unwrap());
+        assert_eq!(sandbox_id_of(&h), None);
+        h.insert("e2b-sandbox-id", "xyz".parse().unwrap());
+        assert_eq!(sandbox_id_of(&h).as_deref(), Some("xyz"));
+        h.insert("e2b-sandbox-id", "../etc".parse().unwrap());
+        assert_eq!(sandbox_id_of(&h), None);
+    }
+
+    #[test]
+    fn basic_auth_names_the_user() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("authorization", "Basic cm9vdDo=".parse().unwrap());
+        assert_eq!(basic_user(&h).as_deref(), Some("root"));
+        h.insert("authorization", "Bearer x".parse().unwrap());
+        assert_eq!(basic_user(&h), None);
+    }
+}
