@@ -32,8 +32,8 @@ failures = []
 def check(name):
     def wrap(fn):
         try:
-            fn()
-            print(f"ok {name}", flush=True)
+            skipped = fn()
+            print(f"skip {name}: {skipped}" if skipped else f"ok {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
             failures.append(name)
             print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
@@ -256,8 +256,8 @@ def _():
 @check("get_host: a server inside the sandbox")
 def _():
     if os.environ.get("E2B_CONFORMANCE_PORT_PROXY") != "1":
-        print("skipped get_host: needs burrow's port proxy (set E2B_CONFORMANCE_PORT_PROXY=1)")
-        return
+        # TODO(lead): enable once the networking branch's port proxy is merged.
+        return "needs burrow's port proxy (set E2B_CONFORMANCE_PORT_PROXY=1)"
     sbx.files.write("/home/user/site/index.html", "served from burrow")
     sbx.commands.run("cd /home/user/site && python3 -m http.server 8000", background=True)
     host = sbx.get_host(8000)

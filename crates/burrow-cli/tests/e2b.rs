@@ -115,7 +115,9 @@ fn js_sdk() -> Option<PathBuf> {
     if !o.status.success() {
         let log = text(&o);
         if unreachable(&log) {
-            eprintln!("skipping: the npm registry is unreachable, cannot install e2b@{JS_SDK}:\n{log}");
+            eprintln!(
+                "skipping: the npm registry is unreachable, cannot install e2b@{JS_SDK}:\n{log}"
+            );
             return None;
         }
         panic!("npm install e2b@{JS_SDK} failed:\n{log}");
@@ -141,7 +143,12 @@ async fn e2b_env(srv: &TestServer, name: &str) -> Vec<(String, String)> {
 }
 
 fn run_with(mut cmd: Command, env: &[(String, String)]) -> Output {
-    for k in ["E2B_DOMAIN", "E2B_DEBUG", "E2B_ACCESS_TOKEN", "E2B_HTTP_VERSION"] {
+    for k in [
+        "E2B_DOMAIN",
+        "E2B_DEBUG",
+        "E2B_ACCESS_TOKEN",
+        "E2B_HTTP_VERSION",
+    ] {
         cmd.env_remove(k);
     }
     cmd.envs(env.iter().map(|(k, v)| (k, v)))
@@ -229,7 +236,9 @@ async fn raw(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    let mut req = reqwest::Client::new().request(method, url).body(body.to_string());
+    let mut req = reqwest::Client::new()
+        .request(method, url)
+        .body(body.to_string());
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -263,11 +272,26 @@ async fn unsupported_features_are_named_never_a_500() {
 
     for (body, feature) in [
         (r#"{"templateID":"base","mcp":{"x":{}}}"#, "mcp"),
-        (r#"{"templateID":"base","volumeMounts":[{"name":"v","path":"/v"}]}"#, "volumeMounts"),
-        (r#"{"templateID":"base","autoResume":{"enabled":true}}"#, "autoResume"),
-        (r#"{"templateID":"base","network":{"denyOut":["0.0.0.0/0"]}}"#, "denyOut"),
+        (
+            r#"{"templateID":"base","volumeMounts":[{"name":"v","path":"/v"}]}"#,
+            "volumeMounts",
+        ),
+        (
+            r#"{"templateID":"base","autoResume":{"enabled":true}}"#,
+            "autoResume",
+        ),
+        (
+            r#"{"templateID":"base","network":{"denyOut":["0.0.0.0/0"]}}"#,
+            "denyOut",
+        ),
     ] {
-        let (st, text) = raw(reqwest::Method::POST, &api("/v2/sandboxes"), &[auth, json], body).await;
+        let (st, text) = raw(
+            reqwest::Method::POST,
+            &api("/v2/sandboxes"),
+            &[auth, json],
+            body,
+        )
+        .await;
         assert_eq!(st, 501, "{body}: {text}");
         assert!(text.contains(feature), "{body}: {text}");
     }
@@ -361,13 +385,37 @@ async fn unsupported_features_are_named_never_a_500() {
     assert_eq!(st, 200, "host route: {text}");
 
     // Double pause is 409, kill then get is 404, envd then says the sandbox was not found.
-    let (st, _) = raw(reqwest::Method::POST, &api(&format!("/sandboxes/{id}/pause")), &[auth], "").await;
+    let (st, _) = raw(
+        reqwest::Method::POST,
+        &api(&format!("/sandboxes/{id}/pause")),
+        &[auth],
+        "",
+    )
+    .await;
     assert_eq!(st, 204);
-    let (st, _) = raw(reqwest::Method::POST, &api(&format!("/sandboxes/{id}/pause")), &[auth], "").await;
+    let (st, _) = raw(
+        reqwest::Method::POST,
+        &api(&format!("/sandboxes/{id}/pause")),
+        &[auth],
+        "",
+    )
+    .await;
     assert_eq!(st, 409);
-    let (st, _) = raw(reqwest::Method::DELETE, &api(&format!("/sandboxes/{id}")), &[auth], "").await;
+    let (st, _) = raw(
+        reqwest::Method::DELETE,
+        &api(&format!("/sandboxes/{id}")),
+        &[auth],
+        "",
+    )
+    .await;
     assert_eq!(st, 204);
-    let (st, _) = raw(reqwest::Method::GET, &api(&format!("/sandboxes/{id}")), &[auth], "").await;
+    let (st, _) = raw(
+        reqwest::Method::GET,
+        &api(&format!("/sandboxes/{id}")),
+        &[auth],
+        "",
+    )
+    .await;
     assert_eq!(st, 404);
     let (st, text) = raw(reqwest::Method::GET, &api("/health"), &[sid, tok], "").await;
     assert_eq!(st, 502, "{text}");

@@ -222,13 +222,13 @@ pub fn request<T: DeserializeOwned>(headers: &HeaderMap, body: &[u8]) -> Result<
     parse(msg)
 }
 
-/// One envelope off the front of `buf`: (flags, message, rest), or None when `buf` is empty.
-fn split_envelope(buf: &[u8]) -> Result<Option<(u8, &[u8], &[u8])>, RpcError> {
-    if buf.is_empty() {
-        return Ok(None);
-    }
+/// An envelope's flags and message, and what follows it.
+type Split<'a> = (u8, &'a [u8], &'a [u8]);
+
+/// One envelope off the front of `buf`, or None while `buf` holds no whole envelope yet.
+fn split_envelope_partial(buf: &[u8]) -> Result<Option<Split<'_>>, RpcError> {
     if buf.len() < 5 {
-        return Err(RpcError::invalid("truncated envelope"));
+        return Ok(None);
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if len > MAX_MESSAGE {
@@ -238,9 +238,19 @@ fn split_envelope(buf: &[u8]) -> Result<Option<(u8, &[u8], &[u8])>, RpcError> {
         ));
     }
     if buf.len() < 5 + len {
-        return Err(RpcError::invalid("truncated envelope"));
+        return Ok(None);
     }
     Ok(Some((buf[0], &buf[5..5 + len], &buf[5 + len..])))
+}
+
+/// One envelope off the front of a whole body: None when it is empty, an error when truncated.
+fn split_envelope(buf: &[u8]) -> Result<Option<Split<'_>>, RpcError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    split_envelope_partial(buf)?
+        .map(Some)
+        .ok_or_else(|| RpcError::invalid("truncated envelope"))
 }
 
 /// The messages of a client-streaming request body, read as they arrive.
@@ -300,24 +310,6 @@ impl MessageStream {
             }
         }
     }
-}
-
-/// Like [`split_envelope`] but None while the envelope is still incomplete.
-fn split_envelope_partial(buf: &[u8]) -> Result<Option<(u8, &[u8], &[u8])>, RpcError> {
-    if buf.len() < 5 {
-        return Ok(None);
-    }
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if len > MAX_MESSAGE {
-        return Err(RpcError::new(
-            Code::ResourceExhausted,
-            format!("message of {len} bytes is over the {MAX_MESSAGE}-byte limit"),
-        ));
-    }
-    if buf.len() < 5 + len {
-        return Ok(None);
-    }
-    split_envelope(buf)
 }
 
 /// A unary success.

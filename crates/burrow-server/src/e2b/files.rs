@@ -2,7 +2,6 @@
 //! more files (multipart, one part per file named by its path, or a raw octet-stream body for
 //! the `path` in the query). Errors are envd's plain JSON `{"code": <status>, "message"}`.
 
-use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -62,15 +61,7 @@ pub async fn download(envd: Envd, Query(q): Query<FileQuery>) -> Response {
         Err(e) => return guest_error(e),
     };
     let size = download.size;
-    let stream = futures_util::stream::unfold(Some(download), |state| async move {
-        let mut dl = state?;
-        match dl.next_chunk().await {
-            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), Some(dl))),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), None)),
-        }
-    });
-    let mut resp = Body::from_stream(stream).into_response();
+    let mut resp = crate::api::files::download_body(download).into_response();
     let h = resp.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

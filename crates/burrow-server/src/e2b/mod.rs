@@ -246,9 +246,7 @@ impl Envd {
     /// envd resolves relative paths (and `~`) against the user's home directory.
     pub fn path(&self, p: &str) -> String {
         let home = self.home();
-        if p.is_empty() {
-            home
-        } else if p == "~" {
+        if p.is_empty() || p == "~" {
             home
         } else if let Some(rest) = p.strip_prefix("~/") {
             format!("{home}/{rest}")
