@@ -80,7 +80,7 @@ pub async fn exec(
             "background and pty commands use /processes or the exec WebSocket, not buffered exec",
         ));
     }
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     let stdin = req.stdin.clone().map(String::into_bytes);
     let spec = spec_of(
         req,
@@ -112,7 +112,7 @@ pub async fn exec_ws(
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, HttpError> {
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     Ok(upgrade.on_upgrade(move |mut socket| async move {
         use axum::extract::ws::Message;
         let first =
@@ -205,7 +205,7 @@ pub async fn start_process(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<(StatusCode, Json<Started>), HttpError> {
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     if req.stdin.is_some() {
         return Err(HttpError::bad_request(
             "a background process takes stdin through attach, not `stdin`",

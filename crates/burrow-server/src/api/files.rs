@@ -77,7 +77,7 @@ pub async fn download(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Response, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     // Errors before the first byte (missing file, FIFO, directory) are proper HTTP errors.
     let download = guest.read_file(q.path).await?;
     let size = download.size;
@@ -145,7 +145,7 @@ async fn write_body(
     mode: Option<u32>,
     chunks: &mut axum::body::BodyDataStream,
 ) -> Result<FileStat, HttpError> {
-    let (_, guest) = s.control.guest(user, id)?;
+    let (_, guest) = s.control.tool_call(user, id).await?;
     let mut upload = guest.write_file(q.path, mode, q.user).await?;
     while let Some(chunk) = chunks.next().await {
         let chunk =
@@ -185,7 +185,7 @@ pub async fn stat(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Json<FileStat>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     Ok(Json(guest.stat(q.path).await?))
 }
 
@@ -206,7 +206,7 @@ pub async fn list(
         ),
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     let (entries, next) = guest.list_dir(q.path, cursor, limit).await?;
     Ok(Json(DirListing {
         entries,
@@ -223,7 +223,7 @@ pub async fn mkdir(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<MkdirRequest>,
 ) -> Result<Json<FileStat>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     Ok(Json(guest.make_dir(req.path, req.user).await?))
 }
 
@@ -235,7 +235,7 @@ pub async fn rename(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> Result<Json<FileStat>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     Ok(Json(guest.rename(req.from, req.to).await?))
 }
 
@@ -247,7 +247,7 @@ pub async fn remove(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> Result<StatusCode, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     guest.remove(q.path, q.recursive).await?;
     Ok(StatusCode::NO_CONTENT)
 }
