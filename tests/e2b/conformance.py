@@ -6,6 +6,7 @@ number of failures (0 = everything held). Set E2B_CONFORMANCE_PORT_PROXY=1 to al
 `get_host(port)` through burrow's port proxy (needs the networking work).
 """
 
+import asyncio
 import os
 import sys
 import threading
@@ -14,6 +15,7 @@ import traceback
 import urllib.request
 
 from e2b import (
+    AsyncSandbox,
     CommandExitException,
     FileType,
     FilesystemEventType,
@@ -205,6 +207,43 @@ def _():
     events = until(lambda: w.get_new_events(), what="remove event")
     assert ("new.txt", FilesystemEventType.REMOVE) in {(e.name, e.type) for e in events}, events
     w.stop()
+
+
+@check("files: watch_dir streaming (async SDK)")
+def _():
+    async def main():
+        a = await AsyncSandbox.connect(sbx.sandbox_id)
+        await a.files.make_dir("/home/user/streamed")
+        seen = []
+        handle = await a.files.watch_dir("/home/user/streamed", on_event=seen.append, recursive=True)
+        await a.files.write("/home/user/streamed/sub/f.txt", "y")
+        deadline = time.time() + 10
+        while time.time() < deadline and not any(e.name == "sub/f.txt" for e in seen):
+            await asyncio.sleep(0.2)
+        await handle.stop()
+        return seen
+
+    seen = asyncio.run(main())
+    names = {(e.name, e.type) for e in seen}
+    assert ("sub", FilesystemEventType.CREATE) in names, names
+    assert ("sub/f.txt", FilesystemEventType.CREATE) in names, names
+
+
+@check("commands: stream_input")
+def _():
+    h = sbx.commands.run("cat", background=True, stdin=True)
+    sbx.commands.stream_input(h.pid, ["chunk-1 ", b"chunk-2\n"])
+    sbx.commands.close_stdin(h.pid)
+    eq(h.wait().stdout, "chunk-1 chunk-2\n", "streamed input")
+
+
+@check("metrics")
+def _():
+    m = sbx.get_metrics()
+    eq(len(m), 1, "one sample")
+    assert m[0].mem_total > 0 and m[0].disk_total > 0, m[0]
+    assert 0 < m[0].disk_used < m[0].disk_total, m[0]
+    assert m[0].mem_used > 0, m[0]
 
 
 @check("pty: create, send input, resize, kill")

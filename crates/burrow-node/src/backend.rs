@@ -94,4 +94,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Ids of every sandbox that has anything on this host (directories, cgroups), so the control
     /// layer can destroy the ones it has no row for.
     fn host_sandboxes(&self) -> Result<Vec<String>, NodeError>;
+
+    /// Bytes of memory charged to the sandbox now, when the backend can tell.
+    fn memory_usage(&self, _id: &str) -> Option<u64> {
+        None
+    }
 }

@@ -500,6 +500,12 @@ impl Control {
         Ok(to_api(&rec))
     }
 
+    /// Bytes of memory a running sandbox of the caller's uses now (its cgroup's charge).
+    pub fn memory_usage(&self, user: &User, id: &str) -> Result<Option<u64>, ControlError> {
+        self.record(user, id)?;
+        Ok(self.backend.memory_usage(id))
+    }
+
     fn touch(&self, id: &str) {
         let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
         a.insert(id.to_string(), std::time::Instant::now());

@@ -293,6 +293,10 @@ impl Backend for NamespaceBackend {
             .map_err(host_err("setting the sandbox's hostname"))
     }
 
+    fn memory_usage(&self, id: &str) -> Option<u64> {
+        self.cgroups.memory_usage(id)
+    }
+
     /// Sandboxes are known by their directories under this node's data directory: `__init` makes the
     /// directory before anything else and `destroy` removes it last. (Cgroups are shared by every
     /// burrow on the host, so they cannot say which node a sandbox belongs to.)

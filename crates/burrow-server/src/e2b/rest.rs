@@ -608,8 +608,8 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Resource use of a running sandbox, one sample taken now inside it (`/proc/loadavg` is the
-/// host's, so CPU use is not reported: `cpuUsedPct` stays 0).
+/// Resource use of a running sandbox, one sample taken now: memory from its cgroup, disk from
+/// inside it. CPU use is not sampled yet (`cpuUsedPct` is 0; docs/e2b.md).
 async fn metrics(
     State(s): State<AppState>,
     Caller(user): Caller,
@@ -648,7 +648,7 @@ async fn metrics(
         [u, t] => (*u, *t),
         _ => (0, rec.limits.disk_mib * 1024 * 1024),
     };
-    let mem_used = memory_used(&guest).await.unwrap_or(0);
+    let mem_used = s.control.memory_usage(&user, &id)?.unwrap_or(0);
     let now = now_unix();
     Ok(Json(vec![json!({
         "timestamp": rfc3339(now),
@@ -661,28 +661,6 @@ async fn metrics(
         "diskUsed": disk_used,
         "diskTotal": disk_total,
     })]))
-}
-
-/// Memory charged to the sandbox's cgroup, as the sandbox sees it (v1 or v2).
-async fn memory_used(guest: &burrow_node::guest::GuestClient) -> Option<u64> {
-    for path in [
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        "/sys/fs/cgroup/memory.current",
-    ] {
-        if let Ok(mut dl) = guest.read_file(path).await {
-            let mut buf = Vec::new();
-            while let Ok(Some(c)) = dl.next_chunk().await {
-                buf.extend_from_slice(&c);
-                if buf.len() > 64 {
-                    break;
-                }
-            }
-            if let Ok(n) = String::from_utf8_lossy(&buf).trim().parse() {
-                return Some(n);
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]
