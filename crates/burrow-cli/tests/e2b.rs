@@ -384,6 +384,51 @@ async fn unsupported_features_are_named_never_a_500() {
     .await;
     assert_eq!(st, 200, "host route: {text}");
 
+    // Another tenant gets the 404 of an id that never existed; another sandbox's token is refused.
+    let other = e2b_env(&srv, "e2b-other").await;
+    let other_auth = ("x-api-key", other[2].1.as_str());
+    let (st, theirs) = raw(
+        reqwest::Method::GET,
+        &api(&format!("/sandboxes/{id}")),
+        &[other_auth],
+        "",
+    )
+    .await;
+    let (st2, never) = raw(
+        reqwest::Method::GET,
+        &api("/sandboxes/anidthatneverexisted"),
+        &[other_auth],
+        "",
+    )
+    .await;
+    assert_eq!((st, st2), (404, 404), "{theirs} / {never}");
+    let (st, text) = raw(
+        reqwest::Method::DELETE,
+        &api(&format!("/sandboxes/{id}")),
+        &[other_auth],
+        "",
+    )
+    .await;
+    assert_eq!(st, 404, "another tenant's kill: {text}");
+    let (st, text) = raw(
+        reqwest::Method::POST,
+        &api("/v2/sandboxes"),
+        &[other_auth, json],
+        r#"{"templateID":"base"}"#,
+    )
+    .await;
+    assert_eq!(st, 201, "{text}");
+    let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let their_id = theirs["sandboxID"].as_str().unwrap();
+    let (st, text) = raw(
+        reqwest::Method::POST,
+        &api("/filesystem.Filesystem/Stat"),
+        &[("e2b-sandbox-id", their_id), json, tok],
+        r#"{"path":"/"}"#,
+    )
+    .await;
+    assert_eq!(st, 401, "a token for another sandbox: {text}");
+
     // Double pause is 409, kill then get is 404, envd then says the sandbox was not found.
     let (st, _) = raw(
         reqwest::Method::POST,

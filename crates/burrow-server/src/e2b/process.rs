@@ -368,7 +368,14 @@ async fn is_pty(envd: &Envd, pid: u32) -> bool {
 
 async fn list(s: &AppState, envd: &Envd) -> Result<serde_json::Value, RpcError> {
     let procs = envd.guest.list_processes().await?;
-    let meta = lock(&s.e2b.procs).clone();
+    // What the facade kept about processes that have ended goes now.
+    let meta = {
+        let mut m = lock(&s.e2b.procs);
+        m.retain(|(sid, pid), _| {
+            *sid != envd.rec.id || procs.iter().any(|p| p.pid == *pid && p.running)
+        });
+        m.clone()
+    };
     let processes: Vec<serde_json::Value> = procs
         .iter()
         .filter(|p| p.running)
