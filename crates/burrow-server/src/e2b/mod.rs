@@ -157,10 +157,32 @@ pub fn router() -> Router<AppState> {
     rest::router().merge(envd_routes())
 }
 
-/// envd alone, for a Host router that sends `49983-<id>.<domain>` here: the sandbox comes from
-/// the Host header (or `E2b-Sandbox-Id`), so it can be mounted at `/` of any listener.
+/// envd alone: the sandbox comes from `E2b-Sandbox-Id` or a Host of `49983-<id>.<anything>`, so
+/// it can be mounted at `/` of any listener (see also [`serve_envd`]).
 pub fn envd_router(state: AppState) -> Router {
     envd_routes().with_state(state)
+}
+
+/// Serves one envd request for `sandbox_id`, whatever its Host: the hook for a Host router
+/// (`<port>-<id>.<domain>` with port [`ENVD_PORT`]) to hand envd's requests to the facade.
+pub async fn serve_envd(
+    state: AppState,
+    sandbox_id: String,
+    mut request: axum::extract::Request,
+) -> Response {
+    use tower::ServiceExt;
+    match axum::http::HeaderValue::from_str(&sandbox_id) {
+        Ok(v) => {
+            request.headers_mut().insert("e2b-sandbox-id", v);
+        }
+        Err(_) => {
+            return envd_error(StatusCode::BAD_REQUEST, "malformed sandbox id".into());
+        }
+    }
+    match envd_router(state).oneshot(request).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
 }
 
 fn envd_routes() -> Router<AppState> {
