@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.error
 import urllib.request
 
 from e2b import (
@@ -176,6 +177,14 @@ def _():
     except NotFoundException:
         pass
     eq(sbx.commands.run("cat /home/user/many/a.txt").stdout, "A", "files meet commands")
+    url = sbx.download_url("/home/user/many/a.txt", use_signature_expiration=60)
+    eq(urllib.request.urlopen(url, timeout=10).read(), b"A", "signed download URL")
+    bad = url.replace("signature=v1_", "signature=v1_x")
+    try:
+        urllib.request.urlopen(bad, timeout=10)
+        raise AssertionError("a tampered signature was accepted")
+    except urllib.error.HTTPError as e:
+        eq(e.code, 401, "tampered signature")
 
 
 @check("files: list with depth, make_dir, rename, remove")

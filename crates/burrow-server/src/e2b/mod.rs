@@ -137,6 +137,68 @@ impl Facade {
         }
     }
 
+    /// A file URL signed with the sandbox's token (the SDKs' `download_url`/`upload_url`):
+    /// `signature=v1_<base64 sha256 of path:operation:user:token[:expiration]>` on `/files`.
+    fn signed_url_ok(&self, sandbox_id: &str, parts: &Parts) -> bool {
+        use base64::Engine;
+        use sha2::Digest;
+        if parts.uri.path() != "/files" {
+            return false;
+        }
+        let operation = match parts.method {
+            axum::http::Method::GET => "read",
+            axum::http::Method::POST => "write",
+            _ => return false,
+        };
+        let q: HashMap<String, String> = parts
+            .uri
+            .query()
+            .map(|q| {
+                q.split('&')
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        let dec = |x: &str| {
+                            percent_encoding::percent_decode_str(&x.replace('+', " "))
+                                .decode_utf8()
+                                .ok()
+                                .map(|c| c.into_owned())
+                        };
+                        Some((dec(k)?, dec(v)?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some(sig) = q.get("signature") else {
+            return false;
+        };
+        let path = q.get("path").map(String::as_str).unwrap_or_default();
+        let user = q.get("username").map(String::as_str).unwrap_or_default();
+        let token = self.access_token(sandbox_id);
+        let raw = match q.get("signature_expiration") {
+            None => format!("{path}:{operation}:{user}:{token}"),
+            Some(exp) => {
+                let Ok(e) = exp.parse::<i64>() else {
+                    return false;
+                };
+                if e < burrow_store::now_unix() {
+                    return false;
+                }
+                format!("{path}:{operation}:{user}:{token}:{e}")
+            }
+        };
+        let want = format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(raw.as_bytes()))
+        );
+        // Constant-time: compare MACs of both rather than the strings.
+        let mac = |v: &str| {
+            let mut m = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
+            m.update(v.as_bytes());
+            m.finalize().into_bytes()
+        };
+        mac(sig) == mac(&want)
+    }
+
     pub fn image_for(&self, template: &str) -> Option<&str> {
         self.templates.get(template).map(String::as_str)
     }
@@ -305,7 +367,24 @@ impl FromRequestParts<AppState> for Envd {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let reject = |status, m: String| EnvdRejection(envd_error(status, m));
-        let Some(id) = sandbox_id_of(&parts.headers) else {
+        // A signed file URL carries no header (a browser may open it): its signature names
+        // the sandbox, found among the live ones.
+        let id = sandbox_id_of(&parts.headers).or_else(|| {
+            if !parts.uri.query().unwrap_or_default().contains("signature=") {
+                return None;
+            }
+            let live = state.control.store().live_sandboxes().ok()?;
+            live.into_iter()
+                .map(|r| r.id)
+                .find(|id| state.e2b.signed_url_ok(id, parts))
+        });
+        let Some(id) = id else {
+            if parts.uri.query().unwrap_or_default().contains("signature=") {
+                return Err(reject(
+                    StatusCode::UNAUTHORIZED,
+                    "the file URL's signature is invalid or has expired".into(),
+                ));
+            }
             return Err(reject(
                 StatusCode::BAD_REQUEST,
                 "no sandbox named: send the E2b-Sandbox-Id header or use the host 49983-<id>.<domain>"
@@ -318,7 +397,7 @@ impl FromRequestParts<AppState> for Envd {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
         // A wrong token and an unknown sandbox look the same, so tokens cannot probe for ids.
-        if !state.e2b.token_ok(&id, token) {
+        if !state.e2b.token_ok(&id, token) && !state.e2b.signed_url_ok(&id, parts) {
             return Err(reject(
                 StatusCode::UNAUTHORIZED,
                 "missing or invalid X-Access-Token for this sandbox".into(),
