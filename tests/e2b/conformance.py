@@ -312,7 +312,11 @@ def _():
     server = os.environ["E2B_API_URL"]
 
     def fetch():
-        req = urllib.request.Request(server + "/index.html", headers={"Host": host})
+        # The sandbox's access token opens its ports too (burrow's port proxy takes X-Access-Token).
+        req = urllib.request.Request(
+            server + "/index.html",
+            headers={"Host": host, "X-Access-Token": sbx._envd_access_token or ""},
+        )
         if sbx.traffic_access_token:
             req.add_header("e2b-traffic-access-token", sbx.traffic_access_token)
         try:

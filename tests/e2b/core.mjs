@@ -61,6 +61,36 @@ await check('files read and write', async () => {
   eq((await sbx.commands.run('cat /home/user/js/a.txt /home/user/js/b.txt')).stdout, 'AB', 'seen by commands')
 })
 
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
+async function until(pred, what) {
+  for (let i = 0; i < 75; i++) {
+    if (pred()) return
+    await sleep(200)
+  }
+  throw new Error(`${what} did not happen within 15 s`)
+}
+
+await check('watchDir (streaming)', async () => {
+  await sbx.files.makeDir('/home/user/jsw')
+  const events = []
+  const handle = await sbx.files.watchDir('/home/user/jsw', (e) => events.push(e))
+  await sbx.files.write('/home/user/jsw/x.txt', 'x')
+  await until(() => events.some((e) => e.name === 'x.txt'), 'a watch event for x.txt')
+  await handle.stop()
+})
+
+await check('pty', async () => {
+  let out = ''
+  const term = await sbx.pty.create({ cols: 80, rows: 24, onData: (d) => { out += Buffer.from(d).toString() } })
+  await sbx.pty.sendInput(term.pid, new TextEncoder().encode('stty size; echo js-$((6*7))\n'))
+  await until(() => out.includes('js-42'), 'pty output')
+  if (!out.includes('24 80')) throw new Error(`pty size: ${out}`)
+  await sbx.pty.resize(term.pid, { cols: 100, rows: 30 })
+  await sbx.pty.sendInput(term.pid, new TextEncoder().encode('stty size\n'))
+  await until(() => out.includes('30 100'), 'resized pty')
+  eq(await sbx.pty.kill(term.pid), true, 'pty kill')
+})
+
 await check('kill', async () => {
   eq(await sbx.kill(), true, 'kill answers true')
   eq(await Sandbox.kill(sbx.sandboxId), false, 'a second kill answers false')
