@@ -49,81 +49,101 @@ fn unreachable(log: &str) -> bool {
     .any(|m| log.contains(m))
 }
 
+/// Installs into a directory of this process's own, then renames it into place: tests run in
+/// parallel processes, and the first to finish wins (the others use its copy). `install` gets the
+/// fresh directory and returns false when the registry could not be reached.
+fn cached(name: &str, install: impl FnOnce(&Path) -> bool) -> Option<PathBuf> {
+    let dir = cache().join(name);
+    if dir.join(".installed").exists() {
+        return Some(dir);
+    }
+    std::fs::create_dir_all(cache()).unwrap();
+    let tmp = cache().join(format!("{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    if !install(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return None;
+    }
+    std::fs::write(tmp.join(".installed"), name).unwrap();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        if dir.join(".installed").exists() {
+            // Another test process installed it first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        } else {
+            // A half-made copy from an interrupted run is in the way.
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).expect("put the installed SDK in place");
+        }
+    }
+    Some(dir)
+}
+
 /// A venv with `e2b==PY_SDK`, made with Debian's python3 and cached under target/. None (with
 /// the reason printed) when PyPI cannot be reached.
 fn python_sdk() -> Option<PathBuf> {
-    let venv = cache().join(format!("py-{PY_SDK}"));
-    let python = venv.join("bin/python");
-    let ready = venv.join(".installed");
-    if ready.exists() {
-        return Some(python);
-    }
-    let _ = std::fs::remove_dir_all(&venv);
-    std::fs::create_dir_all(cache()).unwrap();
-    let o = Command::new("/usr/bin/python3")
-        .args(["-m", "venv"])
-        .arg(&venv)
-        .output()
-        .expect("run python3 -m venv (scripts/deps installs python3-venv)");
-    assert!(o.status.success(), "python3 -m venv failed:\n{}", text(&o));
-    let o = Command::new(venv.join("bin/pip"))
-        .args([
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("e2b=={PY_SDK}"),
-        ])
-        .output()
-        .expect("run pip");
-    if !o.status.success() {
+    let venv = cached(&format!("py-{PY_SDK}"), |venv| {
+        let o = Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv)
+            .output()
+            .expect("run python3 -m venv (scripts/deps installs python3-venv)");
+        assert!(o.status.success(), "python3 -m venv failed:\n{}", text(&o));
+        let o = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                &format!("e2b=={PY_SDK}"),
+            ])
+            .output()
+            .expect("run pip");
+        if o.status.success() {
+            return true;
+        }
         let log = text(&o);
         if unreachable(&log) {
             eprintln!("skipping: PyPI is unreachable, cannot install e2b=={PY_SDK}:\n{log}");
-            return None;
+            return false;
         }
         panic!("pip install e2b=={PY_SDK} failed:\n{log}");
-    }
-    std::fs::write(&ready, PY_SDK).unwrap();
-    Some(python)
+    })?;
+    Some(venv.join("bin/python"))
 }
 
 /// A node project with `e2b@JS_SDK`, cached under target/. None when npm cannot be reached.
 fn js_sdk() -> Option<PathBuf> {
-    let dir = cache().join(format!("js-{JS_SDK}"));
-    let ready = dir.join(".installed");
-    if ready.exists() {
-        return Some(dir);
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("package.json"),
-        r#"{"name":"burrow-e2b-conformance","private":true,"type":"module"}"#,
-    )
-    .unwrap();
-    let o = Command::new("npm")
-        .args([
-            "install",
-            "--no-audit",
-            "--no-fund",
-            "--loglevel=error",
-            &format!("e2b@{JS_SDK}"),
-        ])
-        .current_dir(&dir)
-        .output()
-        .expect("run npm (Debian's nodejs/npm, or NodeSource's)");
-    if !o.status.success() {
+    cached(&format!("js-{JS_SDK}"), |dir| {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"name":"burrow-e2b-conformance","private":true,"type":"module"}"#,
+        )
+        .unwrap();
+        let o = Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+                &format!("e2b@{JS_SDK}"),
+            ])
+            .current_dir(dir)
+            .output()
+            .expect("run npm (scripts/deps installs it; the SDK needs Node.js 20 or later)");
+        if o.status.success() {
+            return true;
+        }
         let log = text(&o);
         if unreachable(&log) {
             eprintln!(
                 "skipping: the npm registry is unreachable, cannot install e2b@{JS_SDK}:\n{log}"
             );
-            return None;
+            return false;
         }
         panic!("npm install e2b@{JS_SDK} failed:\n{log}");
-    }
-    std::fs::write(&ready, JS_SDK).unwrap();
-    Some(dir)
+    })
 }
 
 /// A user whose API key has E2B's shape, and the three variables docs/e2b.md tells users to set.

@@ -357,6 +357,11 @@ impl Sender {
     pub fn closed(&self) -> bool {
         self.tx.is_closed()
     }
+
+    /// Resolves when the client has gone away.
+    pub async fn gone(&self) {
+        self.tx.closed().await
+    }
 }
 
 /// A streaming response whose messages come from the returned [`Sender`].

@@ -306,6 +306,8 @@ async fn stream_events(
         loop {
             let next = tokio::select! {
                 ev = output.next() => ev,
+                // The client left while the process was quiet; it keeps running, as in envd.
+                _ = tx.gone() => return,
                 _ = tick.tick(), if keepalive.is_some() => {
                     if !tx.send(&event(json!({"keepalive": {}}))).await { return; }
                     continue;
