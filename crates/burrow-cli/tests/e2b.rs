@@ -44,6 +44,8 @@ fn unreachable(log: &str) -> bool {
         "ETIMEDOUT",
         "Max retries exceeded",
         "Could not fetch URL",
+        // pip found no index at all: e2b has many versions wherever PyPI answers.
+        "(from versions: none)",
     ]
     .iter()
     .any(|m| log.contains(m))
