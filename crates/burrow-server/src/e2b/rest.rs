@@ -186,6 +186,9 @@ fn check_options(req: &NewSandbox) -> Result<(), E2bError> {
         // hibernates after the hot window.
         tracing::debug!("autoPauseMemory=false: pausing hot, hibernating after the hot window");
     }
+    // `secure` is always on (every envd call needs the sandbox's token). Sandboxes have no
+    // egress before the networking work lands, so `allow_internet_access: false` holds as it
+    // is; TODO(networking merge): map it (and allowOut/denyOut) onto the sandbox's egress policy.
     let _ = (req.secure, req.allow_internet_access);
     Ok(())
 }
