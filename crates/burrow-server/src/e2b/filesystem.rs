@@ -372,9 +372,14 @@ impl Watchers {
     pub fn forget(&self, sandbox: &str) {
         lock(&self.0).retain(|_, w| w.sandbox != sandbox);
     }
+
+    pub fn sandboxes(&self) -> Vec<String> {
+        lock(&self.0).values().map(|w| w.sandbox.clone()).collect()
+    }
 }
 
 async fn create_watcher(s: &AppState, envd: &Envd, req: PathRequest) -> Result<String, RpcError> {
+    s.e2b.sweep(s.control.store());
     let root = watch_root(envd, &req.path).await?;
     let last = snapshot(&envd.guest, &root, req.recursive).await?;
     let id = crate::auth::new_id(20);

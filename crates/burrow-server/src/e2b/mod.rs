@@ -208,6 +208,25 @@ impl Facade {
         lock(&self.procs).retain(|(sid, _), _| sid != sandbox_id);
         self.watchers.forget(sandbox_id);
     }
+
+    /// Forgets what the facade kept about every sandbox that has ended since (destroyed by its
+    /// timeout, say), so watchers' snapshots and process details do not pile up.
+    fn sweep(&self, store: &burrow_store::Store) {
+        let mut ids: std::collections::BTreeSet<String> = lock(&self.procs)
+            .keys()
+            .map(|(sid, _)| sid.clone())
+            .collect();
+        ids.extend(self.watchers.sandboxes());
+        for id in ids {
+            let live = matches!(
+                store.sandbox(&id),
+                Ok(Some(r)) if !matches!(r.state, SandboxState::Destroyed | SandboxState::Error)
+            );
+            if !live {
+                self.forget(&id);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

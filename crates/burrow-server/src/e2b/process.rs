@@ -229,6 +229,7 @@ async fn start(s: &AppState, envd: Envd, headers: &HeaderMap, req: StartRequest)
             return connect::stream_error(e);
         }
     };
+    s.e2b.sweep(s.control.store());
     let meta = ProcMeta {
         config,
         tag: req.tag,
@@ -376,7 +377,10 @@ async fn list(s: &AppState, envd: &Envd) -> Result<serde_json::Value, RpcError> 
         m.retain(|(sid, pid), _| {
             *sid != envd.rec.id || procs.iter().any(|p| p.pid == *pid && p.running)
         });
-        m.clone()
+        m.iter()
+            .filter(|((sid, _), _)| *sid == envd.rec.id)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<std::collections::HashMap<_, _>>()
     };
     let processes: Vec<serde_json::Value> = procs
         .iter()
