@@ -567,3 +567,48 @@ async fn pool_changes_are_for_admins_and_bad_specs_are_refused() {
     );
     drop(srv);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_sandboxes_survive_a_server_restart_and_lost_ones_are_rebuilt() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let (mut srv, _files) =
+        server(serde_json::json!({"p": {"plan": "tiny", "size": 2}}), &[]).await;
+    wait_ready(&srv.client(), "p", 2, 120).await;
+    let before: BTreeSet<String> = srv.host_sandbox_dirs().into_iter().collect();
+    assert_eq!(before.len(), 2);
+    // A restart of the server adopts the warm sandboxes as they are.
+    srv.restart().await;
+    let c = srv.client();
+    let p = pool(&c, "p").await;
+    assert_eq!((p.ready, p.starting), (2, 0), "{p:?}");
+    let after: BTreeSet<String> = srv.host_sandbox_dirs().into_iter().collect();
+    assert_eq!(
+        before, after,
+        "warm sandboxes were rebuilt instead of adopted"
+    );
+    let claimed = c.create(&tiny()).await.unwrap();
+    assert!(claimed.warm_hit && before.contains(&claimed.id));
+    // As after a host reboot: the warm sandboxes' processes die with the server down. They hold no
+    // one's files, so they are dropped and the pool is refilled with new ones.
+    srv.kill9();
+    for id in srv.host_sandbox_dirs() {
+        if id != claimed.id {
+            force_clean(&id);
+        }
+    }
+    srv.restart().await;
+    let c = srv.client();
+    wait_ready(&c, "p", 2, 120).await;
+    let now: BTreeSet<String> = srv.host_sandbox_dirs().into_iter().collect();
+    assert!(now.contains(&claimed.id), "the user's sandbox stays");
+    assert!(
+        now.iter().filter(|id| before.contains(*id)).count() == 1,
+        "{now:?}"
+    );
+    assert_eq!(
+        c.get(&claimed.id).await.unwrap().state,
+        SandboxState::Running
+    );
+}

@@ -50,6 +50,8 @@ pub enum ControlError {
     BadRequest(String),
     #[error("{}", .0.message)]
     ToolCallsExceeded(ErrorReason),
+    #[error("the sandbox became {0} while the call ran; the call's command ends when the sandbox resumes (use a background process to keep one across a pause)")]
+    Interrupted(&'static str),
     #[error("the sandbox's run has ended; start a new run to make tool calls")]
     RunEnded,
     #[error("the sandbox has no active run")]
@@ -95,6 +97,9 @@ pub struct Control {
     pub(crate) pool_wake: tokio::sync::Notify,
     /// Signs run callbacks (`X-Burrow-Signature`).
     callback_key: Arc<Vec<u8>>,
+    /// Ids of sandboxes that just stopped running (paused, hibernated, destroyed), so calls
+    /// waiting on their guest answer at once instead of hanging on a frozen or dead agent.
+    stopped: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Control {
@@ -110,7 +115,52 @@ impl Control {
             hibernate_below_mib: crate::pool::default_memory_floor_mib(),
             pool_wake: tokio::sync::Notify::new(),
             callback_key: Arc::new(Vec::new()),
+            stopped: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause
+    /// freezes the guest mid-call, and the caller gets `409` rather than a request that hangs until
+    /// someone resumes it. (The call's command then ends at resume, like any foreground command
+    /// whose caller went away; background processes carry on.)
+    pub async fn while_running<T>(
+        &self,
+        id: &str,
+        call: impl std::future::Future<Output = Result<T, GuestError>>,
+    ) -> Result<T, ControlError> {
+        let mut stopped = self.stopped.subscribe();
+        // Subscribed first, checked second: a pause that lands in between is seen either way.
+        let state = self.store.sandbox(id)?.map(|r| r.state);
+        if state != Some(SandboxState::Running) {
+            return Err(ControlError::NotRunning(
+                state.map_or("destroyed", SandboxState::as_str),
+            ));
+        }
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => return Ok(r?),
+                ev = stopped.recv() => {
+                    let hit = match ev {
+                        Ok(stopped_id) => stopped_id == id,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            self.store.sandbox(id)?.map(|r| r.state) != Some(SandboxState::Running)
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
+                    };
+                    if hit {
+                        let state = self.store.sandbox(id)?.map(|r| r.state);
+                        return Err(ControlError::Interrupted(
+                            state.map_or("destroyed", SandboxState::as_str),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn announce_stopped(&self, id: &str) {
+        let _ = self.stopped.send(id.to_string());
     }
 
     pub fn with_callback_key(mut self, key: Vec<u8>) -> Control {
@@ -642,6 +692,7 @@ impl Control {
         let id2 = id.to_string();
         tokio::task::spawn_blocking(move || backend.pause(&id2)).await??;
         self.store.set_paused(id)?;
+        self.announce_stopped(id);
         rec.state = SandboxState::Paused;
         info!(sandbox_id = %id, "sandbox paused");
         Ok(to_api(&rec))
@@ -703,6 +754,7 @@ impl Control {
         let (id2, runtime) = (id.to_string(), runtime_of(&rec));
         tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
         self.store.set_hibernated(id)?;
+        self.announce_stopped(id);
         rec.state = SandboxState::Hibernated;
         rec.runtime = None;
         info!(sandbox_id = %id, "sandbox hibernated");
@@ -710,6 +762,7 @@ impl Control {
     }
 
     pub(crate) async fn destroy_on_host(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
+        self.announce_stopped(&rec.id);
         let backend = self.backend.clone();
         let id = rec.id.clone();
         let runtime = runtime_of(rec);

@@ -129,6 +129,9 @@ impl From<ControlError> for HttpError {
                 e.details = serde_json::to_value(&why).ok();
                 e
             }
+            e @ ControlError::Interrupted(_) => {
+                HttpError::new(S::CONFLICT, codes::SANDBOX_NOT_RUNNING, e.to_string())
+            }
             e @ ControlError::RunEnded => {
                 HttpError::new(S::CONFLICT, codes::RUN_ENDED, e.to_string())
             }

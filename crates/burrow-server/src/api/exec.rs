@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::HttpError;
 use super::extract::{ApiJson, ApiQuery, Caller};
 use super::{ws, AppState};
-use crate::control::error_chain;
+use crate::control::{error_chain, ControlError};
 
 /// A command that cannot start (no such program, no such cwd or user) is the caller's mistake: 400
 /// with the guest's code, not the 404 a missing file would be.
@@ -87,10 +87,17 @@ pub async fn exec(
         rec.limits.max_duration_s * 1000,
         Some(DEFAULT_EXEC_TIMEOUT_MS),
     )?;
-    let out = guest
-        .exec_buffered(spec, stdin, rec.limits.output_bytes)
+    let out = s
+        .control
+        .while_running(
+            &id,
+            guest.exec_buffered(spec, stdin, rec.limits.output_bytes),
+        )
         .await
-        .map_err(start_error)?;
+        .map_err(|e| match e {
+            ControlError::Guest(g) => start_error(g),
+            other => other.into(),
+        })?;
     Ok(Json(ExecResult {
         exit_code: out.exit_code,
         signal: out.signal,

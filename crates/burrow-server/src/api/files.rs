@@ -186,7 +186,9 @@ pub async fn stat(
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Json<FileStat>, HttpError> {
     let (_, guest) = s.control.tool_call(&user, &id).await?;
-    Ok(Json(guest.stat(q.path).await?))
+    Ok(Json(
+        s.control.while_running(&id, guest.stat(q.path)).await?,
+    ))
 }
 
 /// One page of a directory listing.
@@ -207,7 +209,10 @@ pub async fn list(
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let (_, guest) = s.control.tool_call(&user, &id).await?;
-    let (entries, next) = guest.list_dir(q.path, cursor, limit).await?;
+    let (entries, next) = s
+        .control
+        .while_running(&id, guest.list_dir(q.path, cursor, limit))
+        .await?;
     Ok(Json(DirListing {
         entries,
         next_cursor: next.map(|c| c.to_string()),
@@ -224,7 +229,11 @@ pub async fn mkdir(
     ApiJson(req): ApiJson<MkdirRequest>,
 ) -> Result<Json<FileStat>, HttpError> {
     let (_, guest) = s.control.tool_call(&user, &id).await?;
-    Ok(Json(guest.make_dir(req.path, req.user).await?))
+    Ok(Json(
+        s.control
+            .while_running(&id, guest.make_dir(req.path, req.user))
+            .await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/rename", request_body = RenameRequest, tag = "files",
@@ -236,7 +245,11 @@ pub async fn rename(
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> Result<Json<FileStat>, HttpError> {
     let (_, guest) = s.control.tool_call(&user, &id).await?;
-    Ok(Json(guest.rename(req.from, req.to).await?))
+    Ok(Json(
+        s.control
+            .while_running(&id, guest.rename(req.from, req.to))
+            .await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", params(RemoveQuery), tag = "files",
@@ -248,6 +261,8 @@ pub async fn remove(
     ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> Result<StatusCode, HttpError> {
     let (_, guest) = s.control.tool_call(&user, &id).await?;
-    guest.remove(q.path, q.recursive).await?;
+    s.control
+        .while_running(&id, guest.remove(q.path, q.recursive))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
