@@ -269,6 +269,12 @@ async fn raw(
     (status, resp.text().await.unwrap_or_default())
 }
 
+/// envd's `filesystem.Filesystem/Stat` on the server at `base`.
+async fn stat(base: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let url = format!("{base}/filesystem.Filesystem/Stat");
+    raw(reqwest::Method::POST, &url, headers, body).await
+}
+
 /// Done-when 4: what the facade does not support answers with an error naming the feature; bad
 /// tokens and killed sandboxes get the answers the SDKs expect; nothing is a 500.
 #[tokio::test]
@@ -351,26 +357,18 @@ async fn unsupported_features_are_named_never_a_500() {
     // envd: the token is checked, the codec and unknown methods are named.
     let sid = ("e2b-sandbox-id", id.as_str());
     let tok = ("x-access-token", token.as_str());
-    let (st, text) = raw(
-        reqwest::Method::POST,
-        &api("/filesystem.Filesystem/Stat"),
+    let (st, text) = stat(
+        &srv.url,
         &[sid, json, ("x-access-token", "0000")],
         r#"{"path":"/"}"#,
     )
     .await;
     assert_eq!(st, 401, "{text}");
-    let (st, text) = raw(
-        reqwest::Method::POST,
-        &api("/filesystem.Filesystem/Stat"),
-        &[sid, json, tok],
-        r#"{"path":"/etc"}"#,
-    )
-    .await;
+    let (st, text) = stat(&srv.url, &[sid, json, tok], r#"{"path":"/etc"}"#).await;
     assert_eq!(st, 200, "{text}");
     assert!(text.contains("FILE_TYPE_DIRECTORY"), "{text}");
-    let (st, text) = raw(
-        reqwest::Method::POST,
-        &api("/filesystem.Filesystem/Stat"),
+    let (st, text) = stat(
+        &srv.url,
         &[sid, ("content-type", "application/proto"), tok],
         "",
     )
@@ -386,20 +384,13 @@ async fn unsupported_features_are_named_never_a_500() {
     .await;
     assert_eq!(st, 501, "{text}");
     assert!(text.contains("Teleport"), "{text}");
-    let (st, text) = raw(
-        reqwest::Method::POST,
-        &api("/filesystem.Filesystem/Stat"),
-        &[sid, json, tok],
-        r#"{"path":"/nope"}"#,
-    )
-    .await;
+    let (st, text) = stat(&srv.url, &[sid, json, tok], r#"{"path":"/nope"}"#).await;
     assert_eq!(st, 404, "{text}");
     assert!(text.contains("not_found"), "{text}");
     // The Host route reaches the same sandbox.
     let host = format!("49983-{id}.burrow.test");
-    let (st, text) = raw(
-        reqwest::Method::POST,
-        &api("/filesystem.Filesystem/Stat"),
+    let (st, text) = stat(
+        &srv.url,
         &[("host", host.as_str()), json, tok],
         r#"{"path":"/etc"}"#,
     )
@@ -442,9 +433,8 @@ async fn unsupported_features_are_named_never_a_500() {
     assert_eq!(st, 201, "{text}");
     let theirs: serde_json::Value = serde_json::from_str(&text).unwrap();
     let their_id = theirs["sandboxID"].as_str().unwrap();
-    let (st, text) = raw(
-        reqwest::Method::POST,
-        &api("/filesystem.Filesystem/Stat"),
+    let (st, text) = stat(
+        &srv.url,
         &[("e2b-sandbox-id", their_id), json, tok],
         r#"{"path":"/"}"#,
     )
