@@ -442,38 +442,17 @@ async fn unsupported_features_are_named_never_a_500() {
     assert_eq!(st, 401, "a token for another sandbox: {text}");
 
     // Double pause is 409, kill then get is 404, envd then says the sandbox was not found.
-    let (st, _) = raw(
-        reqwest::Method::POST,
-        &api(&format!("/sandboxes/{id}/pause")),
-        &[auth],
-        "",
-    )
-    .await;
-    assert_eq!(st, 204);
-    let (st, _) = raw(
-        reqwest::Method::POST,
-        &api(&format!("/sandboxes/{id}/pause")),
-        &[auth],
-        "",
-    )
-    .await;
-    assert_eq!(st, 409);
-    let (st, _) = raw(
-        reqwest::Method::DELETE,
-        &api(&format!("/sandboxes/{id}")),
-        &[auth],
-        "",
-    )
-    .await;
-    assert_eq!(st, 204);
-    let (st, _) = raw(
-        reqwest::Method::GET,
-        &api(&format!("/sandboxes/{id}")),
-        &[auth],
-        "",
-    )
-    .await;
-    assert_eq!(st, 404);
+    use reqwest::Method as M;
+    for (method, path, want) in [
+        (M::POST, format!("/sandboxes/{id}/pause"), 204),
+        (M::POST, format!("/sandboxes/{id}/pause"), 409),
+        (M::DELETE, format!("/sandboxes/{id}"), 204),
+        (M::GET, format!("/sandboxes/{id}"), 404),
+        (M::DELETE, format!("/sandboxes/{id}"), 404),
+    ] {
+        let (st, text) = raw(method.clone(), &api(&path), &[auth], "").await;
+        assert_eq!(st, want, "{method} {path}: {text}");
+    }
     let (st, text) = raw(reqwest::Method::GET, &api("/health"), &[sid, tok], "").await;
     assert_eq!(st, 502, "{text}");
     assert!(text.contains("was not found"), "{text}");
