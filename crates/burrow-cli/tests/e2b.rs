@@ -238,7 +238,16 @@ async fn the_docs_hello_world_runs_unchanged() {
         .and_then(|rest| rest.split("```").next())
         .expect("docs/e2b.md has a python hello world");
     let srv = TestServer::start().await;
-    let env = e2b_env(&srv, "e2b-hello").await;
+    // The key comes from the command the page shows.
+    let o = srv.cli(&["admin", "create-user", "alice", "--e2b-key"]);
+    assert_ok(&o);
+    let key = stdout(&o).trim().to_string();
+    assert!(key.starts_with("e2b_") && key.len() == 44, "key: {key}");
+    let env = vec![
+        ("E2B_API_KEY".to_string(), key),
+        ("E2B_API_URL".to_string(), srv.url.clone()),
+        ("E2B_SANDBOX_URL".to_string(), srv.url.clone()),
+    ];
     let file = srv.home.join("hello_e2b.py");
     std::fs::write(&file, script).unwrap();
     let mut cmd = Command::new(python);
