@@ -133,7 +133,7 @@ fn js_sdk() -> Option<PathBuf> {
             ])
             .current_dir(dir)
             .output()
-            .expect("run npm (scripts/deps installs it; the SDK needs Node.js 20 or later)");
+            .expect("run npm: the E2B suite needs Node.js 20 or later with npm");
         if o.status.success() {
             return true;
         }
