@@ -57,6 +57,9 @@ pub struct SandboxRecord {
     pub started_at: i64,
     /// Unix seconds when it was last paused.
     pub paused_at: i64,
+    /// Network settings (egress policy, public ports) as the control layer's JSON; `None` when
+    /// the sandbox has no network.
+    pub network: Option<serde_json::Value>,
 }
 
 pub struct Store {
@@ -76,7 +79,7 @@ pub fn now_rfc3339() -> String {
 
 const SANDBOX_COLUMNS: &str = "id, owner_id, state, image, plan, hostname, limits, env, metadata, \
                                uid_slot, runtime, error, warm_hit, created_at, timeout_s, on_timeout, \
-                               started_at, paused_at";
+                               started_at, paused_at, network";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -200,7 +203,7 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?14)"
             ),
             params![
                 rec.id,
@@ -221,6 +224,7 @@ impl Store {
                 rec.on_timeout.as_str(),
                 rec.started_at,
                 rec.paused_at,
+                rec.network.as_ref().map(|v| v.to_string()),
             ],
         )?;
         tx.commit()?;
@@ -245,6 +249,15 @@ impl Store {
         self.conn().execute(
             "UPDATE sandboxes SET timeout_s = ?2, on_timeout = ?3, updated_at = ?4 WHERE id = ?1",
             params![id, timeout_s, on_timeout.as_str(), now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// The sandbox's network settings changed (egress policy, public ports).
+    pub fn set_network(&self, id: &str, network: &serde_json::Value) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET network = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, network.to_string(), now_rfc3339()],
         )?;
         Ok(())
     }
@@ -359,6 +372,7 @@ struct RawSandbox {
     on_timeout: String,
     started_at: i64,
     paused_at: i64,
+    network: Option<String>,
 }
 
 fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -381,6 +395,7 @@ fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
         on_timeout: r.get(15)?,
         started_at: r.get(16)?,
         paused_at: r.get(17)?,
+        network: r.get(18)?,
     })
 }
 
@@ -414,6 +429,11 @@ impl RawSandbox {
             on_timeout: OnTimeout::parse(&self.on_timeout).unwrap_or_default(),
             started_at: self.started_at,
             paused_at: self.paused_at,
+            network: self
+                .network
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?,
         })
     }
 }

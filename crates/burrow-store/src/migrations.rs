@@ -45,6 +45,8 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN started_at INTEGER NOT NULL DEFAULT 0;",
     // 3: when a sandbox was paused (for the hot window).
     "ALTER TABLE sandboxes ADD COLUMN paused_at INTEGER NOT NULL DEFAULT 0;",
+    // 4: network settings (egress policy, public ports) as JSON.
+    "ALTER TABLE sandboxes ADD COLUMN network TEXT;",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

@@ -27,3 +27,5 @@ pub const GUEST_UNREACHABLE: &str = "guest_unreachable";
 pub const SANDBOX_LOST: &str = "sandbox_lost";
 pub const CREATE_INTERRUPTED: &str = "create_interrupted";
 pub const MAX_DURATION_EXCEEDED: &str = "max_duration_exceeded";
+pub const NETWORK_UNAVAILABLE: &str = "network_unavailable";
+pub const PORT_CLOSED: &str = "port_closed";
