@@ -12,6 +12,7 @@ mod bench;
 mod config;
 mod cp;
 mod exec;
+mod net;
 mod up;
 
 #[derive(Parser)]
@@ -69,6 +70,11 @@ enum Command {
         #[arg(long, default_value_t = 9)]
         signal: i32,
     },
+    /// Show or change a sandbox's egress policy: `burrow net ID --internet off --allow-out X`;
+    /// `burrow net rules` prints burrow's firewall and whether the kernel's matches (admins).
+    Net(net::NetCmd),
+    /// Print the URL of a port inside a sandbox (and make it public or private).
+    Port(net::PortCmd),
     /// Measure latency: create → first command, exec round trip, destroy.
     Bench(bench::BenchArgs),
     /// Operator commands.
@@ -110,6 +116,8 @@ struct CreateArgs {
     /// Metadata: `--meta KEY=VALUE`, repeatable.
     #[arg(long = "meta", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
+    #[command(flatten)]
+    net: net::CreateNetArgs,
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -158,6 +166,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     .on_timeout
                     .as_deref()
                     .and_then(burrow_types::OnTimeout::parse),
+                network: a.net.policy(),
             };
             let sb = config::client()?.create(&req).await?;
             if json {
@@ -245,6 +254,8 @@ async fn run(cli: Cli) -> Result<i32> {
             config::client()?.signal(&id, pid, signal).await?;
             Ok(0)
         }
+        Command::Net(cmd) => net::run_net(cmd, json).await,
+        Command::Port(cmd) => net::run_port(cmd, json).await,
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
         Command::Admin(AdminCommand::CreateUser { name, plan }) => {
             let v = config::client()?

@@ -23,6 +23,8 @@ pub struct UpArgs {
     /// Seconds a paused sandbox keeps its processes before it hibernates (files only).
     #[arg(long, env = "BURROW_HOT_WINDOW", default_value_t = 8 * 3600)]
     hot_window: u64,
+    #[command(flatten)]
+    net: crate::net::NetArgs,
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -45,6 +47,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         listen: args.listen,
         admin_key: admin_key.clone(),
         hot_window: std::time::Duration::from_secs(args.hot_window),
+        network: args.net.config()?,
+        domain: args.net.domain.clone(),
         plans: match &args.plans {
             Some(p) => serde_json::from_slice(
                 &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,

@@ -13,6 +13,7 @@ use tracing::info;
 pub mod api;
 pub mod auth;
 pub mod control;
+pub mod egress;
 
 use control::Control;
 
@@ -26,6 +27,10 @@ pub struct ServerConfig {
     pub plans: Vec<Plan>,
     /// How long a paused sandbox stays hot before it hibernates.
     pub hot_window: std::time::Duration,
+    /// Sandbox networking; `None`: sandboxes have loopback only.
+    pub network: Option<burrow_node::network::NetConfig>,
+    /// Ports are reachable at `<port>-<id>.<domain>`.
+    pub domain: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +49,8 @@ pub enum ServerError {
     Node(#[from] burrow_node::NodeError),
     #[error("start-up reconcile")]
     Reconcile(#[from] control::ControlError),
+    #[error("sandbox network")]
+    Network(#[from] burrow_node::network::NetError),
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -62,7 +69,33 @@ pub struct Server {
     pub bootstrap: Bootstrap,
     pub local_addr: SocketAddr,
     listener: tokio::net::TcpListener,
+    egress: Option<tokio::net::TcpListener>,
     state: api::AppState,
+}
+
+/// The HMAC key of access tokens and signed URLs: made once, kept in the data directory (0600),
+/// so tokens survive restarts.
+fn load_secret(data_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("secret");
+    match std::fs::read(&path) {
+        Ok(s) if s.len() >= 32 => return Ok(s),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let secret = rand::random::<[u8; 32]>().to_vec();
+    let tmp = data_dir.join("secret.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, &secret)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(secret)
 }
 
 impl Server {
@@ -80,8 +113,21 @@ impl Server {
             plans.retain(|d| d.name != p.name);
             plans.push(p);
         }
-        let control =
-            Arc::new(Control::new(store, Arc::new(backend), plans).with_hot_window(cfg.hot_window));
+        let secret = load_secret(&cfg.data_dir).map_err(dir_err)?;
+        let mut control = Control::new(store, Arc::new(backend), plans)
+            .with_hot_window(cfg.hot_window)
+            .with_secret(secret)
+            .with_domain(cfg.domain.clone());
+        // The egress proxy's port is taken before any sandbox could be redirected to it.
+        let mut egress = None;
+        if let Some(net) = cfg.network.clone() {
+            let addr = SocketAddr::from(([0, 0, 0, 0], net.proxy_port));
+            egress = Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
+                ServerError::Listen { addr, source }
+            })?);
+            control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
+        }
+        let control = Arc::new(control);
         let report = control.reconcile().await?;
         info!(
             adopted = report.adopted.len(),
@@ -107,6 +153,7 @@ impl Server {
             bootstrap,
             local_addr,
             listener,
+            egress,
             state: api::AppState { control },
         })
     }
@@ -127,11 +174,17 @@ impl Server {
                 }
             }
         });
+        let proxy = self
+            .egress
+            .map(|l| tokio::spawn(egress::serve(l, self.state.control.clone())));
         let app = api::router(self.state);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         enforcer.abort();
+        if let Some(p) = proxy {
+            p.abort();
+        }
         served
     }
 }

@@ -117,6 +117,9 @@ impl From<ControlError> for HttpError {
                 format!("unknown image {i:?}; this server has \"system\""),
             ),
             ControlError::BadRequest(m) => HttpError::bad_request(m),
+            e @ ControlError::NoNetwork => {
+                HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())
+            }
             ControlError::Guest(g) => g.into(),
             other => HttpError::new(
                 S::INTERNAL_SERVER_ERROR,
