@@ -9,8 +9,14 @@ use std::path::Path;
 /// Runs `f` inside the network namespace of `pid`, then returns to the caller's. The caller must
 /// be single-threaded or accept that only this thread moves (setns(2) is per thread).
 pub fn in_netns_of<T>(pid: u32, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    in_netns(Path::new(&format!("/proc/{pid}/ns/net")), f)
+}
+
+/// Runs `f` inside the network namespace at `ns` (`/proc/PID/ns/net`, `/run/netns/NAME`), then
+/// returns to the caller's; only the calling thread moves.
+pub fn in_netns<T>(ns: &Path, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
     let home = std::fs::File::open("/proc/thread-self/ns/net")?;
-    let target = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let target = std::fs::File::open(ns)?;
     nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(io::Error::from)?;
     let out = f();
