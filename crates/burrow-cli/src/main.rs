@@ -9,6 +9,7 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_net;
 mod config;
 mod cp;
 mod exec;

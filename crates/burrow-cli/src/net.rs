@@ -155,7 +155,10 @@ pub async fn run_net(cmd: NetCmd, json: bool) -> Result<i32> {
         crate::print_json(&net)?;
     } else {
         println!("address    {}", net.address);
-        println!("internet   {}", if net.policy.internet { "on" } else { "off" });
+        println!(
+            "internet   {}",
+            if net.policy.internet { "on" } else { "off" }
+        );
         println!("allow_out  {}", net.policy.allow_out.join(" "));
         println!("deny_out   {}", net.policy.deny_out.join(" "));
         let ports: Vec<String> = net.public_ports.iter().map(|p| p.to_string()).collect();

@@ -141,26 +141,39 @@ async fn curl_by_name_and_address_and_the_internet_switch_takes_effect_live() {
     let id = create(&c, None).await.id;
     let by_name = curl(&c, &id, "http://fake.internet/").await;
     assert!(
-        by_name.as_deref().is_some_and(|b| b.contains("host=fake.internet")),
+        by_name
+            .as_deref()
+            .is_some_and(|b| b.contains("host=fake.internet")),
         "by name: {by_name:?}\n{}",
         srv.log()
     );
     let resolv = run(&c, &id, "cat /etc/resolv.conf").await.stdout;
-    assert!(resolv.contains(&format!("nameserver {FAKE_HOST}")), "{resolv}");
-    assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/")).await.is_some());
+    assert!(
+        resolv.contains(&format!("nameserver {FAKE_HOST}")),
+        "{resolv}"
+    );
+    assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/"))
+        .await
+        .is_some());
 
     // Off through the CLI, on a running sandbox: no restart.
     assert_ok(&srv.cli(&["net", &id, "--internet", "off"]));
-    assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/")).await.is_none());
+    assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/"))
+        .await
+        .is_none());
     assert!(curl(&c, &id, "http://fake.internet/").await.is_none());
     assert_ok(&srv.cli(&["net", &id, "--internet", "on"]));
-    assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/")).await.is_some());
+    assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/"))
+        .await
+        .is_some());
 
     // `create --no-internet` from the CLI.
     let out = srv.cli(&["create", "--no-internet"]);
     assert_ok(&out);
     let off = stdout(&out).trim().to_string();
-    assert!(curl(&c, &off, &format!("http://{FAKE_HOST}/")).await.is_none());
+    assert!(curl(&c, &off, &format!("http://{FAKE_HOST}/"))
+        .await
+        .is_none());
     let shown = stdout(&srv.cli(&["net", &off]));
     assert!(shown.contains("internet   off"), "{shown}");
 }
@@ -173,12 +186,18 @@ async fn deny_out_allow_out_and_domain_rules_are_each_enforced() {
 
     // deny_out (address): the one address goes, the rest of the internet stays.
     let d = create(&c, policy(true, &[], &[FAKE_HOST])).await.id;
-    assert!(curl(&c, &d, &fake).await.is_none(), "deny_out address not enforced");
+    assert!(
+        curl(&c, &d, &fake).await.is_none(),
+        "deny_out address not enforced"
+    );
     assert_eq!(reach(&c, &d, &[("198.51.100.2", 80)]).await, [true]);
 
     // allow_out (address) with the internet off: only what it names.
     let a = create(&c, policy(false, &[FAKE_HOST], &[])).await.id;
-    assert!(curl(&c, &a, &fake).await.is_some(), "allow_out address not honoured");
+    assert!(
+        curl(&c, &a, &fake).await.is_some(),
+        "allow_out address not honoured"
+    );
     assert_eq!(reach(&c, &a, &[("198.51.100.2", 80)]).await, [false]);
 
     // allow_out opens a private range, which is otherwise dropped.
@@ -188,17 +207,34 @@ async fn deny_out_allow_out_and_domain_rules_are_each_enforced() {
     // Domain allow list, internet off: HTTP by Host, TLS by SNI.
     let n = create(&c, policy(false, &["allowed.test"], &[])).await.id;
     let ok = curl(&c, &n, "http://api.allowed.test/").await;
-    assert!(ok.as_deref().is_some_and(|b| b.contains("host=api.allowed.test")), "{ok:?}\n{}", srv.log());
-    assert!(curl(&c, &n, "http://other.test/").await.is_none(), "unlisted name reached");
+    assert!(
+        ok.as_deref()
+            .is_some_and(|b| b.contains("host=api.allowed.test")),
+        "{ok:?}\n{}",
+        srv.log()
+    );
+    assert!(
+        curl(&c, &n, "http://other.test/").await.is_none(),
+        "unlisted name reached"
+    );
     // The same address by another name, or by no name, stays shut.
     assert!(curl(&c, &n, &fake).await.is_none());
-    assert!(tls_reaches(&c, &n, "allowed.test").await, "TLS to an allowed SNI failed");
-    assert!(!tls_reaches(&c, &n, "other.test").await, "TLS to an unlisted SNI passed");
+    assert!(
+        tls_reaches(&c, &n, "allowed.test").await,
+        "TLS to an allowed SNI failed"
+    );
+    assert!(
+        !tls_reaches(&c, &n, "other.test").await,
+        "TLS to an unlisted SNI passed"
+    );
 
     // Domain deny list, internet on.
     let b = create(&c, policy(true, &[], &["blocked.test"])).await.id;
     assert!(curl(&c, &b, "http://fine.test/").await.is_some());
-    assert!(curl(&c, &b, "http://www.blocked.test/").await.is_none(), "deny_out name not enforced");
+    assert!(
+        curl(&c, &b, "http://www.blocked.test/").await.is_none(),
+        "deny_out name not enforced"
+    );
     assert!(tls_reaches(&c, &b, "fine.test").await);
     assert!(!tls_reaches(&c, &b, "blocked.test").await);
 
@@ -230,7 +266,11 @@ async fn bad_policies_and_ports_get_structured_errors() {
     let id = create(&c, None).await.id;
     for port in ["0", "70000", "http"] {
         let (status, body) = c
-            .raw::<()>(reqwest::Method::GET, &format!("/v1/sandboxes/{id}/ports/{port}"), None)
+            .raw::<()>(
+                reqwest::Method::GET,
+                &format!("/v1/sandboxes/{id}/ports/{port}"),
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(status, 400, "{port}: {}", String::from_utf8_lossy(&body));
@@ -255,14 +295,38 @@ async fn n1_no_raw_sockets_no_address_theft_no_shared_l2() {
          python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)' 2>&1",
     )
     .await;
-    assert_eq!(r.stdout.matches("PermissionError").count(), 2, "{}", r.stdout);
-    let steal = run(&c, &a.id, &format!("ip addr add {}/32 dev eth0 2>&1", address(&b))).await;
-    assert_ne!(steal.exit_code, Some(0), "took the neighbour's address: {}", steal.stdout);
+    assert_eq!(
+        r.stdout.matches("PermissionError").count(),
+        2,
+        "{}",
+        r.stdout
+    );
+    let steal = run(
+        &c,
+        &a.id,
+        &format!("ip addr add {}/32 dev eth0 2>&1", address(&b)),
+    )
+    .await;
+    assert_ne!(
+        steal.exit_code,
+        Some(0),
+        "took the neighbour's address: {}",
+        steal.stdout
+    );
     // Each sandbox has its own routed link: no bridge, nothing else on its L2.
     let links = srv.world().server_stdout(&["ip", "-d", "link", "show"]);
     assert!(!links.contains("bridge"), "{links}");
-    let neigh = run(&c, &a.id, &format!("ping -c1 -W1 {} >/dev/null 2>&1; ip neigh", address(&b))).await;
-    assert!(!neigh.stdout.contains(&address(&b)), "B is a neighbour of A: {}", neigh.stdout);
+    let neigh = run(
+        &c,
+        &a.id,
+        &format!("ping -c1 -W1 {} >/dev/null 2>&1; ip neigh", address(&b)),
+    )
+    .await;
+    assert!(
+        !neigh.stdout.contains(&address(&b)),
+        "B is a neighbour of A: {}",
+        neigh.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -276,10 +340,19 @@ async fn n2_gateway_host_addresses_api_port_and_host_loopback_are_unreachable() 
     let got = reach(
         &c,
         &id,
-        &[(gw, api), (SERVER_UPLINK, api), (gw, 15001), ("127.0.0.1", api), (gw, 22)],
+        &[
+            (gw, api),
+            (SERVER_UPLINK, api),
+            (gw, 15001),
+            ("127.0.0.1", api),
+            (gw, 22),
+        ],
     )
     .await;
-    assert_eq!(got, [false; 5], "gateway/API/proxy/loopback reached: {got:?}");
+    assert_eq!(
+        got, [false; 5],
+        "gateway/API/proxy/loopback reached: {got:?}"
+    );
     // The twin: the API does listen on those addresses (so only the firewall stops the sandbox).
     let listening = srv.world().server_stdout(&["ss", "-ltn"]);
     assert!(listening.contains(&format!("0.0.0.0:{api}")), "{listening}");
@@ -297,7 +370,13 @@ async fn n3_link_local_and_metadata_are_dropped_whatever_the_policy() {
         [false, false]
     );
     // Twin: the fake metadata service answers the server's own namespace.
-    let out = srv.world().server(&["curl", "-sf", "--max-time", "3", &format!("http://{METADATA}/")]);
+    let out = srv.world().server(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "3",
+        &format!("http://{METADATA}/"),
+    ]);
     assert!(out.status.success(), "fake metadata service is down");
     // A domain policy (egress proxy path) cannot open it either.
     let d = create(&c, policy(true, &["metadata.test"], &[])).await.id;
@@ -313,7 +392,12 @@ async fn n4_other_sandboxes_and_private_ranges_are_dropped() {
     c.start_process(
         &a.id,
         &ExecRequest {
-            cmd: vec!["python3".into(), "-m".into(), "http.server".into(), "8000".into()],
+            cmd: vec![
+                "python3".into(),
+                "-m".into(),
+                "http.server".into(),
+                "8000".into(),
+            ],
             background: true,
             cwd: Some("/tmp".into()),
             ..Default::default()
@@ -324,7 +408,10 @@ async fn n4_other_sandboxes_and_private_ranges_are_dropped() {
     // A serves (the twin: it answers itself) ...
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while reach(&c, &a.id, &[("127.0.0.1", 8000)]).await != [true] {
-        assert!(std::time::Instant::now() < deadline, "server in A did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server in A did not start"
+        );
     }
     // ... but B cannot reach it, even with 10/8 allowed, nor scan the private ranges.
     let got = reach(
@@ -354,10 +441,16 @@ async fn n5_ipv6_is_off_inside() {
     assert_eq!(lines.first().copied(), Some("1"), "{}", r.stdout);
     assert_eq!(lines.get(1).copied(), Some("1"), "{}", r.stdout);
     assert!(!r.stdout.contains("inet6"), "{}", r.stdout);
-    assert!(!r.stdout.trim_end().ends_with("\n0"), "IPv6 connect succeeded: {}", r.stdout);
+    assert!(
+        !r.stdout.trim_end().ends_with("\n0"),
+        "IPv6 connect succeeded: {}",
+        r.stdout
+    );
     // The host end has no IPv6 either (no link-local for router advertisements to use).
     let ifname = format!("bw{}", &sb.id[..13]);
-    let host = srv.world().server_stdout(&["ip", "-6", "addr", "show", "dev", &ifname]);
+    let host = srv
+        .world()
+        .server_stdout(&["ip", "-6", "addr", "show", "dev", &ifname]);
     assert!(!host.contains("inet6"), "{host}");
 }
 
@@ -395,10 +488,27 @@ async fn n6_ports_only_through_the_authenticated_proxy_by_path_and_host_with_web
     let c = srv.client();
     let sb = create(&c, None).await;
     let id = sb.id.clone();
-    let token = sb.access_token.clone().expect("create returns the access token");
-    run(&c, &id, "mkdir -p /tmp/site && echo hello-from-inside > /tmp/site/index.html").await;
+    let token = sb
+        .access_token
+        .clone()
+        .expect("create returns the access token");
+    run(
+        &c,
+        &id,
+        "mkdir -p /tmp/site && echo hello-from-inside > /tmp/site/index.html",
+    )
+    .await;
     for cmd in [
-        vec!["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0", "-d", "/tmp/site"],
+        vec![
+            "python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--bind",
+            "0.0.0.0",
+            "-d",
+            "/tmp/site",
+        ],
         vec!["python3", "-c", WS_ECHO_PY],
     ] {
         c.start_process(
@@ -414,12 +524,24 @@ async fn n6_ports_only_through_the_authenticated_proxy_by_path_and_host_with_web
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while reach(&c, &id, &[("127.0.0.1", 8000), ("127.0.0.1", 8001)]).await != [true, true] {
-        assert!(std::time::Instant::now() < deadline, "servers inside did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "servers inside did not start"
+        );
     }
     // N6: from the (fake) internet, which routes the sandbox range to the server, nothing.
     let addr = address(&sb);
-    let direct = srv.world().inet(&["curl", "-sf", "--max-time", "3", &format!("http://{addr}:8000/")]);
-    assert!(!direct.status.success(), "reached a sandbox port from outside");
+    let direct = srv.world().inet(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "3",
+        &format!("http://{addr}:8000/"),
+    ]);
+    assert!(
+        !direct.status.success(),
+        "reached a sandbox port from outside"
+    );
 
     let http = reqwest::Client::new();
     let base = srv.url.clone();
@@ -456,18 +578,44 @@ async fn n6_ports_only_through_the_authenticated_proxy_by_path_and_host_with_web
         assert_eq!((status, body.trim()), (200, "hello-from-inside"), "{url}");
     }
     let info = c.port(&id, 8000, Some(60)).await.unwrap();
-    assert_eq!(info.url.as_deref(), Some(format!("http://{host}/").as_str()));
-    let signed = info.signed_url.unwrap().replace("http://", "").split_once('/').map(|(_, p)| format!("{base}/{p}")).unwrap();
+    assert_eq!(
+        info.url.as_deref(),
+        Some(format!("http://{host}/").as_str())
+    );
+    let signed = info
+        .signed_url
+        .unwrap()
+        .replace("http://", "")
+        .split_once('/')
+        .map(|(_, p)| format!("{base}/{p}"))
+        .unwrap();
     assert_eq!(get(signed.clone(), None, None).await.0, 200, "{signed}");
-    let forged = format!("{}0", signed.trim_end_matches(|ch: char| ch.is_ascii_hexdigit()));
+    let forged = format!(
+        "{}0",
+        signed.trim_end_matches(|ch: char| ch.is_ascii_hexdigit())
+    );
     assert_eq!(get(forged, None, None).await.0, 401);
     // A token of another sandbox, and another tenant's key, do not open it.
     let other = create(&c, None).await.access_token.unwrap();
-    assert_eq!(get(path.clone(), None, Some(("x-access-token", other))).await.0, 401);
+    assert_eq!(
+        get(path.clone(), None, Some(("x-access-token", other)))
+            .await
+            .0,
+        401
+    );
     let bob = srv.cli(&["admin", "create-user", "bob"]);
     assert_ok(&bob);
     let bob_key = stdout(&bob).trim().to_string();
-    assert_eq!(get(path.clone(), None, Some(("authorization", format!("Bearer {bob_key}")))).await.0, 404);
+    assert_eq!(
+        get(
+            path.clone(),
+            None,
+            Some(("authorization", format!("Bearer {bob_key}")))
+        )
+        .await
+        .0,
+        404
+    );
 
     // Public: open without a token, by path and by Host, until made private again.
     let out = srv.cli(&["port", &id, "8000", "--public"]);
@@ -483,10 +631,14 @@ async fn n6_ports_only_through_the_authenticated_proxy_by_path_and_host_with_web
         "{}/v1/sandboxes/{id}/ports/8001/?burrow_token={token}",
         base.replace("http://", "ws://")
     );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url).await.expect("ws through the proxy");
-    ws.send(tokio_tungstenite::tungstenite::Message::Text("echo me".into()))
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url)
         .await
-        .unwrap();
+        .expect("ws through the proxy");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        "echo me".into(),
+    ))
+    .await
+    .unwrap();
     let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
         .await
         .expect("echo in time")
@@ -495,7 +647,12 @@ async fn n6_ports_only_through_the_authenticated_proxy_by_path_and_host_with_web
     assert_eq!(msg.into_text().unwrap().as_str(), "echo me");
 
     // Closed port and stopped sandbox: structured errors, not hangs.
-    let (st, body) = get(format!("{base}/v1/sandboxes/{id}/ports/8999/"), None, Some(key.clone())).await;
+    let (st, body) = get(
+        format!("{base}/v1/sandboxes/{id}/ports/8999/"),
+        None,
+        Some(key.clone()),
+    )
+    .await;
     assert_eq!(st, 502, "{body}");
     assert!(body.contains("port_closed"), "{body}");
     c.pause(&id).await.unwrap();
@@ -545,11 +702,18 @@ for s in socks:
     let a2 = a.clone();
     let held = tokio::spawn(async move { c2.exec(&a2, &burst).await.unwrap() });
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(reach(&c, &b, &[(FAKE_HOST, 80)]).await, [true], "B starved by A");
+    assert_eq!(
+        reach(&c, &b, &[(FAKE_HOST, 80)]).await,
+        [true],
+        "B starved by A"
+    );
     let r = held.await.unwrap();
     let n: usize = r.stdout.trim().parse().unwrap_or_else(|_| panic!("{r:?}"));
     assert!(n <= limit, "{n} connections open, limit {limit}");
-    assert!(n >= limit - 2, "only {n} connections: something else than the limit stopped them");
+    assert!(
+        n >= limit - 2,
+        "only {n} connections: something else than the limit stopped them"
+    );
     // Once they are closed, A connects again.
     assert_eq!(reach(&c, &a, &[(FAKE_HOST, 80)]).await, [true]);
 }
@@ -563,7 +727,11 @@ fn kernel_table(srv: &TestServer) -> (Vec<String>, Vec<String>, Vec<String>) {
     let (mut tables, mut chains, mut elems) = (Vec::new(), Vec::new(), Vec::new());
     for item in v["nftables"].as_array().unwrap() {
         if let Some(t) = item.get("table") {
-            tables.push(format!("{} {}", t["family"].as_str().unwrap(), t["name"].as_str().unwrap()));
+            tables.push(format!(
+                "{} {}",
+                t["family"].as_str().unwrap(),
+                t["name"].as_str().unwrap()
+            ));
         }
         if let Some(ch) = item.get("chain") {
             chains.push(ch["name"].as_str().unwrap().to_string());
@@ -604,11 +772,25 @@ async fn assert_in_sync(srv: &TestServer) {
     let fw = srv.client().firewall().await.unwrap();
     assert_eq!(fw["in_sync"], true, "{fw:#}");
     let (tables, chains, elems) = kernel_table(srv);
-    assert_eq!(tables, ["inet burrow"], "other tables in the server namespace");
-    let mut want: Vec<String> = fw["expected"]["chains"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        tables,
+        ["inet burrow"],
+        "other tables in the server namespace"
+    );
+    let mut want: Vec<String> = fw["expected"]["chains"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     want.sort();
     assert_eq!(chains, want);
-    let mut want_el: Vec<String> = fw["expected"]["sandboxes"].as_object().unwrap().keys().cloned().collect();
+    let mut want_el: Vec<String> = fw["expected"]["sandboxes"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     want_el.sort();
     assert_eq!(elems, want_el);
     // `burrow net rules` says the same.
@@ -617,16 +799,24 @@ async fn assert_in_sync(srv: &TestServer) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn rm_and_a_crash_leave_no_veth_route_address_or_rule_behind() {
-    let Some(mut srv) = world(&[]).await else { return };
+    let Some(mut srv) = world(&[]).await else {
+        return;
+    };
     let c = srv.client();
     let a = create(&c, policy(true, &[], &["blocked.test"])).await;
     let b = create(&c, None).await;
     assert_in_sync(&srv).await;
-    assert!(!net_leftovers(&srv, &a.id, &address(&a)).is_empty(), "A's network is not visible");
+    assert!(
+        !net_leftovers(&srv, &a.id, &address(&a)).is_empty(),
+        "A's network is not visible"
+    );
 
     let out = srv.cli(&["rm", &a.id]);
     assert_ok(&out);
-    assert_eq!(net_leftovers(&srv, &a.id, &address(&a)), Vec::<String>::new());
+    assert_eq!(
+        net_leftovers(&srv, &a.id, &address(&a)),
+        Vec::<String>::new()
+    );
     assert_in_sync(&srv).await;
 
     // Crash: the server dies, C's processes die with no one to clean up, and a stray chain
@@ -642,8 +832,14 @@ async fn rm_and_a_crash_leave_no_veth_route_address_or_rule_behind() {
     srv.restart().await;
     let c = srv.client();
     assert_eq!(c.get(&cc.id).await.unwrap().state.as_str(), "hibernated");
-    assert_eq!(net_leftovers(&srv, &cc.id, &address(&cc)), Vec::<String>::new());
-    assert!(!srv.world().server_stdout(&["nft", "list", "ruleset"]).contains("stray"));
+    assert_eq!(
+        net_leftovers(&srv, &cc.id, &address(&cc)),
+        Vec::<String>::new()
+    );
+    assert!(!srv
+        .world()
+        .server_stdout(&["nft", "list", "ruleset"])
+        .contains("stray"));
     assert_in_sync(&srv).await;
     // B was adopted with its rules and still reaches the internet.
     assert_eq!(reach(&c, &b.id, &[(FAKE_HOST, 80)]).await, [true]);
@@ -654,7 +850,10 @@ async fn rm_and_a_crash_leave_no_veth_route_address_or_rule_behind() {
 
     for sb in [&b, &cc] {
         assert_ok(&srv.cli(&["rm", &sb.id]));
-        assert_eq!(net_leftovers(&srv, &sb.id, &address(sb)), Vec::<String>::new());
+        assert_eq!(
+            net_leftovers(&srv, &sb.id, &address(sb)),
+            Vec::<String>::new()
+        );
         assert_eq!(host_leftovers(&srv, &sb.id), Vec::<String>::new());
     }
     assert_in_sync(&srv).await;

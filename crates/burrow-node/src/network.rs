@@ -241,28 +241,21 @@ impl Network {
             .map(|e| e.address.to_string())
             .collect();
         if !proxied.is_empty() {
-            t.push_str(&format!("add element inet {TABLE} proxied {}\n", set(proxied)));
+            t.push_str(&format!(
+                "add element inet {TABLE} proxied {}\n",
+                set(proxied)
+            ));
         }
         t
     }
 
     /// What burrow has installed, in the shape `actual()` reads back.
     pub fn expected(&self) -> RulesSummary {
+        let chains = chain_rule_counts(&self.render());
         let installed = self.lock();
-        let mut chains: BTreeMap<String, usize> = [
-            ("sandbox_pre", 5),
-            ("nat_pre", 1),
-            ("nat_post", 1),
-            ("input", 4),
-            ("forward", 3),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
         let mut sandboxes = BTreeMap::new();
         let mut proxied = Vec::new();
         for (id, e) in installed.iter() {
-            chains.insert(chain_name(id), self.sandbox_rules(e).len());
             sandboxes.insert(e.ifname.clone(), chain_name(id));
             if e.policy.has_domains() {
                 proxied.push(e.address.to_string());
@@ -278,10 +271,7 @@ impl Network {
 
     /// Replaces the table with the base rules plus `kept` sandboxes' rules (start-up, after
     /// reconcile): anything a crashed server left behind goes. Then checks what the kernel holds.
-    pub fn install(
-        &self,
-        kept: Vec<(String, Ipv4Addr, CompiledPolicy)>,
-    ) -> Result<(), NetError> {
+    pub fn install(&self, kept: Vec<(String, Ipv4Addr, CompiledPolicy)>) -> Result<(), NetError> {
         burrow_linux::net::write_sysctl("net.ipv4.ip_forward", "1")
             .map_err(NetError::Forwarding)?;
         {
@@ -403,6 +393,28 @@ impl Network {
     }
 }
 
+/// Rules per chain of a rendered table: every line of a `chain` block but its `type` line.
+fn chain_rule_counts(script: &str) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in script.lines().map(str::trim) {
+        if let Some(name) = line
+            .strip_prefix("chain ")
+            .and_then(|l| l.strip_suffix(" {"))
+        {
+            counts.insert(name.to_string(), 0);
+            current = Some(name.to_string());
+        } else if line == "}" {
+            current = None;
+        } else if let Some(c) = &current {
+            if !line.starts_with("type ") && !line.is_empty() {
+                *counts.entry(c.clone()).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
 fn nft(script: &str) -> Result<(), NetError> {
     let mut child = Command::new(NFT)
         .args(["-f", "-"])
@@ -412,7 +424,9 @@ fn nft(script: &str) -> Result<(), NetError> {
         .spawn()
         .map_err(NetError::Spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes()).map_err(NetError::Spawn)?;
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(NetError::Spawn)?;
     }
     let out = child.wait_with_output().map_err(NetError::Spawn)?;
     if !out.status.success() {
@@ -491,8 +505,8 @@ mod tests {
         assert_eq!(n.gateway(), "10.200.0.1".parse::<Ipv4Addr>().unwrap());
         assert_eq!(n.address_of(0).unwrap().to_string(), "10.200.0.2");
         assert_eq!(n.address_of(300).unwrap().to_string(), "10.200.1.46");
-        assert!(n.address_of(65533).is_ok());
-        assert!(n.address_of(65534).is_err());
+        assert!(n.address_of(65532).is_ok());
+        assert!(n.address_of(65533).is_err());
         assert_eq!(Network::ifname("abcdefghijklmnopqrst"), "bwabcdefghijklm");
     }
 
@@ -517,6 +531,16 @@ mod tests {
         assert!(pos("th dport 53") < pos("tcp dport { 80, 443 }"));
         assert!(pos("198.51.100.0/24") < pos("10.0.0.0/8"));
         assert_eq!(r.last().unwrap(), "drop");
+    }
+
+    #[test]
+    fn expected_rule_counts_follow_the_rendered_table() {
+        let n = net();
+        let s = n.expected();
+        assert_eq!(s.chains["sandbox_pre"], 5);
+        assert_eq!(s.chains["input"], 4);
+        assert_eq!(s.chains["forward"], 3);
+        assert_eq!(s.chains["nat_pre"], 1);
     }
 
     #[test]

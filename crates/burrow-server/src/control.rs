@@ -186,7 +186,10 @@ impl Control {
                     warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
                     self.store.set_error(
                         &id,
-                        &reason(codes::INTERNAL, format!("create failed: {}", error_chain(&e))),
+                        &reason(
+                            codes::INTERNAL,
+                            format!("create failed: {}", error_chain(&e)),
+                        ),
                     )?;
                     return Err(e);
                 }

@@ -45,7 +45,8 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, control: &Control) -> Res
     let (id, policy) = control
         .sandbox_at(src)
         .ok_or("not from a sandbox with a network")?;
-    let dst = burrow_linux::net::original_dst(&conn).map_err(|e| format!("no original destination: {e}"))?;
+    let dst = burrow_linux::net::original_dst(&conn)
+        .map_err(|e| format!("no original destination: {e}"))?;
     let range = control
         .network()
         .map(|n| n.config().range)

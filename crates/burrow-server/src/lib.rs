@@ -122,9 +122,11 @@ impl Server {
         let mut egress = None;
         if let Some(net) = cfg.network.clone() {
             let addr = SocketAddr::from(([0, 0, 0, 0], net.proxy_port));
-            egress = Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| {
-                ServerError::Listen { addr, source }
-            })?);
+            egress = Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Listen { addr, source })?,
+            );
             control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
         }
         let control = Arc::new(control);

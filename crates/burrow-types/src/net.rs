@@ -29,7 +29,12 @@ pub const ALWAYS_BLOCKED: &[&str] = &[
 ];
 
 /// Dropped unless `allow_out` names them: RFC 1918 and carrier-grade NAT.
-pub const PRIVATE: &[&str] = &["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"];
+pub const PRIVATE: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+];
 
 fn yes() -> bool {
     true
@@ -78,7 +83,10 @@ impl NetworkPolicy {
     pub fn patched(&self, p: &NetworkPatch) -> NetworkPolicy {
         NetworkPolicy {
             internet: p.internet.unwrap_or(self.internet),
-            allow_out: p.allow_out.clone().unwrap_or_else(|| self.allow_out.clone()),
+            allow_out: p
+                .allow_out
+                .clone()
+                .unwrap_or_else(|| self.allow_out.clone()),
             deny_out: p.deny_out.clone().unwrap_or_else(|| self.deny_out.clone()),
         }
     }
@@ -412,7 +420,10 @@ mod tests {
             Verdict::Deny(_)
         ));
         assert_eq!(p.decide(ip("192.168.1.8"), None), Verdict::Allow);
-        assert_eq!(p.decide(ip("8.8.8.8"), Some("api.good.com")), Verdict::Allow);
+        assert_eq!(
+            p.decide(ip("8.8.8.8"), Some("api.good.com")),
+            Verdict::Allow
+        );
         assert!(matches!(
             p.decide(ip("8.8.8.8"), Some("bad.good.com")),
             Verdict::Deny(_)
@@ -429,13 +440,18 @@ mod tests {
         ));
         let open = pol(true, &[], &[]);
         assert_eq!(open.decide(ip("8.8.8.8"), None), Verdict::Allow);
-        assert!(matches!(open.decide(ip("10.0.0.1"), None), Verdict::Deny(_)));
+        assert!(matches!(
+            open.decide(ip("10.0.0.1"), None),
+            Verdict::Deny(_)
+        ));
     }
 
     #[test]
     fn domain_rules_match_names_and_subdomains() {
         let d = DomainRule::parse("Example.com").unwrap();
-        assert!(d.matches("example.com") && d.matches("a.b.example.com") && d.matches("EXAMPLE.COM."));
+        assert!(
+            d.matches("example.com") && d.matches("a.b.example.com") && d.matches("EXAMPLE.COM.")
+        );
         assert!(!d.matches("badexample.com") && !d.matches("example.com.evil"));
         let w = DomainRule::parse("*.example.com").unwrap();
         assert!(w.matches("a.example.com") && !w.matches("example.com"));

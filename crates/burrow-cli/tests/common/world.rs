@@ -142,10 +142,16 @@ impl World {
         // Registered in `w` first, so a failed step still deletes what was made.
         ip(&["netns", "add", &s]);
         ip(&["netns", "add", &i]);
-        for (ns, addr, peer) in [(&s, "198.51.100.1/24", "198.51.100.2"), (&i, "198.51.100.2/24", "")] {
+        for (ns, addr, peer) in [
+            (&s, "198.51.100.1/24", "198.51.100.2"),
+            (&i, "198.51.100.2/24", ""),
+        ] {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
             if ns == &s {
-                ip(&["-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", &i]);
+                ip(&[
+                    "-n", ns, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns",
+                    &i,
+                ]);
             }
             ip(&["-n", ns, "addr", "add", addr, "dev", "up0"]);
             ip(&["-n", ns, "link", "set", "up0", "up"]);
@@ -157,7 +163,15 @@ impl World {
             ip(&["-n", &i, "addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
         // Inbound attempts at sandboxes really reach the server namespace's firewall.
-        ip(&["-n", &i, "route", "add", "10.200.0.0/16", "via", "198.51.100.1"]);
+        ip(&[
+            "-n",
+            &i,
+            "route",
+            "add",
+            "10.200.0.0/16",
+            "via",
+            "198.51.100.1",
+        ]);
         let script = w._dir.path().join("fake_internet.py");
         std::fs::write(&script, FAKE_INTERNET_PY).unwrap();
         w.fake = Some(
@@ -173,7 +187,11 @@ impl World {
         );
         w.api = start_relay(&s);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !w.inet(&["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/80"]).status.success() {
+        while !w
+            .inet(&["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/80"])
+            .status
+            .success()
+        {
             assert!(Instant::now() < deadline, "the fake internet did not start");
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -336,14 +336,13 @@ fn ip_batch(script: &str) -> Result<()> {
 /// a /32 route back. IPv6 is off on both ends (ATTACKS.md N5). Point to point: no bridge.
 fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
     let (ifname, addr, gw) = (&net.ifname, net.address, net.gateway);
-    // A leftover of a crashed create with the same name would make `link add` fail.
-    let _ = Command::new("/usr/sbin/ip")
-        .args(["link", "del", ifname])
-        .stderr(std::process::Stdio::null())
-        .status();
-    ip_batch(&format!(
-        "link add {ifname} type veth peer name eth0 netns {pid}\n"
-    ))?;
+    let add = format!("link add {ifname} type veth peer name eth0 netns {pid}\n");
+    if ip_batch(&add).is_err() {
+        // The host end of this sandbox's previous run (a cold resume right after a stop: network
+        // namespaces are torn down asynchronously) may still hold the name.
+        ip_batch(&format!("link del {ifname}\n"))?;
+        ip_batch(&add)?;
+    }
     let _ = burrow_linux::net::write_sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1");
     ip_batch(&format!(
         "addr add {gw}/32 dev {ifname}\nlink set {ifname} up\nroute add {addr}/32 dev {ifname} scope link\n"

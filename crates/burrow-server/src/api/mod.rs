@@ -92,7 +92,10 @@ fn api_router(state: AppState) -> Router {
             get(network::get_port).put(network::put_port),
         )
         .route("/ports/{port}/", axum::routing::any(ports::proxy_root))
-        .route("/ports/{port}/{*rest}", axum::routing::any(ports::proxy_path));
+        .route(
+            "/ports/{port}/{*rest}",
+            axum::routing::any(ports::proxy_path),
+        );
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))

@@ -114,7 +114,11 @@ pub async fn proxy_root(
     Path((id, port)): Path<(String, String)>,
     req: Request,
 ) -> Response {
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     match parse_port(&port) {
         Ok(port) => proxy(&s, &id, port, format!("/{query}"), req).await,
         Err(e) => e.into_response(),
@@ -127,7 +131,11 @@ pub async fn proxy_path(
     Path((id, port, rest)): Path<(String, String, String)>,
     req: Request,
 ) -> Response {
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     // The raw path keeps the client's encoding; the extracted `rest` is decoded.
     let raw = req.uri().path();
     let marker = format!("/ports/{port}/");
@@ -160,7 +168,8 @@ fn authorize(
     headers: &HeaderMap,
     query: &BTreeMap<String, String>,
 ) -> Result<bool, HttpError> {
-    let api_key = bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
+    let api_key =
+        bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
     if let Some(key) = api_key {
         if let Ok(Some(user)) = control.store().user_by_key_hash(&hash_key(key)) {
             if user.id == target.owner_id {
@@ -247,28 +256,26 @@ async fn proxy_inner(
     let (_, ours, forwarded) = split_query(&pq);
     let strip_auth = authorize(&state.control, &target, req.headers(), &ours)?;
 
-    let stream = match tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        tokio::net::TcpStream::connect(target.addr),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(HttpError::new(
-                StatusCode::BAD_GATEWAY,
-                codes::PORT_CLOSED,
-                format!("nothing answers on port {port} in the sandbox: {e}"),
-            ))
-        }
-        Err(_) => {
-            return Err(HttpError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                codes::PORT_CLOSED,
-                format!("port {port} in the sandbox did not accept within {CONNECT_TIMEOUT:?}"),
-            ))
-        }
-    };
+    let stream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target.addr))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(HttpError::new(
+                    StatusCode::BAD_GATEWAY,
+                    codes::PORT_CLOSED,
+                    format!("nothing answers on port {port} in the sandbox: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(HttpError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    codes::PORT_CLOSED,
+                    format!("port {port} in the sandbox did not accept within {CONNECT_TIMEOUT:?}"),
+                ))
+            }
+        };
     let client_upgrade = req
         .headers()
         .contains_key("upgrade")
@@ -276,28 +283,31 @@ async fn proxy_inner(
     let (parts, body) = req.into_parts();
     let mut out = axum::http::Request::builder()
         .method(parts.method)
-        .uri(forwarded.parse::<Uri>().map_err(|e| HttpError::bad_request(e.to_string()))?)
+        .uri(
+            forwarded
+                .parse::<Uri>()
+                .map_err(|e| HttpError::bad_request(e.to_string()))?,
+        )
         .body(body)
         .map_err(|e| HttpError::bad_request(e.to_string()))?;
     let headers = out.headers_mut();
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if name == "x-api-key" || name == TOKEN_HEADER || (strip_auth && name == "authorization")
-        {
+        if name == "x-api-key" || name == TOKEN_HEADER || (strip_auth && name == "authorization") {
             continue;
         }
         headers.append(k.clone(), v.clone());
     }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static("http"),
-    );
+    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
 
     let bad_gateway = |e: hyper::Error| {
         HttpError::new(
             StatusCode::BAD_GATEWAY,
             codes::PORT_CLOSED,
-            format!("the sandbox's port {port} broke the connection: {}", error_chain(&e)),
+            format!(
+                "the sandbox's port {port} broke the connection: {}",
+                error_chain(&e)
+            ),
         )
     };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -312,8 +322,9 @@ async fn proxy_inner(
             let server_upgrade = hyper::upgrade::on(&mut resp);
             tokio::spawn(async move {
                 if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
-                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s))
-                        .await;
+                    let _ =
+                        tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(s))
+                            .await;
                 }
             });
         }

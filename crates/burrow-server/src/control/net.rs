@@ -146,7 +146,10 @@ impl Control {
         rec: &SandboxRecord,
     ) -> Result<SandboxSpec, ControlError> {
         if let (Some(n), Some(_)) = (&self.network, &rec.network) {
-            spec.net = Some(n.spec(&rec.id, rec.uid_slot).map_err(ControlError::Network)?);
+            spec.net = Some(
+                n.spec(&rec.id, rec.uid_slot)
+                    .map_err(ControlError::Network)?,
+            );
         }
         Ok(spec)
     }
