@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use burrow_node::namespace::{NamespaceBackend, NamespaceConfig};
 use burrow_store::Store;
-use burrow_types::Plan;
+use burrow_types::{Plan, PoolSpec};
 use tracing::info;
 
 pub mod api;
 pub mod auth;
+pub mod callback;
 pub mod control;
 pub mod egress;
+pub mod pool;
 
 use control::Control;
 
@@ -31,6 +33,11 @@ pub struct ServerConfig {
     pub network: Option<burrow_node::network::NetConfig>,
     /// Ports are reachable at `<port>-<id>.<domain>`.
     pub domain: Option<String>,
+    /// Warm pools to keep, by name (created or resized at start; the API can change them later).
+    pub pools: Vec<(String, PoolSpec)>,
+    /// Paused sandboxes hibernate early while the host has less memory available than this
+    /// (MiB); a twentieth of the host's memory when unset.
+    pub hibernate_below_mib: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +121,15 @@ impl Server {
             plans.push(p);
         }
         let secret = load_secret(&cfg.data_dir).map_err(dir_err)?;
+        let callback_key = callback_key(&cfg.data_dir).map_err(dir_err)?;
         let mut control = Control::new(store, Arc::new(backend), plans)
             .with_hot_window(cfg.hot_window)
+            .with_callback_key(callback_key)
             .with_secret(secret)
             .with_domain(cfg.domain.clone());
+        if let Some(mib) = cfg.hibernate_below_mib {
+            control = control.with_hibernate_below_mib(mib);
+        }
         // The egress proxy's port is taken before any sandbox could be redirected to it.
         let mut egress = None;
         if let Some(net) = cfg.network.clone() {
@@ -131,6 +143,9 @@ impl Server {
         }
         let control = Arc::new(control);
         let report = control.reconcile().await?;
+        for (name, spec) in cfg.pools {
+            control.put_pool(&name, spec)?;
+        }
         info!(
             adopted = report.adopted.len(),
             hibernated = report.hibernated.len(),
@@ -179,6 +194,24 @@ impl Server {
         let proxy = self
             .egress
             .map(|l| tokio::spawn(egress::serve(l, self.state.control.clone())));
+        // The replenisher refills pools after each claim (woken at once) and checks every second.
+        let control = self.state.control.clone();
+        let replenisher = tokio::spawn(async move {
+            loop {
+                match control.replenish().await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %control::error_chain(&e), "refilling pools failed")
+                    }
+                }
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    control.pool_wake.notified(),
+                )
+                .await;
+            }
+        });
         let app = api::router(self.state);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
@@ -187,8 +220,31 @@ impl Server {
         if let Some(p) = proxy {
             p.abort();
         }
+        replenisher.abort();
         served
     }
+}
+
+/// The key that signs run callbacks: made once, kept in the data directory (readable by root
+/// only) so receivers can be configured with it.
+fn callback_key(data_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("callback.key");
+    match std::fs::read_to_string(&path) {
+        Ok(k) => return Ok(k.trim().as_bytes().to_vec()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let key = hex::encode(rand::random::<[u8; 32]>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(key.as_bytes())?;
+    f.sync_all()?;
+    Ok(key.into_bytes())
 }
 
 fn bootstrap_admin(store: &Store, admin_key: Option<&str>) -> Result<Bootstrap, ServerError> {

@@ -20,6 +20,7 @@ pub mod extract;
 pub mod files;
 pub mod network;
 pub mod openapi;
+pub mod pools;
 pub mod ports;
 pub mod sandboxes;
 mod ws;
@@ -60,6 +61,8 @@ fn api_router(state: AppState) -> Router {
         .route("/resume", post(sandboxes::resume_sandbox))
         .route("/hibernate", post(sandboxes::hibernate_sandbox))
         .route("/timeout", post(sandboxes::set_timeout))
+        .route("/run", post(sandboxes::start_run))
+        .route("/run/end", post(sandboxes::end_run))
         .route("/exec", post(exec::exec))
         .route("/exec/ws", get(exec::exec_ws))
         .route("/terminal", get(exec::terminal))
@@ -101,6 +104,12 @@ fn api_router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/admin/users", post(admin::create_user))
         .route("/v1/admin/network", get(network::firewall))
+        .route("/v1/pools", get(pools::list_pools))
+        .route(
+            "/v1/pools/{name}",
+            axum::routing::put(pools::put_pool).delete(pools::delete_pool),
+        )
+        .route("/metrics", get(pools::metrics))
         .route(
             "/v1/sandboxes",
             post(sandboxes::create_sandbox).get(sandboxes::list_sandboxes),

@@ -139,6 +139,37 @@ impl Control {
         Ok(Some(serde_json::to_value(net).map_err(StoreError::from)?))
     }
 
+    /// A warm sandbox's network until it is claimed: wired, but no egress at all.
+    pub(crate) fn warm_network(&self) -> Option<serde_json::Value> {
+        self.network.as_ref()?;
+        let net = StoredNet {
+            policy: NetworkPolicy {
+                internet: false,
+                ..Default::default()
+            },
+            public_ports: Vec::new(),
+        };
+        serde_json::to_value(net).ok()
+    }
+
+    /// A claimed warm sandbox gets the creator's policy (checked by `network_for_create`).
+    pub(super) async fn claim_network(
+        &self,
+        rec: &mut SandboxRecord,
+        network: Option<serde_json::Value>,
+    ) -> Result<(), ControlError> {
+        let Some(value) = network else {
+            return Ok(());
+        };
+        self.store.set_network(&rec.id, &value)?;
+        rec.network = Some(value);
+        if let Err(e) = self.attach_net(rec) {
+            self.fail_after_build(rec, &e).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// The spec with the network `__init` must wire.
     pub(super) fn with_net(
         &self,
