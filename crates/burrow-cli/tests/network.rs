@@ -858,3 +858,49 @@ async fn rm_and_a_crash_leave_no_veth_route_address_or_rule_behind() {
     }
     assert_in_sync(&srv).await;
 }
+
+/// A warm sandbox has no egress until it is claimed; the claim gives it the creator's policy.
+#[tokio::test(flavor = "multi_thread")]
+async fn warm_sandboxes_get_the_creators_policy_at_claim() {
+    let Some(srv) = world(&[]).await else { return };
+    let c = srv.client();
+    let (st, body) = c
+        .raw(
+            reqwest::Method::PUT,
+            "/v1/pools/default",
+            Some(&serde_json::json!({"size": 1})),
+        )
+        .await
+        .unwrap();
+    assert!(st.is_success(), "{}", String::from_utf8_lossy(&body));
+    let ready = || async {
+        let (_, body) = c
+            .raw::<()>(reqwest::Method::GET, "/v1/pools", None)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v.as_array()
+            .and_then(|a| a.first())
+            .and_then(|p| p["ready"].as_u64())
+            .unwrap_or(0)
+            >= 1
+    };
+    for policy_ in [policy(false, &[], &[]), None] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !ready().await {
+            assert!(std::time::Instant::now() < deadline, "pool never ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sb = create(&c, policy_.clone()).await;
+        assert!(sb.warm_hit, "not served from the pool");
+        let internet = policy_.is_none();
+        assert_eq!(
+            curl(&c, &sb.id, &format!("http://{FAKE_HOST}/"))
+                .await
+                .is_some(),
+            internet,
+            "policy {policy_:?} not applied at claim"
+        );
+    }
+    assert_in_sync(&srv).await;
+}
