@@ -904,3 +904,22 @@ async fn warm_sandboxes_get_the_creators_policy_at_claim() {
     }
     assert_in_sync(&srv).await;
 }
+
+/// done-when 6: `burrow bench` measures create with a network and a `curl` round trip (no numbers
+/// are asserted: benchmarks are not tests; this checks the rows are there).
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_has_the_network_rows() {
+    let Some(srv) = world(&[]).await else { return };
+    let out = srv.cli(&[
+        "bench",
+        "--runs",
+        "2",
+        "--net-url",
+        &format!("http://{FAKE_HOST}/"),
+    ]);
+    assert_ok(&out);
+    let table = stdout(&out);
+    for row in ["net create -> first command", "net exec round trip (curl)"] {
+        assert!(table.contains(row), "{row} missing:\n{table}");
+    }
+}
