@@ -60,6 +60,11 @@ impl NetArgs {
         } else {
             self.dns.clone()
         };
+        if resolvers.is_empty() {
+            eprintln!(
+                "warning: no name server for sandboxes (the host's are loopback only); pass --dns"
+            );
+        }
         if self.net_conn_limit == 0 {
             bail!("--net-conn-limit must be positive");
         }

@@ -843,6 +843,14 @@ async fn rm_and_a_crash_leave_no_veth_route_address_or_rule_behind() {
     assert_in_sync(&srv).await;
     // B was adopted with its rules and still reaches the internet.
     assert_eq!(reach(&c, &b.id, &[(FAKE_HOST, 80)]).await, [true]);
+    // Hibernate and resume at once: the new veth takes the name of one still being torn down.
+    c.hibernate(&b.id).await.unwrap();
+    assert_eq!(
+        net_leftovers(&srv, &b.id, &address(&b)),
+        Vec::<String>::new()
+    );
+    c.resume(&b.id).await.unwrap();
+    assert_eq!(reach(&c, &b.id, &[(FAKE_HOST, 80)]).await, [true]);
     // A cold resume wires C again.
     c.resume(&cc.id).await.unwrap();
     assert_eq!(reach(&c, &cc.id, &[(FAKE_HOST, 80)]).await, [true]);

@@ -204,6 +204,7 @@ impl Network {
   }}
   chain input {{
     type filter hook input priority filter; policy accept;
+    tcp dport {port} iifname != \"{IF_PREFIX}*\" drop
     iifname != \"{IF_PREFIX}*\" accept
     ct state established,related accept
     ct status dnat tcp dport {port} accept
@@ -538,7 +539,7 @@ mod tests {
         let n = net();
         let s = n.expected();
         assert_eq!(s.chains["sandbox_pre"], 5);
-        assert_eq!(s.chains["input"], 4);
+        assert_eq!(s.chains["input"], 5);
         assert_eq!(s.chains["forward"], 3);
         assert_eq!(s.chains["nat_pre"], 1);
     }
