@@ -335,6 +335,100 @@ async fn proxy_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+    use tower::ServiceExt;
+
+    /// A backend that builds nothing: these tests only route requests.
+    struct NoBackend;
+
+    impl Backend for NoBackend {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+        fn create(&self, _: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
+            Err(NodeError::Setup("no backend".into()))
+        }
+        fn destroy(&self, _: &str, _: Option<&RuntimeInfo>) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn stop(&self, _: &str, _: Option<&RuntimeInfo>) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn probe(&self, _: &str, _: &RuntimeInfo) -> Liveness {
+            Liveness::Gone
+        }
+        fn pause(&self, _: &str) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn resume(&self, _: &str) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn set_limits(&self, _: &str, _: &burrow_types::Limits) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn set_hostname(&self, _: &str, _: &RuntimeInfo, _: &str) -> Result<(), NodeError> {
+            Ok(())
+        }
+        fn host_sandboxes(&self) -> Result<Vec<String>, NodeError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn state() -> AppState {
+        let store = Arc::new(burrow_store::Store::open_in_memory().unwrap());
+        let control = Control::new(store, Arc::new(NoBackend), burrow_types::Plan::defaults())
+            .with_domain(Some("sb.test".into()));
+        AppState {
+            control: Arc::new(control),
+        }
+    }
+
+    async fn get(app: axum::Router, host: &str, path: &str) -> (StatusCode, String) {
+        let req = axum::http::Request::builder()
+            .uri(path)
+            .header("host", host)
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// The hook the E2B facade uses: a claimed port's Host route goes to its handler, other ports
+    /// to the proxy, and other hosts to the API.
+    #[tokio::test]
+    async fn a_claimed_port_goes_to_its_own_handler() {
+        let claims = HostClaims::default().claim(
+            49983,
+            Arc::new(|r: HostRequest| {
+                Box::pin(async move {
+                    format!(
+                        "envd for {} on {}{}",
+                        r.sandbox_id,
+                        r.port,
+                        r.request.uri().path()
+                    )
+                    .into_response()
+                })
+            }),
+        );
+        let app = crate::api::router_with(state(), claims);
+        let (st, body) = get(app.clone(), "49983-abc.sb.test", "/files").await;
+        assert_eq!(
+            (st, body.as_str()),
+            (StatusCode::OK, "envd for abc on 49983/files")
+        );
+        // An unclaimed port goes to the proxy, which knows no such sandbox.
+        let (st, body) = get(app.clone(), "8000-abc.sb.test", "/").await;
+        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+        assert!(body.contains("sandbox_not_found"), "{body}");
+        // Any other host is the API.
+        let (st, body) = get(app, "api.example", "/v1/health").await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+    }
 
     #[test]
     fn hosts_name_a_port_and_a_sandbox() {
