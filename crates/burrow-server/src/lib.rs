@@ -139,6 +139,13 @@ impl Server {
                     .await
                     .map_err(|source| ServerError::Listen { addr, source })?,
             );
+            info!(
+                range = %net.range,
+                resolvers = ?net.resolvers,
+                conn_limit = net.conn_limit,
+                egress_proxy_port = net.proxy_port,
+                "sandboxes get a network"
+            );
             control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
         }
         let control = Arc::new(control);
