@@ -179,7 +179,10 @@ impl Network {
 
     /// The whole table, as `nft -f` input.
     pub fn render(&self) -> String {
-        let installed = self.lock();
+        self.render_with(&self.lock())
+    }
+
+    fn render_with(&self, installed: &BTreeMap<String, Entry>) -> String {
         let port = self.cfg.proxy_port;
         let range = self.cfg.range;
         let mut t = format!(
@@ -252,8 +255,11 @@ impl Network {
 
     /// What burrow has installed, in the shape `actual()` reads back.
     pub fn expected(&self) -> RulesSummary {
-        let chains = chain_rule_counts(&self.render());
-        let installed = self.lock();
+        self.expected_with(&self.lock())
+    }
+
+    fn expected_with(&self, installed: &BTreeMap<String, Entry>) -> RulesSummary {
+        let chains = chain_rule_counts(&self.render_with(installed));
         let mut sandboxes = BTreeMap::new();
         let mut proxied = Vec::new();
         for (id, e) in installed.iter() {
@@ -297,6 +303,18 @@ impl Network {
         );
         nft(&script)?;
         self.check()
+    }
+
+    /// burrow's table as `nft -f` input, the summary it expects and the kernel's, all taken while no
+    /// sandbox's rules change.
+    pub fn snapshot(&self) -> Result<(String, RulesSummary, RulesSummary), NetError> {
+        let installed = self.lock();
+        let actual = actual()?;
+        Ok((
+            self.render_with(&installed),
+            self.expected_with(&installed),
+            actual,
+        ))
     }
 
     /// Compares the kernel's table with what burrow installed.

@@ -55,11 +55,31 @@ async fn handle(mut conn: TcpStream, peer: SocketAddr, control: &Control) -> Res
     let name = tokio::time::timeout(HEAD_TIMEOUT, read_name(&mut conn, &mut head))
         .await
         .map_err(|_| "no host name in time".to_string())??;
-    let verdict = if range.contains(*dst.ip()) {
+    let mut verdict = if range.contains(*dst.ip()) {
         Verdict::Deny("another sandbox")
     } else {
         policy.decide(*dst.ip(), name.as_deref())
     };
+    // An allowed name opens only the addresses it resolves to (no domain fronting).
+    if let Some(n) = name
+        .as_deref()
+        .filter(|n| policy.allowed_only_by_name(*dst.ip(), n))
+    {
+        let resolvers = control
+            .network()
+            .map(|net| net.config().resolvers.clone())
+            .unwrap_or_default();
+        let mut resolved = false;
+        for r in resolvers {
+            if crate::dns::resolve_a(r, n).await.contains(dst.ip()) {
+                resolved = true;
+                break;
+            }
+        }
+        if !resolved {
+            verdict = Verdict::Deny("the address is not one the allowed name resolves to");
+        }
+    }
     if let Verdict::Deny(why) = verdict {
         tracing::info!(sandbox_id = %id, dst = %dst, name = name.as_deref().unwrap_or("-"), why, "egress refused");
         if !is_tls(&head) {

@@ -14,6 +14,7 @@ pub mod api;
 pub mod auth;
 pub mod callback;
 pub mod control;
+mod dns;
 pub mod egress;
 pub mod pool;
 

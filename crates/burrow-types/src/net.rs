@@ -324,6 +324,12 @@ impl CompiledPolicy {
         !self.allow_domains.is_empty() || !self.deny_domains.is_empty()
     }
 
+    /// Whether only an `allow_out` name lets this connection through (the address alone would not):
+    /// then the address must be one the name resolves to, or any Host would open any address.
+    pub fn allowed_only_by_name(&self, dst: Ipv4Addr, name: &str) -> bool {
+        self.decide(dst, Some(name)) == Verdict::Allow && self.decide(dst, None) != Verdict::Allow
+    }
+
     /// The decision for a connection to `dst`, with the name the client asked for when known
     /// (HTTP `Host`, TLS SNI). The firewall applies the same order to addresses alone.
     pub fn decide(&self, dst: Ipv4Addr, name: Option<&str>) -> Verdict {

@@ -355,8 +355,7 @@ impl Control {
     /// The firewall as burrow installed it and as the kernel holds it.
     pub fn firewall_rules(&self) -> Result<(String, RulesSummary, RulesSummary), ControlError> {
         let n = self.network.as_ref().ok_or(ControlError::NoNetwork)?;
-        let actual = burrow_node::network::actual()?;
-        Ok((n.render(), n.expected(), actual))
+        Ok(n.snapshot()?)
     }
 
     /// The sandbox (and its policy) behind a source address, for the egress proxy.
