@@ -19,6 +19,8 @@ pub struct BenchArgs {
     /// Plan of the sandboxes created.
     #[arg(long)]
     plan: Option<String>,
+    #[command(flatten)]
+    net: crate::bench_net::NetBenchArgs,
 }
 
 #[derive(Serialize)]
@@ -77,11 +79,17 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         client.delete(&id).await?;
         destroy.push(t.elapsed());
     }
-    let rows = vec![
+    let mut rows = vec![
         row("cold create -> first command", cold),
         row("exec round trip (true)", exec),
         row("destroy", destroy),
     ];
+    rows.extend(
+        crate::bench_net::run(&client, &args.net, args.plan.clone(), runs)
+            .await?
+            .into_iter()
+            .map(|(m, s)| row(m, s)),
+    );
     if json {
         return crate::print_json(&rows);
     }

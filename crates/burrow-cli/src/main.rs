@@ -9,9 +9,11 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_net;
 mod config;
 mod cp;
 mod exec;
+mod net;
 mod up;
 
 #[derive(Parser)]
@@ -69,6 +71,11 @@ enum Command {
         #[arg(long, default_value_t = 9)]
         signal: i32,
     },
+    /// Show or change a sandbox's egress policy: `burrow net ID --internet off --allow-out X`;
+    /// `burrow net rules` prints burrow's firewall and whether the kernel's matches (admins).
+    Net(net::NetCmd),
+    /// Print the URL of a port inside a sandbox (and make it public or private).
+    Port(net::PortCmd),
     /// Measure latency: create → first command, exec round trip, destroy.
     Bench(bench::BenchArgs),
     /// Warm pools: sandboxes built ahead, claimed by creates in milliseconds.
@@ -180,6 +187,8 @@ struct CreateArgs {
     /// Metadata: `--meta KEY=VALUE`, repeatable.
     #[arg(long = "meta", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
+    #[command(flatten)]
+    net: net::CreateNetArgs,
     /// Destroy the sandbox when its run ends or it times out.
     #[arg(long)]
     ephemeral: bool,
@@ -237,6 +246,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     .on_timeout
                     .as_deref()
                     .and_then(burrow_types::OnTimeout::parse),
+                network: a.net.policy(),
                 ephemeral: a.ephemeral,
                 run: a.run.spec(),
                 files: a
@@ -335,6 +345,8 @@ async fn run(cli: Cli) -> Result<i32> {
             config::client()?.signal(&id, pid, signal).await?;
             Ok(0)
         }
+        Command::Net(cmd) => net::run_net(cmd, json).await,
+        Command::Port(cmd) => net::run_port(cmd, json).await,
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
         Command::Pool(PoolCommand::Ls) => {
             let pools = config::client()?.pools().await?;

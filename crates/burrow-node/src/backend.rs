@@ -19,6 +19,9 @@ pub struct SandboxSpec {
     pub uid_slot: u32,
     /// Environment every process in the sandbox starts with (on top of the image's defaults).
     pub env: BTreeMap<String, String>,
+    /// The sandbox's network (veth, address, resolvers); `None`: loopback only.
+    #[serde(default)]
+    pub net: Option<crate::network::NetSpec>,
 }
 
 /// What a backend reports about a sandbox it built, persisted by the control layer so that a

@@ -120,6 +120,7 @@ impl NamespaceBackend {
             sandbox_dir: self.sandbox_dir(&spec.id),
             image_root: self.image_root.clone(),
             guest_exe: self.cfg.guest_exe.clone(),
+            net: spec.net.clone(),
         };
         let body = serde_json::to_vec(&req)
             .map_err(|e| NodeError::Setup(format!("encoding the init request: {e}")))?;

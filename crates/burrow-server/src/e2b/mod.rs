@@ -14,7 +14,6 @@
 //! that one sandbox only.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Mutex;
 
 use axum::extract::FromRequestParts;
@@ -48,7 +47,7 @@ pub const DEFAULT_USER: &str = "user";
 /// What the facade keeps beside the control layer: the token secret, the template table, and
 /// per-process details envd reports that burrow's guest does not keep (tags, env, cwd).
 pub struct Facade {
-    secret: [u8; 32],
+    secret: Vec<u8>,
     templates: BTreeMap<String, String>,
     procs: Mutex<HashMap<(String, u32), process::ProcMeta>>,
     watchers: filesystem::Watchers,
@@ -56,52 +55,16 @@ pub struct Facade {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FacadeError {
-    #[error("e2b token secret {path}")]
-    Secret {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("BURROW_E2B_TEMPLATES is not a JSON object of template name to image: {0}")]
     Templates(String),
 }
 
 impl Facade {
-    /// Loads (or makes, on first start) the token secret under `data_dir`. Templates map E2B
+    /// `secret` is the server's (`<data>/secret`): the envd token is the sandbox's own access
+    /// token, so it also opens the sandbox's ports (`X-Access-Token`). Templates map E2B
     /// template names to burrow images: `base` is burrow's default image; more come from
     /// `BURROW_E2B_TEMPLATES` (a JSON object).
-    pub fn open(data_dir: &Path, templates_json: Option<&str>) -> Result<Facade, FacadeError> {
-        let path = data_dir.join("e2b-token.key");
-        let err = |source| FacadeError::Secret {
-            path: path.clone(),
-            source,
-        };
-        let secret = match std::fs::read(&path) {
-            Ok(b) if b.len() == 32 => {
-                let mut s = [0u8; 32];
-                s.copy_from_slice(&b);
-                s
-            }
-            Ok(_) | Err(_) => {
-                let s: [u8; 32] = rand::random();
-                let tmp = path.with_extension("tmp");
-                {
-                    use std::io::Write;
-                    use std::os::unix::fs::OpenOptionsExt;
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&tmp)
-                        .map_err(err)?;
-                    f.write_all(&s).map_err(err)?;
-                    f.sync_all().map_err(err)?;
-                }
-                std::fs::rename(&tmp, &path).map_err(err)?;
-                s
-            }
-        };
+    pub fn open(secret: Vec<u8>, templates_json: Option<&str>) -> Result<Facade, FacadeError> {
         let mut templates = BTreeMap::from([(
             "base".to_string(),
             crate::control::DEFAULT_IMAGE.to_string(),
@@ -119,22 +82,13 @@ impl Facade {
         })
     }
 
-    /// The envd access token of a sandbox.
+    /// The envd access token of a sandbox: its burrow access token.
     pub fn access_token(&self, sandbox_id: &str) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
-        mac.update(b"e2b-envd:");
-        mac.update(sandbox_id.as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        crate::control::net::access_token_with(&self.secret, sandbox_id)
     }
 
     fn token_ok(&self, sandbox_id: &str, token: &str) -> bool {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("any key length");
-        mac.update(b"e2b-envd:");
-        mac.update(sandbox_id.as_bytes());
-        match hex::decode(token) {
-            Ok(t) => mac.verify_slice(&t).is_ok(),
-            Err(_) => false,
-        }
+        crate::control::Control::token_matches(&self.access_token(sandbox_id), token)
     }
 
     /// A file URL signed with the sandbox's token (the SDKs' `download_url`/`upload_url`):
@@ -478,29 +432,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_are_per_sandbox_and_survive_a_restart() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = Facade::open(dir.path(), None).unwrap();
+    fn tokens_are_per_sandbox_and_per_server_secret() {
+        let a = Facade::open(vec![7; 32], None).unwrap();
         let t = a.access_token("abc");
         assert!(a.token_ok("abc", &t));
         assert!(!a.token_ok("abd", &t));
         assert!(!a.token_ok("abc", "zz"));
-        let b = Facade::open(dir.path(), None).unwrap();
-        assert!(b.token_ok("abc", &t));
-        let other = tempfile::tempdir().unwrap();
-        assert!(!Facade::open(other.path(), None)
-            .unwrap()
-            .token_ok("abc", &t));
+        assert!(Facade::open(vec![7; 32], None).unwrap().token_ok("abc", &t));
+        assert!(!Facade::open(vec![8; 32], None).unwrap().token_ok("abc", &t));
     }
 
     #[test]
     fn templates_map_to_images() {
-        let dir = tempfile::tempdir().unwrap();
-        let f = Facade::open(dir.path(), Some(r#"{"python":"py-img"}"#)).unwrap();
+        let f = Facade::open(vec![1; 32], Some(r#"{"python":"py-img"}"#)).unwrap();
         assert_eq!(f.image_for("base"), Some("system"));
         assert_eq!(f.image_for("python"), Some("py-img"));
         assert_eq!(f.image_for("nope"), None);
-        assert!(Facade::open(dir.path(), Some("[1]")).is_err());
+        assert!(Facade::open(vec![1; 32], Some("[1]")).is_err());
     }
 
     #[test]
