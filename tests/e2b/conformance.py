@@ -304,7 +304,6 @@ def _():
 @check("get_host: a server inside the sandbox")
 def _():
     if os.environ.get("E2B_CONFORMANCE_PORT_PROXY") != "1":
-        # TODO(lead): enable once the networking branch's port proxy is merged.
         return "needs burrow's port proxy (set E2B_CONFORMANCE_PORT_PROXY=1)"
     sbx.files.write("/home/user/site/index.html", "served from burrow")
     sbx.commands.run("cd /home/user/site && python3 -m http.server 8000", background=True)

@@ -161,6 +161,7 @@ impl Server {
         let control = Arc::new(control);
         let e2b = Arc::new(e2b::Facade::open(
             control.secret().to_vec(),
+            cfg.domain.clone(),
             std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
         )?);
         let report = control.reconcile().await?;

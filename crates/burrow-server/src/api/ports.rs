@@ -380,7 +380,7 @@ mod tests {
             .with_domain(Some("sb.test".into()));
         AppState {
             control: Arc::new(control),
-            e2b: Arc::new(crate::e2b::Facade::open(vec![0; 32], None).unwrap()),
+            e2b: Arc::new(crate::e2b::Facade::open(vec![0; 32], None, None).unwrap()),
         }
     }
 

@@ -48,6 +48,8 @@ pub const DEFAULT_USER: &str = "user";
 /// per-process details envd reports that burrow's guest does not keep (tags, env, cwd).
 pub struct Facade {
     secret: Vec<u8>,
+    /// The server's `--domain`: `get_host(port)` in the SDKs builds `<port>-<id>.<domain>` on it.
+    domain: Option<String>,
     templates: BTreeMap<String, String>,
     procs: Mutex<HashMap<(String, u32), process::ProcMeta>>,
     watchers: filesystem::Watchers,
@@ -64,7 +66,11 @@ impl Facade {
     /// token, so it also opens the sandbox's ports (`X-Access-Token`). Templates map E2B
     /// template names to burrow images: `base` is burrow's default image; more come from
     /// `BURROW_E2B_TEMPLATES` (a JSON object).
-    pub fn open(secret: Vec<u8>, templates_json: Option<&str>) -> Result<Facade, FacadeError> {
+    pub fn open(
+        secret: Vec<u8>,
+        domain: Option<String>,
+        templates_json: Option<&str>,
+    ) -> Result<Facade, FacadeError> {
         let mut templates = BTreeMap::from([(
             "base".to_string(),
             crate::control::DEFAULT_IMAGE.to_string(),
@@ -76,10 +82,15 @@ impl Facade {
         }
         Ok(Facade {
             secret,
+            domain,
             templates,
             procs: Mutex::default(),
             watchers: filesystem::Watchers::default(),
         })
+    }
+
+    pub fn domain(&self) -> Option<&str> {
+        self.domain.as_deref()
     }
 
     /// The envd access token of a sandbox: its burrow access token.
@@ -433,22 +444,26 @@ mod tests {
 
     #[test]
     fn tokens_are_per_sandbox_and_per_server_secret() {
-        let a = Facade::open(vec![7; 32], None).unwrap();
+        let a = Facade::open(vec![7; 32], None, None).unwrap();
         let t = a.access_token("abc");
         assert!(a.token_ok("abc", &t));
         assert!(!a.token_ok("abd", &t));
         assert!(!a.token_ok("abc", "zz"));
-        assert!(Facade::open(vec![7; 32], None).unwrap().token_ok("abc", &t));
-        assert!(!Facade::open(vec![8; 32], None).unwrap().token_ok("abc", &t));
+        assert!(Facade::open(vec![7; 32], None, None)
+            .unwrap()
+            .token_ok("abc", &t));
+        assert!(!Facade::open(vec![8; 32], None, None)
+            .unwrap()
+            .token_ok("abc", &t));
     }
 
     #[test]
     fn templates_map_to_images() {
-        let f = Facade::open(vec![1; 32], Some(r#"{"python":"py-img"}"#)).unwrap();
+        let f = Facade::open(vec![1; 32], None, Some(r#"{"python":"py-img"}"#)).unwrap();
         assert_eq!(f.image_for("base"), Some("system"));
         assert_eq!(f.image_for("python"), Some("py-img"));
         assert_eq!(f.image_for("nope"), None);
-        assert!(Facade::open(vec![1; 32], Some("[1]")).is_err());
+        assert!(Facade::open(vec![1; 32], None, Some("[1]")).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use burrow_store::{now_unix, SandboxRecord};
-use burrow_types::{CreateSandbox, OnTimeout, SandboxState, SetTimeout};
+use burrow_types::{CreateSandbox, NetworkPolicy, OnTimeout, SandboxState, SetTimeout};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -90,8 +90,8 @@ async fn unsupported_snapshots() -> E2bError {
 }
 async fn unsupported_network() -> E2bError {
     unsupported(
-        "updating network rules",
-        "burrow's egress policy is set per server",
+        "updating network rules through the E2B API",
+        "set them at create, or with burrow's own PATCH /v1/sandboxes/{id}/network",
     )
 }
 async fn unsupported_logs() -> E2bError {
@@ -156,19 +156,6 @@ fn check_options(req: &NewSandbox) -> Result<(), E2bError> {
             "every burrow sandbox has its own persistent /workspace instead",
         ));
     }
-    if let Some(Value::Object(net)) = &req.network {
-        let set: Vec<&str> = net
-            .iter()
-            .filter(|(_, v)| non_empty(&Some((*v).clone())) && **v != Value::Bool(true))
-            .map(|(k, _)| k.as_str())
-            .collect();
-        if !set.is_empty() {
-            return Err(unsupported(
-                &format!("network options ({})", set.join(", ")),
-                "burrow's egress policy is set per server",
-            ));
-        }
-    }
     let auto_resume = req
         .auto_resume
         .as_ref()
@@ -186,11 +173,66 @@ fn check_options(req: &NewSandbox) -> Result<(), E2bError> {
         // hibernates after the hot window.
         tracing::debug!("autoPauseMemory=false: pausing hot, hibernating after the hot window");
     }
-    // `secure` is always on (every envd call needs the sandbox's token). Sandboxes have no
-    // egress before the networking work lands, so `allow_internet_access: false` holds as it
-    // is; TODO(networking merge): map it (and allowOut/denyOut) onto the sandbox's egress policy.
-    let _ = (req.secure, req.allow_internet_access);
+    // `secure` is always on (every envd call needs the sandbox's token).
+    let _ = req.secure;
     Ok(())
+}
+
+/// E2B's network options as burrow's egress policy (`None`: the server's default).
+/// `allow_internet_access: false` and a `denyOut` of `0.0.0.0/0` mean "no internet";
+/// `allowOut` entries (addresses, CIDRs, domain names) are reachable even then. Unlike E2B,
+/// burrow's other `denyOut` entries win over `allowOut` (see docs/e2b.md).
+fn e2b_policy(
+    allow_internet_access: Option<bool>,
+    network: Option<&Value>,
+    server_has_network: bool,
+) -> Result<Option<NetworkPolicy>, E2bError> {
+    let list = |key: &str| -> Result<Vec<String>, E2bError> {
+        match network.and_then(|n| n.get(key)) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(format!("network.{key} must be a list of strings")))
+                })
+                .collect(),
+            Some(_) => Err(bad(format!("network.{key} must be a list of strings"))),
+        }
+    };
+    if network
+        .and_then(|n| n.get("maskRequestHost"))
+        .is_some_and(|v| !v.is_null())
+    {
+        return Err(unsupported(
+            "network.maskRequestHost",
+            "burrow's port proxy passes the Host it was given",
+        ));
+    }
+    let (allow, mut deny) = (list("allowOut")?, list("denyOut")?);
+    let deny_all = deny.iter().any(|d| d == "0.0.0.0/0");
+    deny.retain(|d| d != "0.0.0.0/0");
+    let internet = allow_internet_access != Some(false) && !deny_all;
+    if internet && allow.is_empty() && deny.is_empty() {
+        return Ok(None);
+    }
+    if !server_has_network {
+        // No network at all is already stricter than any deny; an allow cannot be honoured.
+        return if allow.is_empty() {
+            Ok(None)
+        } else {
+            Err(unsupported(
+                "network.allowOut",
+                "this burrow server gives sandboxes no network (start it with --network)",
+            ))
+        };
+    }
+    Ok(Some(NetworkPolicy {
+        internet,
+        allow_out: allow,
+        deny_out: deny,
+    }))
 }
 
 /// The E2B template a burrow image answers to (the first table entry for it).
@@ -210,7 +252,7 @@ fn created(f: &Facade, rec: &SandboxRecord) -> Value {
         "clientID": "burrow",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": f.access_token(&rec.id),
-        "domain": null,
+        "domain": f.domain(),
     })
 }
 
@@ -250,7 +292,7 @@ fn listed(f: &Facade, rec: &SandboxRecord, detail: bool) -> Value {
     });
     if detail {
         v["envdAccessToken"] = json!(f.access_token(&rec.id));
-        v["domain"] = Value::Null;
+        v["domain"] = json!(f.domain());
     }
     v
 }
@@ -286,6 +328,11 @@ async fn create(
         } else {
             OnTimeout::Destroy
         }),
+        network: e2b_policy(
+            req.allow_internet_access,
+            req.network.as_ref(),
+            s.control.network().is_some(),
+        )?,
         ..Default::default()
     };
     let sb = s.control.create(&user, create).await?;
@@ -704,10 +751,22 @@ mod tests {
             ..Default::default()
         };
         assert!(check_options(&ok).is_ok());
-        let net = NewSandbox {
-            network: Some(json!({"denyOut": ["0.0.0.0/0"]})),
-            ..Default::default()
-        };
-        assert!(check_options(&net).err().unwrap().1.contains("denyOut"));
+        let only = json!({"denyOut": ["0.0.0.0/0"], "allowOut": ["1.2.3.4", "pypi.org"]});
+        let p = e2b_policy(None, Some(&only), true).unwrap().unwrap();
+        assert_eq!(
+            (p.internet, p.allow_out, p.deny_out),
+            (
+                false,
+                vec!["1.2.3.4".to_string(), "pypi.org".to_string()],
+                vec![]
+            )
+        );
+        let off = e2b_policy(Some(false), None, true).unwrap().unwrap();
+        assert!(!off.internet);
+        assert!(e2b_policy(None, None, true).unwrap().is_none());
+        assert!(e2b_policy(Some(false), None, false).unwrap().is_none());
+        assert!(e2b_policy(None, Some(&only), false).is_err());
+        assert!(e2b_policy(None, Some(&json!({"allowOut": "x"})), true).is_err());
+        assert!(e2b_policy(None, Some(&json!({"maskRequestHost": "h"})), true).is_err());
     }
 }
