@@ -11,20 +11,6 @@ use burrow_types::{CreateSandbox, ExecRequest, ExecResult};
 use common::*;
 use reqwest::{Method, StatusCode};
 
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        timeout_ms: Some(120_000),
-        ..Default::default()
-    }
-}
-
-async fn run(c: &Client, id: &str, script: &str) -> ExecResult {
-    c.exec(id, &sh(script))
-        .await
-        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"))
-}
-
 async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
     let req = ExecRequest {
         cmd: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],

@@ -8,24 +8,10 @@ mod common;
 use std::time::Duration;
 
 use burrow_client::Client;
-use burrow_types::{CreateSandbox, ExecRequest, ExecResult, NetworkPolicy};
+use burrow_types::{CreateSandbox, ExecRequest, NetworkPolicy};
 use common::world::{self, FAKE_HOST, METADATA, PRIVATE_HOST, SERVER_UPLINK};
 use common::*;
 use futures_util::{SinkExt, StreamExt};
-
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        timeout_ms: Some(120_000),
-        ..Default::default()
-    }
-}
-
-async fn run(c: &Client, id: &str, script: &str) -> ExecResult {
-    c.exec(id, &sh(script))
-        .await
-        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"))
-}
 
 /// `curl` inside the sandbox: the body on success, None on any failure (HTTP errors included).
 async fn curl(c: &Client, id: &str, url: &str) -> Option<String> {

@@ -9,18 +9,12 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use burrow_client::Client;
-use burrow_types::{CreateSandbox, ExecRequest, PoolStatus, RunSpec, RunState, SandboxState};
+use burrow_types::{CreateSandbox, PoolStatus, RunSpec, RunState, SandboxState};
 use common::*;
 
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest {
-        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        ..Default::default()
-    }
-}
-
+/// The script's stdout; it must succeed.
 async fn run_sh(c: &Client, id: &str, script: &str) -> String {
-    let r = c.exec(id, &sh(script)).await.unwrap();
+    let r = run(c, id, script).await;
     assert_eq!(r.exit_code, Some(0), "{script}: {}", r.stderr);
     r.stdout
 }

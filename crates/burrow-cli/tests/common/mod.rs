@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use burrow_client::Client;
+use burrow_types::{ExecRequest, ExecResult};
 
 pub mod world;
 
@@ -375,4 +376,20 @@ pub fn assert_ok(o: &Output) {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+}
+
+/// `/bin/sh -c script`, with a timeout long enough for a loaded CI machine.
+pub fn sh(script: &str) -> ExecRequest {
+    ExecRequest {
+        cmd: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        timeout_ms: Some(120_000),
+        ..Default::default()
+    }
+}
+
+/// Runs a shell script in a sandbox; panics if the API call fails (not if the script does).
+pub async fn run(c: &Client, id: &str, script: &str) -> ExecResult {
+    c.exec(id, &sh(script))
+        .await
+        .unwrap_or_else(|e| panic!("exec {script:?}: {e}"))
 }
