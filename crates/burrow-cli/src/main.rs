@@ -69,7 +69,8 @@ enum Command {
         #[arg(long, default_value_t = 9)]
         signal: i32,
     },
-    /// Measure latency: create → first command, exec round trip, destroy.
+    /// Measure create, exec, pause/resume, hibernate, warm pool, throughput and density, with
+    /// crun, podman and bwrap side by side.
     Bench(bench::BenchArgs),
     /// Operator commands.
     #[command(subcommand)]

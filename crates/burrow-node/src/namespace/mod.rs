@@ -20,6 +20,9 @@ use crate::backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 mod image;
 pub mod init;
 
+/// The `system` image's root under a data directory (also what `burrow bench` gives its peers).
+pub use image::ensure_system_image;
+
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
 const UID_BASE: u32 = 0x1000_0000;
 /// How long a new sandbox's guest may take to answer its first ping.

@@ -1,0 +1,161 @@
+//! Everything the bench made on the server, so it can all be removed at the end whatever happened:
+//! success, an error half-way, or Ctrl-C. Every sandbox the bench creates carries the metadata
+//! `burrow_bench=<run id>`, so even a create cut off in flight (its id never seen) is found by
+//! listing. The peers clean up after themselves (RAII guards in `peers.rs`); here we only wait for
+//! their thread to finish doing so.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burrow_client::Client;
+use reqwest::{Method, StatusCode};
+
+pub const TAG_KEY: &str = "burrow_bench";
+
+pub struct Cleanup {
+    /// The value of `burrow_bench` on this run's sandboxes.
+    pub run_id: String,
+    sandboxes: Mutex<BTreeSet<String>>,
+    pools: Mutex<BTreeSet<String>>,
+    /// Set on Ctrl-C/SIGTERM: blocking work stops at its next step.
+    pub stop: Arc<AtomicBool>,
+    blocking: Arc<AtomicUsize>,
+}
+
+/// Held by a blocking thread (the peers) while it may still have things to undo.
+pub struct BlockingWork(Arc<AtomicUsize>);
+
+impl Drop for BlockingWork {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Cleanup {
+    pub fn new() -> Cleanup {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Cleanup {
+            run_id: format!("{}-{}", std::process::id(), now.as_millis()),
+            sandboxes: Mutex::default(),
+            pools: Mutex::default(),
+            stop: Arc::default(),
+            blocking: Arc::default(),
+        }
+    }
+
+    pub fn sandbox(&self, id: &str) {
+        self.sandboxes.lock().unwrap().insert(id.to_string());
+    }
+
+    pub fn sandbox_gone(&self, id: &str) {
+        self.sandboxes.lock().unwrap().remove(id);
+    }
+
+    pub fn pool(&self, name: &str) {
+        self.pools.lock().unwrap().insert(name.to_string());
+    }
+
+    pub fn pool_gone(&self, name: &str) {
+        self.pools.lock().unwrap().remove(name);
+    }
+
+    pub fn blocking_work(&self) -> BlockingWork {
+        self.blocking.fetch_add(1, Ordering::SeqCst);
+        BlockingWork(self.blocking.clone())
+    }
+
+    /// Removes what is left; returns what could not be removed.
+    pub async fn finish(&self, client: &Client) -> Vec<String> {
+        let mut problems = Vec::new();
+        // Peers first: their thread undoes its mounts and containers once it sees `stop`.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.blocking.load(Ordering::SeqCst) > 0 {
+            if Instant::now() > deadline {
+                problems.push("the peers' thread did not finish cleaning up in 60 s".into());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pools: Vec<String> = self.pools.lock().unwrap().iter().cloned().collect();
+        for name in pools {
+            match delete_pool(client, &name).await {
+                Ok(()) => self.pool_gone(&name),
+                Err(e) => problems.push(format!("pool {name}: {e}")),
+            }
+        }
+        // Twice: a create cut off in flight may finish on the server just after the first pass.
+        for pass in 0..2 {
+            if pass == 1 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let mut ids: BTreeSet<String> = self.sandboxes.lock().unwrap().clone();
+            if let Ok(list) = client.list().await {
+                ids.extend(
+                    list.into_iter()
+                        .filter(|s| s.metadata.get(TAG_KEY) == Some(&self.run_id))
+                        .map(|s| s.id),
+                );
+            }
+            for id in ids {
+                match client.delete(&id).await {
+                    Ok(()) => self.sandbox_gone(&id),
+                    Err(e) if e.code() == Some("sandbox_not_found") => self.sandbox_gone(&id),
+                    Err(e) if pass == 1 => problems.push(format!("sandbox {id}: {e:#}")),
+                    Err(_) => {}
+                }
+            }
+        }
+        problems
+    }
+}
+
+/// Removes a pool: `DELETE /v1/pools/{name}`, or, where the server has no such route, a resize to
+/// zero.
+pub async fn delete_pool(client: &Client, name: &str) -> anyhow::Result<()> {
+    let path = format!("/v1/pools/{name}");
+    let (status, body) = client.raw::<()>(Method::DELETE, &path, None).await?;
+    if status.is_success() || status == StatusCode::NOT_FOUND && is_pool_not_found(&body) {
+        return Ok(());
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED || status == StatusCode::NOT_FOUND {
+        let (image, plan) = pool_image_plan(client, name).await;
+        let spec = serde_json::json!({ "image": image, "plan": plan, "size": 0 });
+        let (status, body) = client.raw(Method::PUT, &path, Some(&spec)).await?;
+        if status.is_success() {
+            return Ok(());
+        }
+        anyhow::bail!("resize to 0: {status}: {}", String::from_utf8_lossy(&body));
+    }
+    anyhow::bail!("delete: {status}: {}", String::from_utf8_lossy(&body))
+}
+
+fn is_pool_not_found(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["code"].as_str().map(|c| c.contains("pool")))
+        .unwrap_or(false)
+}
+
+async fn pool_image_plan(client: &Client, name: &str) -> (String, String) {
+    let fallback = ("system".to_string(), "free".to_string());
+    let Ok((status, body)) = client.raw::<()>(Method::GET, "/v1/pools", None).await else {
+        return fallback;
+    };
+    if !status.is_success() {
+        return fallback;
+    }
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
+    list.iter()
+        .find(|p| p["name"] == name)
+        .map(|p| {
+            (
+                p["image"].as_str().unwrap_or("system").to_string(),
+                p["plan"].as_str().unwrap_or("free").to_string(),
+            )
+        })
+        .unwrap_or(fallback)
+}
