@@ -72,9 +72,76 @@ enum Command {
     /// Measure create, exec, pause/resume, hibernate, warm pool, throughput and density, with
     /// crun, podman and bwrap side by side.
     Bench(bench::BenchArgs),
+    /// Warm pools: sandboxes built ahead, claimed by creates in milliseconds.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// A sandbox's run: the task it is for, whose tool calls are counted.
+    #[command(subcommand)]
+    Run(RunCommand),
     /// Operator commands.
     #[command(subcommand)]
     Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Show each pool: target, ready, claims, cold fallbacks, 24 h hit rate.
+    Ls,
+    /// Create or resize a pool (admin key).
+    Set {
+        name: String,
+        #[arg(long)]
+        size: u32,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        plan: Option<String>,
+    },
+    /// Delete a pool and its unclaimed sandboxes (admin key).
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Give a sandbox a new run.
+    Start {
+        id: String,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// End a sandbox's run (an ephemeral sandbox is destroyed).
+    End { id: String },
+}
+
+#[derive(Args, Default)]
+struct RunArgs {
+    /// The task text.
+    #[arg(long)]
+    task: Option<String>,
+    /// Told with a POST when the run ends (http:// only).
+    #[arg(long)]
+    callback: Option<String>,
+    /// An opaque memory token, repeatable.
+    #[arg(long = "memory-token")]
+    memory_tokens: Vec<String>,
+    /// Environment of the run: `--run-env KEY=VALUE`, repeatable.
+    #[arg(long = "run-env", value_parser = parse_kv)]
+    run_env: Vec<(String, String)>,
+}
+
+impl RunArgs {
+    fn spec(self) -> Option<burrow_types::RunSpec> {
+        let given = self.task.is_some()
+            || self.callback.is_some()
+            || !self.memory_tokens.is_empty()
+            || !self.run_env.is_empty();
+        given.then(|| burrow_types::RunSpec {
+            task: self.task.unwrap_or_default(),
+            memory_tokens: self.memory_tokens,
+            callback_url: self.callback,
+            env: self.run_env.into_iter().collect(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -111,6 +178,15 @@ struct CreateArgs {
     /// Metadata: `--meta KEY=VALUE`, repeatable.
     #[arg(long = "meta", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
+    /// Destroy the sandbox when its run ends or it times out.
+    #[arg(long)]
+    ephemeral: bool,
+    /// A small file to put in the sandbox: `--file PATH=LOCAL_FILE` (relative paths are under
+    /// /workspace), repeatable.
+    #[arg(long = "file", value_parser = parse_kv)]
+    files: Vec<(String, String)>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -159,6 +235,17 @@ async fn run(cli: Cli) -> Result<i32> {
                     .on_timeout
                     .as_deref()
                     .and_then(burrow_types::OnTimeout::parse),
+                ephemeral: a.ephemeral,
+                run: a.run.spec(),
+                files: a
+                    .files
+                    .into_iter()
+                    .map(|(path, local)| {
+                        std::fs::read_to_string(&local)
+                            .map(|text| (path, text))
+                            .map_err(|e| anyhow!("--file: reading {local}: {e}"))
+                    })
+                    .collect::<Result<_>>()?,
             };
             let sb = config::client()?.create(&req).await?;
             if json {
@@ -247,6 +334,55 @@ async fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
+        Command::Pool(PoolCommand::Ls) => {
+            let pools = config::client()?.pools().await?;
+            if json {
+                print_json(&pools)?;
+            } else {
+                println!(
+                    "{:<16} {:<8} {:<7} {:>6} {:>6} {:>8} {:>6} {:>9}",
+                    "POOL", "IMAGE", "PLAN", "TARGET", "READY", "STARTING", "CLAIMS", "HIT 24H"
+                );
+                for p in pools {
+                    let rate = p
+                        .hit_rate_24h
+                        .map_or("-".into(), |r| format!("{:.0}%", r * 100.0));
+                    println!(
+                        "{:<16} {:<8} {:<7} {:>6} {:>6} {:>8} {:>6} {:>9}",
+                        p.name, p.image, p.plan, p.target, p.ready, p.starting, p.claims, rate
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Pool(PoolCommand::Set {
+            name,
+            size,
+            image,
+            plan,
+        }) => {
+            let spec = burrow_types::PoolSpec { image, plan, size };
+            let p = config::client()?.put_pool(&name, &spec).await?;
+            if json {
+                print_json(&p)?;
+            } else {
+                println!("{} target {} ready {}", p.name, p.target, p.ready);
+            }
+            Ok(0)
+        }
+        Command::Pool(PoolCommand::Rm { name }) => {
+            config::client()?.delete_pool(&name).await?;
+            Ok(0)
+        }
+        Command::Run(RunCommand::Start { id, run }) => {
+            let spec = run.spec().unwrap_or_default();
+            let sb = config::client()?.start_run(&id, &spec).await?;
+            print_state(&sb, json)
+        }
+        Command::Run(RunCommand::End { id }) => {
+            let sb = config::client()?.end_run(&id).await?;
+            print_state(&sb, json)
+        }
         Command::Admin(AdminCommand::CreateUser { name, plan }) => {
             let v = config::client()?
                 .create_user(&name, plan.as_deref())

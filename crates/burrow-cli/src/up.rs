@@ -23,6 +23,20 @@ pub struct UpArgs {
     /// Seconds a paused sandbox keeps its processes before it hibernates (files only).
     #[arg(long, env = "BURROW_HOT_WINDOW", default_value_t = 8 * 3600)]
     hot_window: u64,
+    /// A JSON file of warm pools: `{"default": {"image": "system", "plan": "free", "size": 10}}`.
+    #[arg(long, env = "BURROW_POOLS")]
+    pools: Option<PathBuf>,
+    /// Paused sandboxes hibernate early while the host has less memory available than this
+    /// (MiB; default a twentieth of the host's memory).
+    #[arg(long, env = "BURROW_HIBERNATE_BELOW_MIB")]
+    hibernate_below_mib: Option<u64>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> Result<T> {
+    serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("{} is not {what}", path.display()))
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
@@ -46,12 +60,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
         admin_key: admin_key.clone(),
         hot_window: std::time::Duration::from_secs(args.hot_window),
         plans: match &args.plans {
-            Some(p) => serde_json::from_slice(
-                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| format!("{} is not a JSON list of plans", p.display()))?,
+            Some(p) => read_json(p, "a JSON list of plans")?,
             None => Vec::new(),
         },
+        pools: match &args.pools {
+            Some(p) => {
+                let map: std::collections::BTreeMap<String, burrow_types::PoolSpec> =
+                    read_json(p, "a JSON object of pools by name")?;
+                map.into_iter().collect()
+            }
+            None => Vec::new(),
+        },
+        hibernate_below_mib: args.hibernate_below_mib,
     })
     .await
     .context("starting the server")?;

@@ -930,3 +930,51 @@ async fn after_a_host_reboot_sandboxes_come_back_cold_with_their_files() {
     c.delete(&id).await.unwrap();
     assert_eq!(host_leftovers(&srv, &id), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pause_mid_call_answers_the_waiting_call_instead_of_hanging() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let srv = TestServer::start().await;
+    let c = srv.client();
+    let id = c.create(&CreateSandbox::default()).await.unwrap().id;
+    let (c2, id2) = (c.clone(), id.clone());
+    let waiting = tokio::spawn(async move {
+        c2.exec(&id2, &sh("sleep 3; echo late > /workspace/after"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.pause(&id).await.unwrap();
+    // The sandbox stays paused; without the interruption this call would wait for a resume.
+    let answer = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("the exec hung on a paused sandbox")
+        .unwrap();
+    assert_eq!(
+        answer.unwrap_err().code(),
+        Some("sandbox_not_running"),
+        "a call interrupted by a pause says so"
+    );
+    assert_eq!(c.get(&id).await.unwrap().state, SandboxState::Paused);
+    // Calls after the pause are refused at once. At resume the interrupted command ends, as any
+    // foreground command whose caller went away; the sandbox itself carries on.
+    assert_eq!(
+        c.stat(&id, "/workspace").await.unwrap_err().code(),
+        Some("sandbox_not_running")
+    );
+    c.resume(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let r = c
+        .exec(
+            &id,
+            &sh("ls /workspace; ps -eo args | grep -c '[s]leep 3' || true"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r.stdout, "0\n",
+        "the interrupted command should be gone: {r:?}"
+    );
+    c.delete(&id).await.unwrap();
+}

@@ -273,6 +273,44 @@ impl Client {
         .await
     }
 
+    pub async fn pools(&self) -> Result<Vec<burrow_types::PoolStatus>, ClientError> {
+        self.json(self.request(Method::GET, "/v1/pools")).await
+    }
+
+    pub async fn put_pool(
+        &self,
+        name: &str,
+        spec: &burrow_types::PoolSpec,
+    ) -> Result<burrow_types::PoolStatus, ClientError> {
+        self.json(
+            self.request(Method::PUT, &format!("/v1/pools/{name}"))
+                .json(spec),
+        )
+        .await
+    }
+
+    pub async fn delete_pool(&self, name: &str) -> Result<(), ClientError> {
+        self.empty(self.request(Method::DELETE, &format!("/v1/pools/{name}")))
+            .await
+    }
+
+    pub async fn start_run(
+        &self,
+        id: &str,
+        run: &burrow_types::RunSpec,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(Method::POST, &format!("/v1/sandboxes/{id}/run"))
+                .json(run),
+        )
+        .await
+    }
+
+    pub async fn end_run(&self, id: &str) -> Result<Sandbox, ClientError> {
+        self.json(self.request(Method::POST, &format!("/v1/sandboxes/{id}/run/end")))
+            .await
+    }
+
     /// Creates a user with one API key (admin key required). Returns the server's JSON, which holds
     /// `api_key`.
     pub async fn create_user(

@@ -343,16 +343,33 @@ impl Drop for Subscriber {
 /// Every process started through the guest, by pid.
 pub struct Table {
     procs: Mutex<HashMap<u32, Arc<Proc>>>,
-    /// The sandbox's environment (the guest's own, minus `BURROW_*`).
-    sandbox_env: Vec<(OsString, OsString)>,
+    /// The sandbox's environment (the guest's own, minus `BURROW_*`, until the host replaces it).
+    sandbox_env: Mutex<Vec<(OsString, OsString)>>,
 }
 
 impl Table {
     pub fn new(sandbox_env: Vec<(OsString, OsString)>) -> Arc<Self> {
         Arc::new(Table {
             procs: Mutex::new(HashMap::new()),
-            sandbox_env,
+            sandbox_env: Mutex::new(sandbox_env),
         })
+    }
+
+    pub fn set_env(&self, env: &BTreeMap<String, String>) -> Result<(), Fail> {
+        if let Some(k) = env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return Err(Fail::new(
+                codes::BAD_REQUEST,
+                format!("invalid env name {k:?}"),
+            ));
+        }
+        *lock(&self.sandbox_env) = env
+            .iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect();
+        Ok(())
     }
 
     pub fn get(&self, pid: u32) -> Option<Arc<Proc>> {
@@ -468,7 +485,7 @@ impl Table {
         if spec.pty.is_some() {
             env.insert("TERM".into(), "xterm-256color".into());
         }
-        for (k, v) in &self.sandbox_env {
+        for (k, v) in lock(&self.sandbox_env).iter() {
             env.insert(k.clone(), v.clone());
         }
         for (k, v) in &spec.env {

@@ -138,6 +138,10 @@ async fn handle(stream: UnixStream, table: Arc<Table>) {
             let r = send_stdin(&table, pid, data, eof).await;
             send_result(&mut wr, r.map(|_| Reply::Ok)).await;
         }
+        Request::SetEnv { env } => {
+            let r = table.set_env(&env);
+            send_result(&mut wr, r.map(|_| Reply::Ok)).await;
+        }
         Request::ReadFile { path } => read_file(&mut wr, &path).await,
         Request::WriteFile { path, mode, user } => write_file(rd, wr, path, mode, user).await,
         Request::Stat { path } => {

@@ -164,6 +164,12 @@ impl<F: CgroupFs> Cgroups<F> {
         for d in self.dirs(id) {
             self.fs.mkdir(&d)?;
         }
+        self.set_limits(id, l)
+    }
+
+    /// Writes the limits of existing cgroups (at create, and when a warm sandbox is claimed with
+    /// another plan's limits).
+    pub fn set_limits(&self, id: &str, l: CgroupLimits) -> io::Result<()> {
         let quota = u64::from(l.cpu_millis) * CPU_PERIOD_US / 1000;
         match &self.layout {
             Layout::V1(_) => {
@@ -174,14 +180,21 @@ impl<F: CgroupFs> Cgroups<F> {
                         .write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 }
                 if let Some(mem) = self.dir_of("memory", id) {
-                    self.fs.write(
-                        &mem.join("memory.limit_in_bytes"),
-                        &l.memory_bytes.to_string(),
-                    )?;
+                    let limit = mem.join("memory.limit_in_bytes");
+                    let value = l.memory_bytes.to_string();
                     // Memory plus swap at the same value: the sandbox cannot swap its way past it.
+                    // The kernel refuses a memory limit above the memory+swap limit, so when
+                    // raising, memsw goes first.
                     let memsw = mem.join("memory.memsw.limit_in_bytes");
                     if self.fs.exists(&memsw) {
-                        self.fs.write(&memsw, &l.memory_bytes.to_string())?;
+                        if self.fs.write(&limit, &value).is_err() {
+                            self.fs.write(&memsw, &value)?;
+                            self.fs.write(&limit, &value)?;
+                        } else {
+                            self.fs.write(&memsw, &value)?;
+                        }
+                    } else {
+                        self.fs.write(&limit, &value)?;
                     }
                 }
                 if let Some(pids) = self.dir_of("pids", id) {

@@ -127,3 +127,18 @@ pub fn die_with_parent() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Sets the hostname inside the UTS namespace of `pid` (a sandbox's PID 1), from the host: the
+/// guest has no `CAP_SYS_ADMIN` and cannot. `setns` moves only the calling thread, so this runs on
+/// a short-lived thread of its own and leaves the caller's namespaces alone.
+pub fn set_hostname_of(pid: u32, name: &str) -> io::Result<()> {
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/uts"))?;
+    let name = name.to_string();
+    std::thread::spawn(move || -> io::Result<()> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
+        nix::unistd::sethostname(&name)?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| io::Error::other("hostname thread panicked"))?
+}

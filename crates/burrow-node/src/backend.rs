@@ -83,6 +83,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Thaws a paused sandbox.
     fn resume(&self, id: &str) -> Result<(), NodeError>;
 
+    /// Rewrites a running sandbox's resource limits (a warm sandbox claimed with another plan's
+    /// CPU, memory or process limits). The disk size and open-file limit are fixed at create.
+    fn set_limits(&self, id: &str, limits: &Limits) -> Result<(), NodeError>;
+
+    /// Sets the hostname the sandbox's processes see (`uname -n`); `/etc/hostname` and
+    /// `/etc/hosts` are the caller's to write through the guest.
+    fn set_hostname(&self, id: &str, info: &RuntimeInfo, hostname: &str) -> Result<(), NodeError>;
+
     /// Ids of every sandbox that has anything on this host (directories, cgroups), so the control
     /// layer can destroy the ones it has no row for.
     fn host_sandboxes(&self) -> Result<Vec<String>, NodeError>;

@@ -5,6 +5,7 @@
 //! for a buffered exec is capped by the caller's limit, and every wait for the guest has a
 //! deadline except the wait for a running process's next output.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -464,6 +465,11 @@ impl GuestClient {
     }
 
     /// Signals a process group started through the guest.
+    /// Replaces the environment later commands start with.
+    pub async fn set_env(&self, env: BTreeMap<String, String>) -> Result<(), GuestError> {
+        self.call_ok(&Request::SetEnv { env }).await
+    }
+
     pub async fn signal(&self, pid: u32, signal: i32) -> Result<(), GuestError> {
         self.call_ok(&Request::Signal { pid, signal }).await
     }
@@ -512,6 +518,18 @@ impl GuestClient {
             w,
             refused: None,
         })
+    }
+
+    /// Writes a small file in one go (parents are created).
+    pub async fn write_all(
+        &self,
+        path: impl Into<String>,
+        data: &[u8],
+        mode: Option<u32>,
+    ) -> Result<FileStat, GuestError> {
+        let mut up = self.write_file(path, mode, None).await?;
+        up.write(data).await?;
+        up.finish().await
     }
 
     /// Metadata of a path; symlinks are not followed.

@@ -211,6 +211,9 @@ pub enum Request {
         #[serde(default)]
         recursive: bool,
     },
+    /// Replaces the environment every later command starts with (a warm sandbox receives its
+    /// claimant's env this way). Reply: `Ok`.
+    SetEnv { env: BTreeMap<String, String> },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

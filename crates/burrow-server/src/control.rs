@@ -7,9 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use burrow_node::guest::{GuestClient, GuestError};
 use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
-use burrow_store::{now_rfc3339, now_unix, SandboxRecord, Store, StoreError, User};
+use burrow_store::{
+    now_rfc3339, now_unix, Claim, RunRecord, SandboxRecord, Store, StoreError, User, POOL_OWNER,
+};
 use burrow_types::{
-    codes, CreateSandbox, ErrorReason, OnTimeout, Plan, Sandbox, SandboxState, SetTimeout,
+    codes, CreateSandbox, ErrorReason, OnTimeout, Plan, RunSpec, RunState, RunStatus, Sandbox,
+    SandboxState, SetTimeout,
 };
 use tracing::{info, warn};
 
@@ -20,6 +23,12 @@ pub const DEFAULT_HOT_WINDOW: std::time::Duration = std::time::Duration::from_se
 const MAX_METADATA_ENTRIES: usize = 64;
 const MAX_ENV_ENTRIES: usize = 256;
 const MAX_KV_BYTES: usize = 4096;
+const MAX_FILES: usize = 64;
+const MAX_FILES_BYTES: usize = 1024 * 1024;
+const MAX_TASK_BYTES: usize = 64 * 1024;
+const MAX_MEMORY_TOKENS: usize = 64;
+/// Where a sandbox's run is readable inside it.
+pub const RUN_FILE: &str = "/etc/burrow/run.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -39,6 +48,16 @@ pub enum ControlError {
     UnknownImage(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{}", .0.message)]
+    ToolCallsExceeded(ErrorReason),
+    #[error("the sandbox became {0} while the call ran; the call's command ends when the sandbox resumes (use a background process to keep one across a pause)")]
+    Interrupted(&'static str),
+    #[error("the sandbox's run has ended; start a new run to make tool calls")]
+    RunEnded,
+    #[error("the sandbox has no active run")]
+    NoActiveRun,
+    #[error("unknown pool {0:?}")]
+    UnknownPool(String),
     #[error("guest agent")]
     Guest(#[from] GuestError),
     #[error("node")]
@@ -72,6 +91,15 @@ pub struct Control {
     activity: Mutex<HashMap<String, std::time::Instant>>,
     /// How long a paused sandbox keeps its processes before it hibernates (DESIGN.md §3).
     hot_window: std::time::Duration,
+    /// Paused sandboxes hibernate early while the host has less memory available than this.
+    pub(crate) hibernate_below_mib: u64,
+    /// Wakes the pool replenisher (after a claim, a pool change).
+    pub(crate) pool_wake: tokio::sync::Notify,
+    /// Signs run callbacks (`X-Burrow-Signature`).
+    callback_key: Arc<Vec<u8>>,
+    /// Ids of sandboxes that just stopped running (paused, hibernated, destroyed), so calls
+    /// waiting on their guest answer at once instead of hanging on a frozen or dead agent.
+    stopped: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Control {
@@ -84,7 +112,73 @@ impl Control {
             locks: SandboxLocks::default(),
             activity: Mutex::default(),
             hot_window: DEFAULT_HOT_WINDOW,
+            hibernate_below_mib: crate::pool::default_memory_floor_mib(),
+            pool_wake: tokio::sync::Notify::new(),
+            callback_key: Arc::new(Vec::new()),
+            stopped: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause
+    /// freezes the guest mid-call, and the caller gets `409` rather than a request that hangs until
+    /// someone resumes it. (The call's command then ends at resume, like any foreground command
+    /// whose caller went away; background processes carry on.)
+    pub async fn while_running<T>(
+        &self,
+        id: &str,
+        call: impl std::future::Future<Output = Result<T, GuestError>>,
+    ) -> Result<T, ControlError> {
+        let mut stopped = self.stopped.subscribe();
+        // Subscribed first, checked second: a pause that lands in between is seen either way.
+        let state = self.store.sandbox(id)?.map(|r| r.state);
+        if state != Some(SandboxState::Running) {
+            return Err(ControlError::NotRunning(
+                state.map_or("destroyed", SandboxState::as_str),
+            ));
+        }
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                r = &mut call => return Ok(r?),
+                ev = stopped.recv() => {
+                    let hit = match ev {
+                        Ok(stopped_id) => stopped_id == id,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                            self.store.sandbox(id)?.map(|r| r.state) != Some(SandboxState::Running)
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
+                    };
+                    if hit {
+                        let state = self.store.sandbox(id)?.map(|r| r.state);
+                        return Err(ControlError::Interrupted(
+                            state.map_or("destroyed", SandboxState::as_str),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn announce_stopped(&self, id: &str) {
+        let _ = self.stopped.send(id.to_string());
+    }
+
+    pub fn with_callback_key(mut self, key: Vec<u8>) -> Control {
+        self.callback_key = Arc::new(key);
+        self
+    }
+
+    pub fn with_hibernate_below_mib(mut self, mib: u64) -> Control {
+        self.hibernate_below_mib = mib;
+        self
+    }
+
+    pub(crate) fn plan(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
+    pub(crate) fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.get(id)
     }
 
     pub fn store(&self) -> &Store {
@@ -104,12 +198,15 @@ impl Control {
         self.backend.name()
     }
 
+    /// A new sandbox for `user`: claimed from a warm pool when one matches (its context injected),
+    /// otherwise built cold at once. Nothing waits for a pool.
     pub async fn create(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
         let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
         let plan = self
             .plans
             .get(&plan_name)
-            .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?;
+            .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?
+            .clone();
         let image = req
             .image
             .clone()
@@ -119,33 +216,84 @@ impl Control {
         }
         validate_map("env", &req.env, MAX_ENV_ENTRIES, true)?;
         validate_map("metadata", &req.metadata, MAX_METADATA_ENTRIES, false)?;
-        let id = new_id(20);
-        let hostname = match req.hostname {
-            Some(h) => validate_hostname(&h)?,
-            None => id.clone(),
-        };
-        let mut rec = SandboxRecord {
-            id: id.clone(),
+        validate_files(&req.files)?;
+        let mut env = req.env;
+        if let Some(run) = &req.run {
+            validate_run(run)?;
+            env.extend(run.env.clone());
+        }
+        let hostname = req.hostname.as_deref().map(validate_hostname).transpose()?;
+        if req.timeout_s == Some(0) {
+            return Err(ControlError::BadRequest(
+                "timeout_s must be positive (leave it out for no timeout)".into(),
+            ));
+        }
+        let claim = Claim {
             owner_id: user.id.clone(),
+            plan: plan.name.clone(),
+            hostname: hostname.clone(),
+            limits: plan.limits.clone(),
+            env,
+            metadata: req.metadata,
+            timeout_s: req.timeout_s,
+            on_timeout: req.on_timeout.unwrap_or_default(),
+            ephemeral: req.ephemeral,
+            run: req.run.map(|spec| RunRecord {
+                spec,
+                state: RunState::Active,
+                ended: None,
+            }),
+        };
+        if let Some(rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
+            return Ok(to_api(&rec));
+        }
+        let id = new_id(20);
+        let rec = SandboxRecord {
+            id: id.clone(),
+            owner_id: claim.owner_id,
             state: SandboxState::Starting,
             image,
-            plan: plan.name.clone(),
-            hostname,
-            limits: plan.limits.clone(),
-            env: req.env,
-            metadata: req.metadata,
+            plan: claim.plan,
+            hostname: hostname.unwrap_or_else(|| id.clone()),
+            limits: claim.limits,
+            env: claim.env,
+            metadata: claim.metadata,
             uid_slot: 0,
             runtime: None,
             error: None,
             warm_hit: false,
             created_at: now_rfc3339(),
-            timeout_s: req.timeout_s,
-            on_timeout: req.on_timeout.unwrap_or_default(),
+            timeout_s: claim.timeout_s,
+            on_timeout: claim.on_timeout,
             started_at: now_unix(),
             paused_at: 0,
+            pool: None,
+            ephemeral: claim.ephemeral,
+            run: claim.run,
+            tool_calls: 0,
         };
         let lock = self.locks.get(&id);
         let _guard = lock.lock().await;
+        let rec = self.build(rec).await?;
+        if let Err(e) = self.inject(&rec, false, &req.files).await {
+            self.fail_after_build(&rec, &e).await;
+            return Err(e);
+        }
+        self.store.set_state(&id, SandboxState::Running)?;
+        Ok(to_api(&SandboxRecord {
+            state: SandboxState::Running,
+            ..rec
+        }))
+    }
+
+    /// Writes the row, then builds the computer. Returns the record in `starting` with its runtime;
+    /// the caller marks it running once anything else it needs is done. Holds no lock: the caller
+    /// holds the sandbox's.
+    pub(crate) async fn build(
+        &self,
+        mut rec: SandboxRecord,
+    ) -> Result<SandboxRecord, ControlError> {
+        let id = rec.id.clone();
         // The row exists before anything on the host does: a crash from here on is cleaned up by
         // `reconcile` at the next start.
         rec.uid_slot = self.store.insert_sandbox(&rec)?;
@@ -154,11 +302,11 @@ impl Control {
         match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
             Ok(runtime) => {
                 let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
-                self.store.set_running(&id, &value)?;
-                rec.state = SandboxState::Running;
+                self.store.set_built(&id, &value)?;
                 rec.runtime = Some(value);
-                info!(sandbox_id = %id, pid = runtime.pid, "sandbox running");
-                Ok(to_api(&rec))
+                rec.started_at = now_unix();
+                info!(sandbox_id = %id, pid = runtime.pid, pool = rec.pool.as_deref(), "sandbox built");
+                Ok(rec)
             }
             Err(e) => {
                 warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
@@ -170,6 +318,72 @@ impl Control {
                 Err(e.into())
             }
         }
+    }
+
+    /// A sandbox was built but could not be made ready: the row says why, the computer goes.
+    pub(crate) async fn fail_after_build(&self, rec: &SandboxRecord, e: &ControlError) {
+        warn!(sandbox_id = %rec.id, error = %error_chain(e), "sandbox set-up failed; destroying it");
+        let why = reason(
+            codes::INTERNAL,
+            format!("set-up failed: {}", error_chain(e)),
+        );
+        if let Err(e) = self.store.set_error(&rec.id, &why) {
+            warn!(sandbox_id = %rec.id, error = %error_chain(&e), "recording the failure");
+        }
+        if let Err(e) = self.destroy_on_host(rec).await {
+            warn!(sandbox_id = %rec.id, error = %error_chain(&e), "clean-up failed; retried at the next start");
+        }
+    }
+
+    /// Gives a built sandbox its caller's context. A warm sandbox was built without it, so it also
+    /// gets its env, hostname and limits here; a cold one got those at build.
+    pub(crate) async fn inject(
+        &self,
+        rec: &SandboxRecord,
+        warm: bool,
+        files: &BTreeMap<String, String>,
+    ) -> Result<(), ControlError> {
+        let runtime = runtime_of(rec).ok_or(ControlError::NotRunning("starting"))?;
+        let guest = GuestClient::new(runtime.guest_socket.clone());
+        if warm {
+            let mut env = rec.env.clone();
+            env.insert("HOSTNAME".into(), rec.hostname.clone());
+            guest.set_env(env).await?;
+            let backend = self.backend.clone();
+            let (id, hostname, limits) = (rec.id.clone(), rec.hostname.clone(), rec.limits.clone());
+            tokio::task::spawn_blocking(move || {
+                backend.set_hostname(&id, &runtime, &hostname)?;
+                backend.set_limits(&id, &limits)
+            })
+            .await??;
+            guest
+                .write_all(
+                    "/etc/hostname",
+                    format!("{}\n", rec.hostname).as_bytes(),
+                    Some(0o644),
+                )
+                .await?;
+            guest
+                .write_all(
+                    "/etc/hosts",
+                    burrow_node::namespace::etc_hosts(&rec.hostname).as_bytes(),
+                    Some(0o644),
+                )
+                .await?;
+        }
+        for (path, content) in files {
+            let path = if path.starts_with('/') {
+                path.clone()
+            } else {
+                format!("/workspace/{path}")
+            };
+            guest.write_all(path, content.as_bytes(), None).await?;
+        }
+        if let Some(run) = &rec.run {
+            let body = serde_json::to_vec_pretty(&run.spec).map_err(StoreError::from)?;
+            guest.write_all(RUN_FILE, &body, Some(0o644)).await?;
+        }
+        Ok(())
     }
 
     /// The caller's sandbox, or `NotFound` — the same answer for another tenant's id as for an id
@@ -209,6 +423,133 @@ impl Control {
         Ok((rec, GuestClient::new(runtime.guest_socket)))
     }
 
+    /// Like [`Control::guest`], for a tool call (an exec or a file operation): counted on the
+    /// sandbox's run, refused once the run has ended, and past the plan's limit the run ends with
+    /// `tool_iterations_exceeded` (an ephemeral sandbox's computer is destroyed).
+    pub async fn tool_call(
+        &self,
+        user: &User,
+        id: &str,
+    ) -> Result<(SandboxRecord, GuestClient), ControlError> {
+        let (rec, guest) = self.guest(user, id)?;
+        let Some(run) = &rec.run else {
+            return Ok((rec, guest));
+        };
+        if run.state == RunState::Ended {
+            return Err(ControlError::RunEnded);
+        }
+        let n = self.store.count_tool_call(id)?;
+        let limit = rec.limits.tool_calls;
+        if n > limit {
+            let why = ErrorReason {
+                code: codes::TOOL_ITERATIONS_EXCEEDED.into(),
+                message: format!("the plan allows {limit} tool calls per run; this was call {n}"),
+                limit: Some(limit.into()),
+                observed: Some(n.into()),
+            };
+            self.end_run(&rec.id, Some(why.clone())).await?;
+            return Err(ControlError::ToolCallsExceeded(why));
+        }
+        Ok((rec, guest))
+    }
+
+    /// Ends the sandbox's active run: by the caller (`why` None) or by a limit. An ephemeral
+    /// sandbox is destroyed with it; a persistent one keeps running and its files stay.
+    pub(crate) async fn end_run(
+        &self,
+        id: &str,
+        why: Option<ErrorReason>,
+    ) -> Result<(), ControlError> {
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        let Some(rec) = self.store.sandbox(id)? else {
+            return Err(ControlError::NotFound);
+        };
+        let Some(mut run) = rec.run.clone().filter(|r| r.state == RunState::Active) else {
+            return Err(ControlError::NoActiveRun);
+        };
+        run.state = RunState::Ended;
+        run.ended = why.clone();
+        self.store.set_run(id, &run, false)?;
+        info!(sandbox_id = %id, reason = why.as_ref().map(|w| w.code.as_str()).unwrap_or("ended"), "run ended");
+        if let Some(url) = &run.spec.callback_url {
+            let event = serde_json::json!({
+                "event": "run.ended",
+                "sandbox_id": id,
+                "task": run.spec.task,
+                "tool_calls": rec.tool_calls.min(rec.limits.tool_calls),
+                "reason": why,
+                "sandbox_destroyed": rec.ephemeral,
+            });
+            crate::callback::send(url.clone(), event, self.callback_key.clone());
+        }
+        if rec.ephemeral && rec.state != SandboxState::Destroyed {
+            match &why {
+                Some(w) => self.store.set_error(id, w)?,
+                None => self.store.set_state(id, SandboxState::Destroyed)?,
+            }
+            self.destroy_on_host(&rec).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the caller's run on one of their sandboxes.
+    pub async fn finish_run(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        self.record(user, id)?;
+        self.end_run(id, None).await?;
+        self.store
+            .sandbox(id)?
+            .map(|r| to_api(&r))
+            .ok_or(ControlError::NotFound)
+    }
+
+    /// Gives a sandbox a new run (its tool-call count starts again); refused while one is active.
+    pub async fn start_run(
+        &self,
+        user: &User,
+        id: &str,
+        spec: RunSpec,
+    ) -> Result<Sandbox, ControlError> {
+        validate_run(&spec)?;
+        let lock = self.locks.get(id);
+        let _guard = lock.lock().await;
+        let mut rec = self.record(user, id)?;
+        if rec
+            .run
+            .as_ref()
+            .is_some_and(|r| r.state == RunState::Active)
+        {
+            return Err(ControlError::WrongState {
+                state: "running a run",
+                action: "start a run",
+                needs: "no active run",
+            });
+        }
+        if rec.state != SandboxState::Running {
+            return Err(ControlError::NotRunning(rec.state.as_str()));
+        }
+        let run = RunRecord {
+            spec,
+            state: RunState::Active,
+            ended: None,
+        };
+        let runtime = runtime_of(&rec).ok_or(ControlError::NotRunning("starting"))?;
+        let guest = GuestClient::new(runtime.guest_socket);
+        let body = serde_json::to_vec_pretty(&run.spec).map_err(StoreError::from)?;
+        guest.write_all(RUN_FILE, &body, Some(0o644)).await?;
+        if !run.spec.env.is_empty() {
+            let mut env = rec.env.clone();
+            env.extend(run.spec.env.clone());
+            env.insert("HOSTNAME".into(), rec.hostname.clone());
+            guest.set_env(env).await?;
+        }
+        self.store.set_run(id, &run, true)?;
+        rec.run = Some(run);
+        rec.tool_calls = 0;
+        self.touch(id);
+        Ok(to_api(&rec))
+    }
+
     fn touch(&self, id: &str) {
         let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
         a.insert(id.to_string(), std::time::Instant::now());
@@ -243,8 +584,12 @@ impl Control {
 
     /// Applies idle timeouts and the plans' maximum durations; run about once a second.
     pub async fn enforce_limits(&self) -> Result<(), ControlError> {
+        self.relieve_memory_pressure().await;
         for rec in self.store.live_sandboxes()? {
-            if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
+            // Warm sandboxes have no user and no clock until a create claims them.
+            if rec.owner_id == POOL_OWNER
+                || !matches!(rec.state, SandboxState::Running | SandboxState::Paused)
+            {
                 continue;
             }
             let ran = now_unix().saturating_sub(rec.started_at).max(0) as u64;
@@ -283,8 +628,11 @@ impl Control {
                     is_admin: false,
                 };
                 match rec.on_timeout {
-                    OnTimeout::Pause => self.pause(&owner, &rec.id).await.map(|_| ()),
-                    OnTimeout::Destroy => self.destroy(&owner, &rec.id).await,
+                    // An ephemeral sandbox does not outlive its timeout, whatever it asked for.
+                    OnTimeout::Pause if !rec.ephemeral => {
+                        self.pause(&owner, &rec.id).await.map(|_| ())
+                    }
+                    _ => self.destroy(&owner, &rec.id).await,
                 }
             } else {
                 continue;
@@ -338,6 +686,7 @@ impl Control {
         let id2 = id.to_string();
         tokio::task::spawn_blocking(move || backend.pause(&id2)).await??;
         self.store.set_paused(id)?;
+        self.announce_stopped(id);
         rec.state = SandboxState::Paused;
         info!(sandbox_id = %id, "sandbox paused");
         Ok(to_api(&rec))
@@ -399,13 +748,15 @@ impl Control {
         let (id2, runtime) = (id.to_string(), runtime_of(&rec));
         tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
         self.store.set_hibernated(id)?;
+        self.announce_stopped(id);
         rec.state = SandboxState::Hibernated;
         rec.runtime = None;
         info!(sandbox_id = %id, "sandbox hibernated");
         Ok(to_api(&rec))
     }
 
-    async fn destroy_on_host(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
+    pub(crate) async fn destroy_on_host(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
+        self.announce_stopped(&rec.id);
         let backend = self.backend.clone();
         let id = rec.id.clone();
         let runtime = runtime_of(rec);
@@ -425,6 +776,12 @@ impl Control {
                     if self.still_alive(&rec).await {
                         keep.insert(rec.id.clone());
                         report.adopted.push(rec.id.clone());
+                        continue;
+                    }
+                    if rec.owner_id == POOL_OWNER || rec.ephemeral {
+                        // No one's files: a lost warm or ephemeral sandbox is simply gone.
+                        self.store.set_state(&rec.id, SandboxState::Destroyed)?;
+                        report.lost.push(rec.id.clone());
                         continue;
                     }
                     // The processes are gone (a host reboot, a crash) but the disk is not: the
@@ -567,6 +924,15 @@ pub fn to_api(rec: &SandboxRecord) -> Sandbox {
         warm_hit: rec.warm_hit,
         timeout_s: rec.timeout_s,
         on_timeout: rec.on_timeout,
+        ephemeral: rec.ephemeral,
+        run: rec.run.as_ref().map(|r| RunStatus {
+            task: r.spec.task.clone(),
+            callback_url: r.spec.callback_url.clone(),
+            tool_calls: rec.tool_calls.min(rec.limits.tool_calls),
+            tool_call_limit: rec.limits.tool_calls,
+            state: r.state,
+            ended: r.ended.clone(),
+        }),
     }
 }
 
@@ -595,6 +961,42 @@ fn validate_hostname(h: &str) -> Result<String, ControlError> {
             "hostname {h:?} is not a DNS label (1-63 letters, digits or '-', not starting or ending with '-')"
         )))
     }
+}
+
+fn validate_files(files: &BTreeMap<String, String>) -> Result<(), ControlError> {
+    let total: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if files.len() > MAX_FILES || total > MAX_FILES_BYTES {
+        return Err(ControlError::BadRequest(format!(
+            "files: at most {MAX_FILES} files and {MAX_FILES_BYTES} bytes at create (upload more with PUT .../files)"
+        )));
+    }
+    if let Some(bad) = files.keys().find(|p| p.is_empty() || p.contains('\0')) {
+        return Err(ControlError::BadRequest(format!(
+            "files: path {bad:?} is empty or contains NUL"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_run(run: &RunSpec) -> Result<(), ControlError> {
+    validate_map("run.env", &run.env, MAX_ENV_ENTRIES, true)?;
+    if run.task.len() > MAX_TASK_BYTES {
+        return Err(ControlError::BadRequest(format!(
+            "run.task is {} bytes, at most {MAX_TASK_BYTES} allowed",
+            run.task.len()
+        )));
+    }
+    if run.memory_tokens.len() > MAX_MEMORY_TOKENS
+        || run.memory_tokens.iter().any(|t| t.len() > MAX_KV_BYTES)
+    {
+        return Err(ControlError::BadRequest(format!(
+            "run.memory_tokens: at most {MAX_MEMORY_TOKENS} tokens of {MAX_KV_BYTES} bytes each"
+        )));
+    }
+    if let Some(url) = &run.callback_url {
+        crate::callback::parse_url(url).map_err(ControlError::BadRequest)?;
+    }
+    Ok(())
 }
 
 fn validate_map(

@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use burrow_node::namespace::{NamespaceBackend, NamespaceConfig};
 use burrow_store::Store;
-use burrow_types::Plan;
+use burrow_types::{Plan, PoolSpec};
 use tracing::info;
 
 pub mod api;
 pub mod auth;
+pub mod callback;
 pub mod control;
+pub mod pool;
 
 use control::Control;
 
@@ -26,6 +28,11 @@ pub struct ServerConfig {
     pub plans: Vec<Plan>,
     /// How long a paused sandbox stays hot before it hibernates.
     pub hot_window: std::time::Duration,
+    /// Warm pools to keep, by name (created or resized at start; the API can change them later).
+    pub pools: Vec<(String, PoolSpec)>,
+    /// Paused sandboxes hibernate early while the host has less memory available than this
+    /// (MiB); a twentieth of the host's memory when unset.
+    pub hibernate_below_mib: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,9 +87,18 @@ impl Server {
             plans.retain(|d| d.name != p.name);
             plans.push(p);
         }
-        let control =
-            Arc::new(Control::new(store, Arc::new(backend), plans).with_hot_window(cfg.hot_window));
+        let callback_key = callback_key(&cfg.data_dir).map_err(dir_err)?;
+        let mut control = Control::new(store, Arc::new(backend), plans)
+            .with_hot_window(cfg.hot_window)
+            .with_callback_key(callback_key);
+        if let Some(mib) = cfg.hibernate_below_mib {
+            control = control.with_hibernate_below_mib(mib);
+        }
+        let control = Arc::new(control);
         let report = control.reconcile().await?;
+        for (name, spec) in cfg.pools {
+            control.put_pool(&name, spec)?;
+        }
         info!(
             adopted = report.adopted.len(),
             hibernated = report.hibernated.len(),
@@ -127,13 +143,54 @@ impl Server {
                 }
             }
         });
+        // The replenisher refills pools after each claim (woken at once) and checks every second.
+        let control = self.state.control.clone();
+        let replenisher = tokio::spawn(async move {
+            loop {
+                match control.replenish().await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %control::error_chain(&e), "refilling pools failed")
+                    }
+                }
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    control.pool_wake.notified(),
+                )
+                .await;
+            }
+        });
         let app = api::router(self.state);
         let served = axum::serve(self.listener, app)
             .with_graceful_shutdown(shutdown)
             .await;
         enforcer.abort();
+        replenisher.abort();
         served
     }
+}
+
+/// The key that signs run callbacks: made once, kept in the data directory (readable by root
+/// only) so receivers can be configured with it.
+fn callback_key(data_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("callback.key");
+    match std::fs::read_to_string(&path) {
+        Ok(k) => return Ok(k.trim().as_bytes().to_vec()),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        Err(_) => {}
+    }
+    let key = hex::encode(rand::random::<[u8; 32]>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(key.as_bytes())?;
+    f.sync_all()?;
+    Ok(key.into_bytes())
 }
 
 fn bootstrap_admin(store: &Store, admin_key: Option<&str>) -> Result<Bootstrap, ServerError> {

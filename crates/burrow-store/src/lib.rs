@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-use burrow_types::{ErrorReason, Limits, OnTimeout, SandboxState};
+use burrow_types::{ErrorReason, Limits, OnTimeout, RunSpec, RunState, SandboxState};
 use rusqlite::{params, Connection, OptionalExtension};
 
 mod migrations;
@@ -57,6 +57,60 @@ pub struct SandboxRecord {
     pub started_at: i64,
     /// Unix seconds when it was last paused.
     pub paused_at: i64,
+    /// The warm pool that built this sandbox (it is still warm while `owner_id` is [`POOL_OWNER`]).
+    pub pool: Option<String>,
+    pub ephemeral: bool,
+    pub run: Option<RunRecord>,
+    /// Tool calls counted on the current run.
+    pub tool_calls: u32,
+}
+
+/// The id of the internal user that owns warm sandboxes until they are claimed. It has no API key.
+pub const POOL_OWNER: &str = "pool";
+
+/// A run as stored: what was asked, and whether it still goes on.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    pub spec: RunSpec,
+    pub state: RunState,
+    #[serde(default)]
+    pub ended: Option<ErrorReason>,
+}
+
+/// What a create gives a warm sandbox when it claims it.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub owner_id: String,
+    pub plan: String,
+    /// None keeps the sandbox's id as its hostname.
+    pub hostname: Option<String>,
+    pub limits: Limits,
+    pub env: BTreeMap<String, String>,
+    pub metadata: BTreeMap<String, String>,
+    pub timeout_s: Option<u64>,
+    pub on_timeout: OnTimeout,
+    pub ephemeral: bool,
+    pub run: Option<RunRecord>,
+}
+
+/// A pool spec as stored, with its counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolRecord {
+    pub name: String,
+    pub image: String,
+    pub plan: String,
+    pub size: u32,
+    pub claims: u64,
+    pub cold_fallbacks: u64,
+}
+
+/// Live numbers of one pool.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolCounts {
+    pub ready: u32,
+    pub starting: u32,
+    pub hits_24h: u64,
+    pub misses_24h: u64,
 }
 
 pub struct Store {
@@ -76,7 +130,7 @@ pub fn now_rfc3339() -> String {
 
 const SANDBOX_COLUMNS: &str = "id, owner_id, state, image, plan, hostname, limits, env, metadata, \
                                uid_slot, runtime, error, warm_hit, created_at, timeout_s, on_timeout, \
-                               started_at, paused_at";
+                               started_at, paused_at, pool, ephemeral, run, tool_calls";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -200,7 +254,8 @@ impl Store {
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+                 ?19, ?20, ?21, 0, ?14)"
             ),
             params![
                 rec.id,
@@ -221,6 +276,9 @@ impl Store {
                 rec.on_timeout.as_str(),
                 rec.started_at,
                 rec.paused_at,
+                rec.pool,
+                rec.ephemeral,
+                rec.run.as_ref().map(serde_json::to_string).transpose()?,
             ],
         )?;
         tx.commit()?;
@@ -231,6 +289,16 @@ impl Store {
     pub fn set_running(&self, id: &str, runtime: &serde_json::Value) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE sandboxes SET state = 'running', runtime = ?2, updated_at = ?3, started_at = ?4 WHERE id = ?1",
+            params![id, runtime.to_string(), now_rfc3339(), now_unix()],
+        )?;
+        Ok(())
+    }
+
+    /// The computer exists (state stays `starting` until the control layer has set it up): a crash
+    /// from here on is cleaned up with the runtime known. Its maximum duration counts from now.
+    pub fn set_built(&self, id: &str, runtime: &serde_json::Value) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET runtime = ?2, updated_at = ?3, started_at = ?4 WHERE id = ?1",
             params![id, runtime.to_string(), now_rfc3339(), now_unix()],
         )?;
         Ok(())
@@ -315,6 +383,209 @@ impl Store {
         )
     }
 
+    // ---- runs ----
+
+    /// Counts one tool call on the sandbox's run and returns the new count.
+    pub fn count_tool_call(&self, id: &str) -> Result<u32, StoreError> {
+        Ok(self.conn().query_row(
+            "UPDATE sandboxes SET tool_calls = tool_calls + 1 WHERE id = ?1 RETURNING tool_calls",
+            [id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Replaces the sandbox's run; a new run starts its tool-call count at zero.
+    pub fn set_run(&self, id: &str, run: &RunRecord, reset_count: bool) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET run = ?2, updated_at = ?3, \
+             tool_calls = CASE WHEN ?4 THEN 0 ELSE tool_calls END WHERE id = ?1",
+            params![id, serde_json::to_string(run)?, now_rfc3339(), reset_count],
+        )?;
+        Ok(())
+    }
+
+    // ---- warm pools ----
+
+    pub fn upsert_pool(
+        &self,
+        name: &str,
+        image: &str,
+        plan: &str,
+        size: u32,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO pools (name, image, plan, size, created_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (name) DO UPDATE SET image = ?2, plan = ?3, size = ?4",
+            params![name, image, plan, size, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets a pool; its warm sandboxes are the caller's to destroy. False if there was none.
+    pub fn delete_pool(&self, name: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let n = tx.execute("DELETE FROM pools WHERE name = ?1", [name])?;
+        tx.execute("DELETE FROM pool_events WHERE pool = ?1", [name])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    pub fn pools(&self) -> Result<Vec<PoolRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, image, plan, size, claims, cold_fallbacks FROM pools ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PoolRecord {
+                name: r.get(0)?,
+                image: r.get(1)?,
+                plan: r.get(2)?,
+                size: r.get(3)?,
+                claims: r.get(4)?,
+                cold_fallbacks: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Ready and starting warm sandboxes, and the last 24 hours' hits and misses, per pool.
+    pub fn pool_counts(&self) -> Result<BTreeMap<String, PoolCounts>, StoreError> {
+        let conn = self.conn();
+        let mut out: BTreeMap<String, PoolCounts> = BTreeMap::new();
+        let mut stmt = conn.prepare(
+            "SELECT pool, state, COUNT(*) FROM sandboxes \
+             WHERE owner_id = 'pool' AND state IN ('starting', 'running') GROUP BY pool, state",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (pool, state, n) = row?;
+            let c = out.entry(pool).or_default();
+            if state == "running" {
+                c.ready = n;
+            } else {
+                c.starting = n;
+            }
+        }
+        let mut stmt = conn.prepare(
+            "SELECT pool, SUM(hit), COUNT(*) FROM pool_events WHERE at >= ?1 GROUP BY pool",
+        )?;
+        let rows = stmt.query_map([now_unix() - 86_400], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, u64>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (pool, hits, all) = row?;
+            let c = out.entry(pool).or_default();
+            c.hits_24h = hits;
+            c.misses_24h = all - hits;
+        }
+        Ok(out)
+    }
+
+    /// Hands the oldest ready warm sandbox of any of `pools` to a create, in one statement: two
+    /// concurrent claims can never get the same sandbox. The sandbox goes back to `starting` until
+    /// its context is injected, so a crash in between is cleaned up like an interrupted create.
+    pub fn claim_warm(
+        &self,
+        pools: &[String],
+        claim: &Claim,
+    ) -> Result<Option<SandboxRecord>, StoreError> {
+        if pools.is_empty() {
+            return Ok(None);
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let list = pools
+            .iter()
+            .map(|p| format!("'{}'", p.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let raw = tx
+            .query_row(
+                &format!(
+                    "UPDATE sandboxes SET owner_id = ?1, plan = ?2, hostname = COALESCE(?3, id), limits = ?4, \
+                     env = ?5, metadata = ?6, timeout_s = ?7, on_timeout = ?8, ephemeral = ?9, \
+                     run = ?10, tool_calls = 0, warm_hit = 1, state = 'starting', \
+                     created_at = ?11, updated_at = ?11, started_at = ?12 \
+                     WHERE id = (SELECT id FROM sandboxes WHERE owner_id = 'pool' \
+                                 AND pool IN ({list}) AND state = 'running' ORDER BY created_at, id LIMIT 1) \
+                     RETURNING {SANDBOX_COLUMNS}"
+                ),
+                params![
+                    claim.owner_id,
+                    claim.plan,
+                    claim.hostname,
+                    serde_json::to_string(&claim.limits)?,
+                    serde_json::to_string(&claim.env)?,
+                    serde_json::to_string(&claim.metadata)?,
+                    claim.timeout_s,
+                    claim.on_timeout.as_str(),
+                    claim.ephemeral,
+                    claim.run.as_ref().map(serde_json::to_string).transpose()?,
+                    now_rfc3339(),
+                    now_unix(),
+                ],
+                raw_sandbox,
+            )
+            .optional()?;
+        tx.commit()?;
+        raw.map(RawSandbox::decode).transpose()
+    }
+
+    /// Counts a create against a pool: a claim (`hit`) or a cold fallback.
+    pub fn record_pool_use(&self, pool: &str, hit: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let column = if hit { "claims" } else { "cold_fallbacks" };
+        tx.execute(
+            &format!("UPDATE pools SET {column} = {column} + 1 WHERE name = ?1"),
+            [pool],
+        )?;
+        tx.execute(
+            "INSERT INTO pool_events (at, pool, hit) VALUES (?1, ?2, ?3)",
+            params![now_unix(), pool, hit],
+        )?;
+        // Events older than a day no longer count for the hit rate.
+        tx.execute(
+            "DELETE FROM pool_events WHERE at < ?1",
+            [now_unix() - 86_400],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Warm sandboxes of one pool, ready or starting.
+    pub fn warm_sandboxes(&self, pool: &str) -> Result<Vec<SandboxRecord>, StoreError> {
+        self.query_sandboxes(
+            &format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = 'pool' AND pool = ?1 \
+                 AND state IN ('starting', 'running') ORDER BY created_at, id"
+            ),
+            [pool],
+        )
+    }
+
+    /// Users' sandboxes (not warm ones) by state, destroyed ones left out.
+    pub fn state_counts(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT state, COUNT(*) FROM sandboxes WHERE owner_id != 'pool' AND state != 'destroyed' \
+             GROUP BY state",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     fn query_sandboxes(
         &self,
         sql: &str,
@@ -359,6 +630,10 @@ struct RawSandbox {
     on_timeout: String,
     started_at: i64,
     paused_at: i64,
+    pool: Option<String>,
+    ephemeral: bool,
+    run: Option<String>,
+    tool_calls: u32,
 }
 
 fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -381,6 +656,10 @@ fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
         on_timeout: r.get(15)?,
         started_at: r.get(16)?,
         paused_at: r.get(17)?,
+        pool: r.get(18)?,
+        ephemeral: r.get(19)?,
+        run: r.get(20)?,
+        tool_calls: r.get(21)?,
     })
 }
 
@@ -414,6 +693,10 @@ impl RawSandbox {
             on_timeout: OnTimeout::parse(&self.on_timeout).unwrap_or_default(),
             started_at: self.started_at,
             paused_at: self.paused_at,
+            run: self.run.as_deref().map(serde_json::from_str).transpose()?,
+            pool: self.pool,
+            ephemeral: self.ephemeral,
+            tool_calls: self.tool_calls,
         })
     }
 }

@@ -45,6 +45,26 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE sandboxes ADD COLUMN started_at INTEGER NOT NULL DEFAULT 0;",
     // 3: when a sandbox was paused (for the hot window).
     "ALTER TABLE sandboxes ADD COLUMN paused_at INTEGER NOT NULL DEFAULT 0;",
+    // 4: warm pools, runs, ephemeral sandboxes. A warm sandbox names the pool that built it and is
+    // owned by the internal `pool` user until a create claims it.
+    "ALTER TABLE sandboxes ADD COLUMN pool TEXT;
+    ALTER TABLE sandboxes ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN run TEXT;
+    ALTER TABLE sandboxes ADD COLUMN tool_calls INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX sandboxes_pool ON sandboxes(owner_id, pool, state) WHERE pool IS NOT NULL;
+    CREATE TABLE pools (
+        name TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        plan TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        claims INTEGER NOT NULL DEFAULT 0,
+        cold_fallbacks INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE pool_events (at INTEGER NOT NULL, pool TEXT NOT NULL, hit INTEGER NOT NULL);
+    CREATE INDEX pool_events_at ON pool_events(pool, at);
+    INSERT INTO users (id, name, plan, is_admin, created_at)
+        VALUES ('pool', '(warm pool)', 'free', 0, '1970-01-01T00:00:00Z');",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

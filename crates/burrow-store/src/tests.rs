@@ -21,6 +21,32 @@ fn record(id: &str, owner: &str) -> SandboxRecord {
         on_timeout: OnTimeout::Pause,
         started_at: 0,
         paused_at: 0,
+        pool: None,
+        ephemeral: false,
+        run: None,
+        tool_calls: 0,
+    }
+}
+
+fn warm(id: &str, pool: &str) -> SandboxRecord {
+    SandboxRecord {
+        pool: Some(pool.into()),
+        ..record(id, POOL_OWNER)
+    }
+}
+
+fn claim_for(owner: &str) -> Claim {
+    Claim {
+        owner_id: owner.into(),
+        plan: "pro".into(),
+        hostname: Some("agent".into()),
+        limits: Plan::defaults()[1].limits.clone(),
+        env: BTreeMap::from([("TASK".to_string(), "1".to_string())]),
+        metadata: BTreeMap::new(),
+        timeout_s: None,
+        on_timeout: OnTimeout::Destroy,
+        ephemeral: true,
+        run: None,
     }
 }
 
@@ -101,5 +127,108 @@ fn reopening_keeps_data_and_skips_applied_migrations() {
         s.create_user("u1", "alice", "free", true).unwrap();
     }
     let s = Store::open(&path).unwrap();
-    assert_eq!(s.user_count().unwrap(), 1);
+    // alice and the internal pool owner.
+    assert_eq!(s.user_count().unwrap(), 2);
+}
+
+#[test]
+fn a_warm_sandbox_is_claimed_once_and_only_when_ready() {
+    let s = store_with_users();
+    s.upsert_pool("p", "system", "free", 2).unwrap();
+    s.insert_sandbox(&warm("w1", "p")).unwrap();
+    s.insert_sandbox(&warm("w2", "p")).unwrap();
+    let pools = ["p".to_string()];
+    // Still starting: nothing to claim.
+    assert!(s.claim_warm(&pools, &claim_for("u1")).unwrap().is_none());
+    s.set_running("w1", &serde_json::json!({"pid": 1})).unwrap();
+    s.set_running("w2", &serde_json::json!({"pid": 2})).unwrap();
+    let counts = s.pool_counts().unwrap();
+    assert_eq!((counts["p"].ready, counts["p"].starting), (2, 0));
+
+    let a = s.claim_warm(&pools, &claim_for("u1")).unwrap().unwrap();
+    let b = s
+        .claim_warm(
+            &pools,
+            &Claim {
+                hostname: None,
+                ..claim_for("u2")
+            },
+        )
+        .unwrap()
+        .unwrap();
+    assert_ne!(a.id, b.id);
+    assert_eq!(b.hostname, b.id, "no hostname asked: the id stays");
+    assert!(s.claim_warm(&pools, &claim_for("u1")).unwrap().is_none());
+    assert!(s
+        .claim_warm(&["other".to_string()], &claim_for("u1"))
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        (
+            a.owner_id.as_str(),
+            a.state,
+            a.warm_hit,
+            a.plan.as_str(),
+            a.hostname.as_str()
+        ),
+        ("u1", SandboxState::Starting, true, "pro", "agent")
+    );
+    assert_eq!(
+        (a.env["TASK"].as_str(), a.ephemeral, a.pool.as_deref()),
+        ("1", true, Some("p"))
+    );
+    assert_eq!(a.runtime.unwrap()["pid"], 1, "the computer is the warm one");
+    assert_eq!(
+        s.pool_counts()
+            .unwrap()
+            .get("p")
+            .map(|c| c.ready)
+            .unwrap_or(0),
+        0
+    );
+    assert_eq!(s.sandboxes_of("u1").unwrap().len(), 1);
+}
+
+#[test]
+fn pool_uses_count_into_totals_and_the_daily_hit_rate() {
+    let s = store_with_users();
+    s.upsert_pool("p", "system", "free", 3).unwrap();
+    s.record_pool_use("p", true).unwrap();
+    s.record_pool_use("p", true).unwrap();
+    s.record_pool_use("p", false).unwrap();
+    let p = &s.pools().unwrap()[0];
+    assert_eq!((p.size, p.claims, p.cold_fallbacks), (3, 2, 1));
+    let c = &s.pool_counts().unwrap()["p"];
+    assert_eq!((c.hits_24h, c.misses_24h), (2, 1));
+    s.upsert_pool("p", "system", "pro", 5).unwrap();
+    let p = &s.pools().unwrap()[0];
+    assert_eq!(
+        (p.plan.as_str(), p.size, p.claims),
+        ("pro", 5, 2),
+        "resizing keeps counters"
+    );
+    assert!(s.delete_pool("p").unwrap());
+    assert!(!s.delete_pool("p").unwrap());
+    assert!(s.pools().unwrap().is_empty());
+}
+
+#[test]
+fn tool_calls_count_up_and_a_new_run_starts_at_zero() {
+    let s = store_with_users();
+    s.insert_sandbox(&record("a", "u1")).unwrap();
+    assert_eq!(s.count_tool_call("a").unwrap(), 1);
+    assert_eq!(s.count_tool_call("a").unwrap(), 2);
+    let run = RunRecord {
+        spec: RunSpec {
+            task: "t".into(),
+            ..Default::default()
+        },
+        state: RunState::Active,
+        ended: None,
+    };
+    s.set_run("a", &run, false).unwrap();
+    assert_eq!(s.sandbox("a").unwrap().unwrap().tool_calls, 2);
+    s.set_run("a", &run, true).unwrap();
+    let r = s.sandbox("a").unwrap().unwrap();
+    assert_eq!((r.tool_calls, r.run), (0, Some(run)));
 }

@@ -27,3 +27,7 @@ pub const GUEST_UNREACHABLE: &str = "guest_unreachable";
 pub const SANDBOX_LOST: &str = "sandbox_lost";
 pub const CREATE_INTERRUPTED: &str = "create_interrupted";
 pub const MAX_DURATION_EXCEEDED: &str = "max_duration_exceeded";
+pub const TOOL_ITERATIONS_EXCEEDED: &str = "tool_iterations_exceeded";
+pub const RUN_ENDED: &str = "run_ended";
+pub const NO_RUN: &str = "no_run";
+pub const UNKNOWN_POOL: &str = "unknown_pool";

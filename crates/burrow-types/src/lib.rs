@@ -84,6 +84,10 @@ pub struct Sandbox {
     pub timeout_s: Option<u64>,
     #[serde(default)]
     pub on_timeout: OnTimeout,
+    #[serde(default)]
+    pub ephemeral: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<RunStatus>,
 }
 
 /// What happens when a sandbox has been idle (no API call for it) for its timeout.
@@ -147,9 +151,99 @@ pub struct CreateSandbox {
     /// Idle timeout in seconds (no API call for this long); off when absent.
     #[serde(default)]
     pub timeout_s: Option<u64>,
-    /// What the idle timeout does: `destroy` (default) or `pause`.
+    /// What the idle timeout does: `destroy` (default) or `pause`. An ephemeral sandbox is
+    /// destroyed either way.
     #[serde(default)]
     pub on_timeout: Option<OnTimeout>,
+    /// Destroyed when its run ends or it times out. A persistent sandbox (the default) keeps its
+    /// files until the user deletes it.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// The task this sandbox is for; its tool calls (exec and file operations) are counted.
+    #[serde(default)]
+    pub run: Option<RunSpec>,
+    /// Small text files written before the sandbox is handed over; relative paths are under
+    /// `/workspace`.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+}
+
+/// One task given to a sandbox (DESIGN.md §1): what the agent is asked to do and what it needs.
+/// Inside the sandbox it is readable at `/etc/burrow/run.json`; its `env` joins the sandbox's env.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    #[serde(default)]
+    pub task: String,
+    /// Opaque tokens for the agent's memory store.
+    #[serde(default)]
+    pub memory_tokens: Vec<String>,
+    /// Told (HTTP POST, JSON) when the run ends.
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct RunStatus {
+    pub task: String,
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// Tool calls (exec and file operations) made so far.
+    pub tool_calls: u32,
+    /// The plan's limit on tool calls per run.
+    pub tool_call_limit: u32,
+    /// `active` or `ended`.
+    pub state: RunState,
+    /// Why the run ended, when it did not end by `POST .../run/end`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<ErrorReason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Active,
+    Ended,
+}
+
+/// Body of `PUT /v1/pools/{name}`: keep `size` warm sandboxes of this image and plan.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    #[serde(default)]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
+    pub size: u32,
+}
+
+/// A warm pool and how it is doing (DESIGN.md §4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct PoolStatus {
+    pub name: String,
+    pub image: String,
+    pub plan: String,
+    /// Warm sandboxes the replenisher keeps.
+    pub target: u32,
+    /// Warm sandboxes ready to be claimed now.
+    pub ready: u32,
+    /// Warm sandboxes being built.
+    pub starting: u32,
+    /// Creates served from this pool, since it was made.
+    pub claims: u64,
+    /// Creates that matched this pool but found it empty and started cold.
+    pub cold_fallbacks: u64,
+    /// Claims ÷ (claims + cold fallbacks) over the last 24 hours; absent without creates.
+    #[serde(default)]
+    pub hit_rate_24h: Option<f64>,
 }
 
 /// Body of a buffered exec (`POST /v1/sandboxes/{id}/exec`) and the first message of a streaming one.

@@ -19,6 +19,15 @@ pub struct Limits {
     /// stdout and stderr kept per command, each.
     pub output_bytes: u64,
     pub max_duration_s: u64,
+    /// Tool calls (exec and file operations) per run; past it the run ends.
+    #[serde(default = "default_tool_calls")]
+    pub tool_calls: u32,
+}
+
+pub const DEFAULT_TOOL_CALLS: u32 = 20;
+
+fn default_tool_calls() -> u32 {
+    DEFAULT_TOOL_CALLS
 }
 
 /// A named bundle of limits.
@@ -44,6 +53,7 @@ impl Plan {
                 nofile: 1024,
                 output_bytes: DEFAULT_OUTPUT_BYTES,
                 max_duration_s,
+                tool_calls: DEFAULT_TOOL_CALLS,
             },
         }
     }

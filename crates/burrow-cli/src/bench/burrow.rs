@@ -180,6 +180,10 @@ pub async fn warm(ctx: &Ctx<'_>) -> Result<Row> {
     if status == StatusCode::NOT_FOUND && is_no_route(&body) {
         return Ok(Row::new(WARM, Value::unavailable("n/a (no pool API)")).target(WARM_TARGET));
     }
+    if status == StatusCode::FORBIDDEN {
+        let na = Value::unavailable("n/a (pools need an admin key)");
+        return Ok(Row::new(WARM, na).target(WARM_TARGET));
+    }
     if !status.is_success() {
         bail!(
             "PUT {path}: {status}: {}",
@@ -286,7 +290,7 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
             Row::new(CGROUP, na()).target(TARGET),
         ]);
     }
-    let before = host_memory();
+    let before = HostMemory::sample().await;
     let ids: Vec<String> = stream::iter(0..n)
         .map(|_| async {
             let sb = ctx.create().await?;
@@ -298,33 +302,33 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
         .await?;
     // Let the guests and the kernel settle (deferred frees, lazily allocated slabs).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = host_memory();
+    let after = HostMemory::sample().await;
     destroy_all(ctx, &ids, concurrency).await?;
 
-    let per = |b: Option<u64>, a: Option<u64>, grows: bool| {
-        let (b, a) = (b?, a?);
-        let delta = if grows {
-            a as f64 - b as f64
-        } else {
-            b as f64 - a as f64
-        };
-        Some(Value::Memory {
-            mib_per_sandbox: delta / n as f64 / (1024.0 * 1024.0),
-            n,
-        })
+    let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+    let per_sandbox = |delta: f64| Value::Memory {
+        mib_per_sandbox: mib(delta) / n as f64,
+        n,
     };
-    let available = per(before.available, after.available, false)
-        .unwrap_or_else(|| Value::unavailable("n/a (no /proc/meminfo)"));
-    let cgroup = per(before.cgroup, after.cgroup, true)
-        .unwrap_or_else(|| Value::unavailable("n/a (no burrow memory cgroup)"));
-    Ok(vec![
-        Row::new(AVAILABLE, available)
-            .target(TARGET)
-            .note("whole host: other processes on the machine move it too"),
-        Row::new(CGROUP, cgroup)
-            .target(TARGET)
-            .note("memory.usage_in_bytes of the `burrow` memory cgroup, page cache included"),
-    ])
+    let available = match (before.available, after.available) {
+        (Some(b), Some(a)) => {
+            let noise = mib(b.spread.max(a.spread) as f64);
+            let row = Row::new(AVAILABLE, per_sandbox(b.median as f64 - a.median as f64));
+            row.note(format!(
+                "whole host, medians of {SAMPLES} readings; it moved by up to {noise:.0} MiB \
+                 between readings with nothing changed by the bench (other processes)"
+            ))
+        }
+        _ => Row::new(AVAILABLE, Value::unavailable("n/a (no /proc/meminfo)")),
+    };
+    let cgroup = match (before.cgroup, after.cgroup) {
+        (Some(b), Some(a)) => Row::new(CGROUP, per_sandbox(a as f64 - b as f64)).note(
+            "memory.usage_in_bytes of the `burrow` memory cgroup (sandbox processes, their \
+             page cache and kernel memory charged to them)",
+        ),
+        _ => Row::new(CGROUP, Value::unavailable("n/a (no burrow memory cgroup)")),
+    };
+    Ok(vec![available.target(TARGET), cgroup.target(TARGET)])
 }
 
 fn is_local(url: &str) -> bool {
@@ -333,23 +337,58 @@ fn is_local(url: &str) -> bool {
     authority.starts_with("[::1]") || host == "localhost" || host.starts_with("127.")
 }
 
+/// Readings of `MemAvailable` taken this far apart, to see how much the host moves on its own.
+const SAMPLES: usize = 5;
+const SAMPLE_GAP: Duration = Duration::from_millis(200);
+
 struct HostMemory {
-    available: Option<u64>,
+    available: Option<Readings>,
     cgroup: Option<u64>,
 }
 
-fn host_memory() -> HostMemory {
-    let available = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| meminfo_field(&s, "MemAvailable"));
-    let cgroup = [
-        "memory/burrow/memory.usage_in_bytes",
-        "unified/burrow/memory.current",
-    ]
-    .iter()
-    .find_map(|p| std::fs::read_to_string(format!("/sys/fs/cgroup/{p}")).ok())
-    .and_then(|s| s.trim().parse().ok());
-    HostMemory { available, cgroup }
+/// Several readings of one figure: their median and how far apart they were.
+#[derive(Debug, PartialEq)]
+struct Readings {
+    median: u64,
+    spread: u64,
+}
+
+impl Readings {
+    fn of(mut v: Vec<u64>) -> Option<Readings> {
+        v.sort_unstable();
+        Some(Readings {
+            median: *v.get(v.len() / 2)?,
+            spread: v[v.len() - 1] - v[0],
+        })
+    }
+}
+
+impl HostMemory {
+    async fn sample() -> HostMemory {
+        let mut available = Vec::new();
+        for i in 0..SAMPLES {
+            if i > 0 {
+                tokio::time::sleep(SAMPLE_GAP).await;
+            }
+            if let Some(v) = std::fs::read_to_string("/proc/meminfo")
+                .ok()
+                .and_then(|s| meminfo_field(&s, "MemAvailable"))
+            {
+                available.push(v);
+            }
+        }
+        let cgroup = [
+            "memory/burrow/memory.usage_in_bytes",
+            "unified/burrow/memory.current",
+        ]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(format!("/sys/fs/cgroup/{p}")).ok())
+        .and_then(|s| s.trim().parse().ok());
+        HostMemory {
+            available: Readings::of(available),
+            cgroup,
+        }
+    }
 }
 
 /// A `/proc/meminfo` field in bytes.
@@ -371,6 +410,18 @@ mod tests {
         assert_eq!(meminfo_field(s, "MemAvailable"), Some(2048 * 1024));
         assert_eq!(meminfo_field(s, "MemFree"), Some(1000 * 1024));
         assert_eq!(meminfo_field(s, "Mem"), None);
+    }
+
+    #[test]
+    fn readings_give_their_median_and_spread() {
+        assert_eq!(
+            Readings::of(vec![30, 10, 20, 50, 40]),
+            Some(Readings {
+                median: 30,
+                spread: 40
+            })
+        );
+        assert_eq!(Readings::of(vec![]), None);
     }
 
     #[test]

@@ -9,8 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use burrow_client::Client;
-use reqwest::{Method, StatusCode};
+use burrow_client::{Client, ClientError};
 
 pub const TAG_KEY: &str = "burrow_bench";
 
@@ -113,49 +112,10 @@ impl Cleanup {
     }
 }
 
-/// Removes a pool: `DELETE /v1/pools/{name}`, or, where the server has no such route, a resize to
-/// zero.
+/// Removes a pool and its unclaimed sandboxes; one already gone counts as removed.
 pub async fn delete_pool(client: &Client, name: &str) -> anyhow::Result<()> {
-    let path = format!("/v1/pools/{name}");
-    let (status, body) = client.raw::<()>(Method::DELETE, &path, None).await?;
-    if status.is_success() || status == StatusCode::NOT_FOUND && is_pool_not_found(&body) {
-        return Ok(());
+    match client.delete_pool(name).await {
+        Err(ClientError::Api { status: 404, .. }) | Ok(()) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    if status == StatusCode::METHOD_NOT_ALLOWED || status == StatusCode::NOT_FOUND {
-        let (image, plan) = pool_image_plan(client, name).await;
-        let spec = serde_json::json!({ "image": image, "plan": plan, "size": 0 });
-        let (status, body) = client.raw(Method::PUT, &path, Some(&spec)).await?;
-        if status.is_success() {
-            return Ok(());
-        }
-        anyhow::bail!("resize to 0: {status}: {}", String::from_utf8_lossy(&body));
-    }
-    anyhow::bail!("delete: {status}: {}", String::from_utf8_lossy(&body))
-}
-
-fn is_pool_not_found(body: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["code"].as_str().map(|c| c.contains("pool")))
-        .unwrap_or(false)
-}
-
-async fn pool_image_plan(client: &Client, name: &str) -> (String, String) {
-    let fallback = ("system".to_string(), "free".to_string());
-    let Ok((status, body)) = client.raw::<()>(Method::GET, "/v1/pools", None).await else {
-        return fallback;
-    };
-    if !status.is_success() {
-        return fallback;
-    }
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&body).unwrap_or_default();
-    list.iter()
-        .find(|p| p["name"] == name)
-        .map(|p| {
-            (
-                p["image"].as_str().unwrap_or("system").to_string(),
-                p["plan"].as_str().unwrap_or("free").to_string(),
-            )
-        })
-        .unwrap_or(fallback)
 }

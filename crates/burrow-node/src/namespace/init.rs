@@ -18,7 +18,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burrow_linux::cgroup::{CgroupLimits, Cgroups};
+use burrow_linux::cgroup::Cgroups;
 use burrow_linux::{caps, loopdev, proc, seccomp, sys};
 use burrow_types::Limits;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -218,13 +218,8 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     bind(&req.guest_exe, &root.join("run/burrow/guest"), true)?;
 
     let cgroups = Cgroups::host();
-    let limits = CgroupLimits {
-        cpu_millis: req.limits.cpu_millis,
-        memory_bytes: req.limits.memory_mib * 1024 * 1024,
-        pids: req.limits.pids,
-    };
     cgroups
-        .create(&req.id, limits)
+        .create(&req.id, super::cgroup_limits(&req.limits))
         .ctx(|| "creating cgroups".into())?;
     // Join first, so the sandbox's cgroup namespace is rooted at its own cgroup.
     cgroups

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use burrow_linux::cgroup::Cgroups;
+use burrow_linux::cgroup::{CgroupLimits, Cgroups};
 use burrow_linux::{loopdev, proc};
+use burrow_types::Limits;
 
 use crate::backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 
@@ -22,6 +23,7 @@ pub mod init;
 
 /// The `system` image's root under a data directory (also what `burrow bench` gives its peers).
 pub use image::ensure_system_image;
+pub use image::hosts as etc_hosts;
 
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
 const UID_BASE: u32 = 0x1000_0000;
@@ -29,6 +31,15 @@ const UID_BASE: u32 = 0x1000_0000;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long destroy waits for a sandbox's processes to die.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The part of a sandbox's limits that lives in its cgroups.
+fn cgroup_limits(l: &Limits) -> CgroupLimits {
+    CgroupLimits {
+        cpu_millis: l.cpu_millis,
+        memory_bytes: l.memory_mib * 1024 * 1024,
+        pids: l.pids,
+    }
+}
 
 /// Host uid (and gid) that root inside sandbox slot `slot` runs as.
 pub fn uid_base(slot: u32) -> u32 {
@@ -268,6 +279,20 @@ impl Backend for NamespaceBackend {
         self.cgroups
             .set_frozen(id, false)
             .map_err(host_err("thawing the sandbox"))
+    }
+
+    fn set_limits(&self, id: &str, limits: &Limits) -> Result<(), NodeError> {
+        self.cgroups
+            .set_limits(id, cgroup_limits(limits))
+            .map_err(host_err("rewriting the sandbox's cgroup limits"))
+    }
+
+    fn set_hostname(&self, id: &str, info: &RuntimeInfo, hostname: &str) -> Result<(), NodeError> {
+        if self.probe(id, info) == Liveness::Gone {
+            return Err(NodeError::Setup(format!("sandbox {id} is not running")));
+        }
+        burrow_linux::sys::set_hostname_of(info.pid, hostname)
+            .map_err(host_err("setting the sandbox's hostname"))
     }
 
     /// Sandboxes are known by their directories under this node's data directory: `__init` makes the

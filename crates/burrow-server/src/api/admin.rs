@@ -36,13 +36,7 @@ pub async fn create_user(
     Caller(caller): Caller,
     ApiJson(req): ApiJson<CreateUser>,
 ) -> Result<(StatusCode, Json<CreatedUser>), HttpError> {
-    if !caller.is_admin {
-        return Err(HttpError::new(
-            StatusCode::FORBIDDEN,
-            codes::FORBIDDEN,
-            "admin key required",
-        ));
-    }
+    require_admin(&caller)?;
     let name_ok = !req.name.is_empty()
         && req.name.len() <= 64
         && req
@@ -98,4 +92,17 @@ pub async fn create_user(
             api_key: key,
         }),
     ))
+}
+
+/// Operator-only routes answer 403 to every other key.
+pub fn require_admin(user: &burrow_store::User) -> Result<(), HttpError> {
+    if user.is_admin {
+        Ok(())
+    } else {
+        Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            codes::FORBIDDEN,
+            "admin key required",
+        ))
+    }
 }

@@ -14,6 +14,8 @@ pub struct HttpError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Structured facts about the error (for a limit: the reason with `limit` and `observed`).
+    pub details: Option<serde_json::Value>,
 }
 
 impl HttpError {
@@ -22,6 +24,7 @@ impl HttpError {
             status,
             code,
             message: message.into(),
+            details: None,
         }
     }
 
@@ -33,7 +36,7 @@ impl HttpError {
         ApiError {
             code: self.code.to_string(),
             message: self.message.clone(),
-            details: None,
+            details: self.details.clone(),
         }
     }
 }
@@ -117,6 +120,27 @@ impl From<ControlError> for HttpError {
                 format!("unknown image {i:?}; this server has \"system\""),
             ),
             ControlError::BadRequest(m) => HttpError::bad_request(m),
+            ControlError::ToolCallsExceeded(why) => {
+                let mut e = HttpError::new(
+                    S::TOO_MANY_REQUESTS,
+                    codes::TOOL_ITERATIONS_EXCEEDED,
+                    why.message.clone(),
+                );
+                e.details = serde_json::to_value(&why).ok();
+                e
+            }
+            e @ ControlError::Interrupted(_) => {
+                HttpError::new(S::CONFLICT, codes::SANDBOX_NOT_RUNNING, e.to_string())
+            }
+            e @ ControlError::RunEnded => {
+                HttpError::new(S::CONFLICT, codes::RUN_ENDED, e.to_string())
+            }
+            e @ ControlError::NoActiveRun => {
+                HttpError::new(S::CONFLICT, codes::NO_RUN, e.to_string())
+            }
+            e @ ControlError::UnknownPool(_) => {
+                HttpError::new(S::NOT_FOUND, codes::UNKNOWN_POOL, e.to_string())
+            }
             ControlError::Guest(g) => g.into(),
             other => HttpError::new(
                 S::INTERNAL_SERVER_ERROR,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::error::HttpError;
 use super::extract::{ApiJson, ApiQuery, Caller};
 use super::{ws, AppState};
-use crate::control::error_chain;
+use crate::control::{error_chain, ControlError};
 
 /// A command that cannot start (no such program, no such cwd or user) is the caller's mistake: 400
 /// with the guest's code, not the 404 a missing file would be.
@@ -80,17 +80,24 @@ pub async fn exec(
             "background and pty commands use /processes or the exec WebSocket, not buffered exec",
         ));
     }
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     let stdin = req.stdin.clone().map(String::into_bytes);
     let spec = spec_of(
         req,
         rec.limits.max_duration_s * 1000,
         Some(DEFAULT_EXEC_TIMEOUT_MS),
     )?;
-    let out = guest
-        .exec_buffered(spec, stdin, rec.limits.output_bytes)
+    let out = s
+        .control
+        .while_running(
+            &id,
+            guest.exec_buffered(spec, stdin, rec.limits.output_bytes),
+        )
         .await
-        .map_err(start_error)?;
+        .map_err(|e| match e {
+            ControlError::Guest(g) => start_error(g),
+            other => other.into(),
+        })?;
     Ok(Json(ExecResult {
         exit_code: out.exit_code,
         signal: out.signal,
@@ -112,7 +119,7 @@ pub async fn exec_ws(
     Path(id): Path<String>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, HttpError> {
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     Ok(upgrade.on_upgrade(move |mut socket| async move {
         use axum::extract::ws::Message;
         let first =
@@ -205,7 +212,7 @@ pub async fn start_process(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<(StatusCode, Json<Started>), HttpError> {
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     if req.stdin.is_some() {
         return Err(HttpError::bad_request(
             "a background process takes stdin through attach, not `stdin`",

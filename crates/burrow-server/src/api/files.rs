@@ -77,7 +77,7 @@ pub async fn download(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Response, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
     // Errors before the first byte (missing file, FIFO, directory) are proper HTTP errors.
     let download = guest.read_file(q.path).await?;
     let size = download.size;
@@ -141,7 +141,7 @@ async fn write_body(
     mode: Option<u32>,
     chunks: &mut axum::body::BodyDataStream,
 ) -> Result<FileStat, HttpError> {
-    let (_, guest) = s.control.guest(user, id)?;
+    let (_, guest) = s.control.tool_call(user, id).await?;
     let mut upload = guest.write_file(q.path, mode, q.user).await?;
     while let Some(chunk) = chunks.next().await {
         let chunk =
@@ -181,8 +181,10 @@ pub async fn stat(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> Result<Json<FileStat>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
-    Ok(Json(guest.stat(q.path).await?))
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
+    Ok(Json(
+        s.control.while_running(&id, guest.stat(q.path)).await?,
+    ))
 }
 
 /// One page of a directory listing.
@@ -202,8 +204,11 @@ pub async fn list(
         ),
     };
     let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let (_, guest) = s.control.guest(&user, &id)?;
-    let (entries, next) = guest.list_dir(q.path, cursor, limit).await?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
+    let (entries, next) = s
+        .control
+        .while_running(&id, guest.list_dir(q.path, cursor, limit))
+        .await?;
     Ok(Json(DirListing {
         entries,
         next_cursor: next.map(|c| c.to_string()),
@@ -219,8 +224,12 @@ pub async fn mkdir(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<MkdirRequest>,
 ) -> Result<Json<FileStat>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
-    Ok(Json(guest.make_dir(req.path, req.user).await?))
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
+    Ok(Json(
+        s.control
+            .while_running(&id, guest.make_dir(req.path, req.user))
+            .await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/files/rename", request_body = RenameRequest, tag = "files",
@@ -231,8 +240,12 @@ pub async fn rename(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<RenameRequest>,
 ) -> Result<Json<FileStat>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
-    Ok(Json(guest.rename(req.from, req.to).await?))
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
+    Ok(Json(
+        s.control
+            .while_running(&id, guest.rename(req.from, req.to))
+            .await?,
+    ))
 }
 
 #[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", params(RemoveQuery), tag = "files",
@@ -243,7 +256,9 @@ pub async fn remove(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<RemoveQuery>,
 ) -> Result<StatusCode, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
-    guest.remove(q.path, q.recursive).await?;
+    let (_, guest) = s.control.tool_call(&user, &id).await?;
+    s.control
+        .while_running(&id, guest.remove(q.path, q.recursive))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

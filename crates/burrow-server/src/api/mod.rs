@@ -19,6 +19,7 @@ pub mod exec;
 pub mod extract;
 pub mod files;
 pub mod openapi;
+pub mod pools;
 pub mod sandboxes;
 mod ws;
 
@@ -42,6 +43,8 @@ pub fn router(state: AppState) -> Router {
         .route("/resume", post(sandboxes::resume_sandbox))
         .route("/hibernate", post(sandboxes::hibernate_sandbox))
         .route("/timeout", post(sandboxes::set_timeout))
+        .route("/run", post(sandboxes::start_run))
+        .route("/run/end", post(sandboxes::end_run))
         .route("/exec", post(exec::exec))
         .route("/exec/ws", get(exec::exec_ws))
         .route("/terminal", get(exec::terminal))
@@ -69,6 +72,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/admin/users", post(admin::create_user))
+        .route("/v1/pools", get(pools::list_pools))
+        .route(
+            "/v1/pools/{name}",
+            axum::routing::put(pools::put_pool).delete(pools::delete_pool),
+        )
+        .route("/metrics", get(pools::metrics))
         .route(
             "/v1/sandboxes",
             post(sandboxes::create_sandbox).get(sandboxes::list_sandboxes),

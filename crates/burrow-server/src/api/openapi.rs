@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, exec, files, sandboxes};
+use super::{admin, exec, files, pools, sandboxes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,8 @@ use super::{admin, exec, files, sandboxes};
         sandboxes::resume_sandbox,
         sandboxes::hibernate_sandbox,
         sandboxes::set_timeout,
+        sandboxes::start_run, sandboxes::end_run,
+        pools::list_pools, pools::put_pool, pools::delete_pool, pools::metrics,
         exec::exec, exec::exec_ws, exec::terminal,
         exec::start_process, exec::list_processes, exec::signal_process, exec::kill_process, exec::attach,
         admin::create_user,

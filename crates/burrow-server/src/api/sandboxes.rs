@@ -3,7 +3,7 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use burrow_types::{ApiError, CreateSandbox, Sandbox, SetTimeout};
+use burrow_types::{ApiError, CreateSandbox, RunSpec, Sandbox, SetTimeout};
 
 use super::error::HttpError;
 use super::extract::{ApiJson, Caller};
@@ -97,4 +97,28 @@ pub async fn set_timeout(
     ApiJson(req): ApiJson<SetTimeout>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.set_timeout(&user, &id, req)?))
+}
+
+/// Give the sandbox a new run (task, memory tokens, callback URL, env); its tool calls count
+/// from zero. Refused while a run is active.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/run", request_body = RunSpec, tag = "runs",
+    responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn start_run(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<RunSpec>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.start_run(&user, &id, req).await?))
+}
+
+/// End the sandbox's run. An ephemeral sandbox is destroyed with it; the run's callback URL is told.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/run/end", tag = "runs",
+    responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+pub async fn end_run(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Sandbox>, HttpError> {
+    Ok(Json(s.control.finish_run(&user, &id).await?))
 }
