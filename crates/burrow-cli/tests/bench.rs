@@ -1,5 +1,5 @@
-//! `burrow bench` against a real server, so the bench cannot rot: every row is there, and every
-//! sandbox it made is gone afterwards, also when it is interrupted. No figure is asserted
+//! `burrow bench` against a real server, so the bench cannot rot: every row is measured, and every
+//! sandbox and pool it made is gone afterwards, also when it is interrupted. No figure is asserted
 //! (benchmarks are not tests).
 
 mod common;
@@ -30,6 +30,8 @@ async fn assert_nothing_left(srv: &TestServer) {
     );
     let left = srv.client().list().await.unwrap();
     assert!(left.is_empty(), "sandboxes left: {left:?}");
+    let pools = srv.client().pools().await.unwrap();
+    assert!(pools.is_empty(), "pools left: {pools:?}");
 }
 
 /// A server, and `burrow bench --no-peers ARGS` run against it to success.
@@ -71,15 +73,7 @@ async fn bench_reports_every_row_and_leaves_no_sandbox() {
                 (Some(3), Some(2))
             ),
             "memory" => assert_eq!(r["n"].as_u64(), Some(2), "{r}"),
-            // Only the warm row may be unavailable, and only for want of the pool API.
-            _ => assert_eq!(
-                (r["measure"].as_str(), r["reason"].as_str()),
-                (
-                    Some("warm create → first command"),
-                    Some("n/a (no pool API)")
-                ),
-                "{r}"
-            ),
+            other => panic!("{other} row: {r}"),
         }
     }
     assert_eq!(report["peers"], serde_json::json!([]));

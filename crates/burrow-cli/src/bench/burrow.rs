@@ -277,8 +277,8 @@ async fn destroy_all(ctx: &Ctx<'_>, ids: &[String], concurrency: usize) -> Resul
     Ok(())
 }
 
-/// Host memory per idle sandbox with `n` up: the drop of `MemAvailable`, and the growth of the
-/// memory cgroup that holds every sandbox. Only meaningful when the server runs on this host.
+/// Host memory per idle sandbox with `n` up: the drop of `MemAvailable`, and what the sandboxes'
+/// own memory cgroups are charged. Only meaningful when the server runs on this host.
 pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<Row>> {
     const AVAILABLE: &str = "idle density: host MemAvailable drop";
     const CGROUP: &str = "idle density: sandboxes' memory cgroup";
@@ -290,7 +290,7 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
             Row::new(CGROUP, na()).target(TARGET),
         ]);
     }
-    let before = HostMemory::sample().await;
+    let before = mem_available().await;
     let ids: Vec<String> = stream::iter(0..n)
         .map(|_| async {
             let sb = ctx.create().await?;
@@ -302,7 +302,8 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
         .await?;
     // Let the guests and the kernel settle (deferred frees, lazily allocated slabs).
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = HostMemory::sample().await;
+    let after = mem_available().await;
+    let charged = cgroup_usage(&ids);
     destroy_all(ctx, &ids, concurrency).await?;
 
     let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
@@ -310,7 +311,7 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
         mib_per_sandbox: mib(delta) / n as f64,
         n,
     };
-    let available = match (before.available, after.available) {
+    let available = match (before, after) {
         (Some(b), Some(a)) => {
             let noise = mib(b.spread.max(a.spread) as f64);
             let row = Row::new(AVAILABLE, per_sandbox(b.median as f64 - a.median as f64));
@@ -321,12 +322,15 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
         }
         _ => Row::new(AVAILABLE, Value::unavailable("n/a (no /proc/meminfo)")),
     };
-    let cgroup = match (before.cgroup, after.cgroup) {
-        (Some(b), Some(a)) => Row::new(CGROUP, per_sandbox(a as f64 - b as f64)).note(
-            "memory.usage_in_bytes of the `burrow` memory cgroup (sandbox processes, their \
+    let cgroup = match charged {
+        Some(total) => Row::new(CGROUP, per_sandbox(total as f64)).note(
+            "mean memory.usage_in_bytes of the sandboxes' own memory cgroups (their processes, \
              page cache and kernel memory charged to them)",
         ),
-        _ => Row::new(CGROUP, Value::unavailable("n/a (no burrow memory cgroup)")),
+        None => Row::new(
+            CGROUP,
+            Value::unavailable("n/a (no memory cgroup per sandbox)"),
+        ),
     };
     Ok(vec![available.target(TARGET), cgroup.target(TARGET)])
 }
@@ -340,11 +344,6 @@ fn is_local(url: &str) -> bool {
 /// Readings of `MemAvailable` taken this far apart, to see how much the host moves on its own.
 const SAMPLES: usize = 5;
 const SAMPLE_GAP: Duration = Duration::from_millis(200);
-
-struct HostMemory {
-    available: Option<Readings>,
-    cgroup: Option<u64>,
-}
 
 /// Several readings of one figure: their median and how far apart they were.
 #[derive(Debug, PartialEq)]
@@ -363,32 +362,38 @@ impl Readings {
     }
 }
 
-impl HostMemory {
-    async fn sample() -> HostMemory {
-        let mut available = Vec::new();
-        for i in 0..SAMPLES {
-            if i > 0 {
-                tokio::time::sleep(SAMPLE_GAP).await;
-            }
-            if let Some(v) = std::fs::read_to_string("/proc/meminfo")
-                .ok()
-                .and_then(|s| meminfo_field(&s, "MemAvailable"))
-            {
-                available.push(v);
-            }
+/// `MemAvailable`, read `SAMPLES` times `SAMPLE_GAP` apart.
+async fn mem_available() -> Option<Readings> {
+    let mut readings = Vec::new();
+    for i in 0..SAMPLES {
+        if i > 0 {
+            tokio::time::sleep(SAMPLE_GAP).await;
         }
-        let cgroup = [
-            "memory/burrow/memory.usage_in_bytes",
-            "unified/burrow/memory.current",
-        ]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(format!("/sys/fs/cgroup/{p}")).ok())
-        .and_then(|s| s.trim().parse().ok());
-        HostMemory {
-            available: Readings::of(available),
-            cgroup,
+        if let Some(v) = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| meminfo_field(&s, "MemAvailable"))
+        {
+            readings.push(v);
         }
     }
+    Readings::of(readings)
+}
+
+/// Memory charged to these sandboxes' own cgroups, in bytes, summed. Not the shared `burrow`
+/// parent: every burrow server on the host (tests, other data directories) puts sandboxes there.
+fn cgroup_usage(ids: &[String]) -> Option<u64> {
+    let cgroups = burrow_linux::cgroup::Cgroups::host();
+    ids.iter()
+        .map(|id| {
+            // v1: the memory controller's directory; v2: the one directory, `memory.current`.
+            cgroups.dirs(id).iter().find_map(|dir| {
+                ["memory.usage_in_bytes", "memory.current"]
+                    .iter()
+                    .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+            })
+        })
+        .sum()
 }
 
 /// A `/proc/meminfo` field in bytes.
