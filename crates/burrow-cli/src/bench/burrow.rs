@@ -290,6 +290,8 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
             Row::new(CGROUP, na()).target(TARGET),
         ]);
     }
+    // Let the frees of the sandboxes destroyed by earlier rows land first.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let before = mem_available().await;
     let ids: Vec<String> = stream::iter(0..n)
         .map(|_| async {
@@ -315,9 +317,11 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
         (Some(b), Some(a)) => {
             let noise = mib(b.spread.max(a.spread) as f64);
             let row = Row::new(AVAILABLE, per_sandbox(b.median as f64 - a.median as f64));
+            let per = noise / n as f64;
             row.note(format!(
                 "whole host, medians of {SAMPLES} readings; it moved by up to {noise:.0} MiB \
-                 between readings with nothing changed by the bench (other processes)"
+                 (±{per:.2} MiB/sandbox) within a second on its own, and other processes can move \
+                 it far more over the whole measurement: trust it only on a quiet host"
             ))
         }
         _ => Row::new(AVAILABLE, Value::unavailable("n/a (no /proc/meminfo)")),

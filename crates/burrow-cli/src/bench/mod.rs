@@ -98,14 +98,18 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
     let mut rows = life.rows;
     progress("warm create (pool)");
     rows.insert(1, burrow::warm(&ctx).await?);
+    // Density before throughput: the 40 sandboxes throughput destroys would still be freeing
+    // memory while density reads the host's.
+    let mut density_rows = Vec::new();
+    if args.density > 0 {
+        progress("idle density");
+        density_rows = burrow::density(&ctx, args.density, concurrency).await?;
+    }
     if args.throughput > 0 {
         progress("create throughput");
         rows.push(burrow::throughput(&ctx, args.throughput, concurrency).await?);
     }
-    if args.density > 0 {
-        progress("idle density");
-        rows.extend(burrow::density(&ctx, args.density, concurrency).await?);
-    }
+    rows.extend(density_rows);
     // Networking rows go here, one line: `rows.extend(net::rows(&ctx).await?);`
 
     let peers = if args.no_peers && !args.peers {
