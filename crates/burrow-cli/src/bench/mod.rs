@@ -112,7 +112,9 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
     rows.extend(density_rows);
     // Networking rows go here, one line: `rows.extend(net::rows(&ctx).await?);`
 
-    let peers = if args.no_peers && !args.peers {
+    // `--peers` and `--no-peers` override each other (the last one wins); peers run by default.
+    let run_peers = args.peers || !args.no_peers;
+    let peers = if !run_peers {
         Vec::new()
     } else {
         progress("peers: crun, podman, bwrap");
