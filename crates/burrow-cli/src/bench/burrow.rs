@@ -249,6 +249,7 @@ async fn wait_ready(client: &Client, name: &str) -> Result<()> {
 /// running sandbox); destroyed afterwards, untimed.
 pub async fn throughput(ctx: &Ctx<'_>, total: usize, concurrency: usize) -> Result<Row> {
     let measure = format!("create throughput ({concurrency} concurrent)");
+    settle().await;
     let t = Instant::now();
     let ids: Vec<String> = stream::iter(0..total)
         .map(|_| async { ctx.create().await.map(|sb| sb.id) })
@@ -266,6 +267,12 @@ pub async fn throughput(ctx: &Ctx<'_>, total: usize, concurrency: usize) -> Resu
         },
     )
     .target("200 sandboxes/s sustained"))
+}
+
+/// Waits for the tail of the destroys of earlier rows (frees, unmounts, loop devices) to pass, so
+/// throughput and density measure their own sandboxes only.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(3)).await;
 }
 
 async fn destroy_all(ctx: &Ctx<'_>, ids: &[String], concurrency: usize) -> Result<()> {
@@ -290,8 +297,7 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
             Row::new(CGROUP, na()).target(TARGET),
         ]);
     }
-    // Let the frees of the sandboxes destroyed by earlier rows land first.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    settle().await;
     let before = mem_available().await;
     let ids: Vec<String> = stream::iter(0..n)
         .map(|_| async {

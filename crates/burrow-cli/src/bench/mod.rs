@@ -98,8 +98,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
     let mut rows = life.rows;
     progress("warm create (pool)");
     rows.insert(1, burrow::warm(&ctx).await?);
-    // Density before throughput: the 40 sandboxes throughput destroys would still be freeing
-    // memory while density reads the host's.
+    // Density before throughput, though printed after it: its host reading is the more fragile.
     let mut density_rows = Vec::new();
     if args.density > 0 {
         progress("idle density");
