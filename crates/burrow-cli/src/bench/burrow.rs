@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use burrow_client::Client;
 use burrow_types::{CreateSandbox, ExecRequest, Sandbox};
-use futures_util::{stream, StreamExt, TryStreamExt};
+use futures_util::{stream, StreamExt};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
@@ -35,12 +35,14 @@ impl Ctx<'_> {
     }
 
     pub async fn create(&self) -> Result<Sandbox> {
+        self.cleanup.check()?;
         let sb = self.client.create(&self.create_request()).await?;
         self.cleanup.sandbox(&sb.id);
         Ok(sb)
     }
 
     pub async fn run_true(&self, id: &str) -> Result<()> {
+        self.cleanup.check()?;
         let req = ExecRequest {
             cmd: vec!["true".into()],
             ..Default::default()
@@ -104,6 +106,7 @@ pub async fn lifecycle(ctx: &Ctx<'_>) -> Result<Lifecycle> {
 
     let (mut pause, mut resume) = (Vec::new(), Vec::new());
     for _ in 0..n {
+        ctx.cleanup.check()?;
         let t = Instant::now();
         ctx.client.pause(&probe).await.context("pause")?;
         pause.push(t.elapsed());
@@ -116,6 +119,7 @@ pub async fn lifecycle(ctx: &Ctx<'_>) -> Result<Lifecycle> {
 
     let (mut hibernate, mut cold_resume) = (Vec::new(), Vec::new());
     for _ in 0..n {
+        ctx.cleanup.check()?;
         let t = Instant::now();
         ctx.client.hibernate(&probe).await.context("hibernate")?;
         hibernate.push(t.elapsed());
@@ -197,7 +201,7 @@ pub async fn warm(ctx: &Ctx<'_>) -> Result<Row> {
     let mut warm = Vec::new();
     let mut misses = 0;
     for _ in 0..ctx.iterations {
-        wait_ready(ctx.client, &name).await?;
+        wait_ready(ctx, &name).await?;
         let (sb, took) = ctx.create_first_command().await?;
         if sb.warm_hit {
             warm.push(took);
@@ -226,9 +230,11 @@ fn is_no_route(body: &[u8]) -> bool {
     }
 }
 
-async fn wait_ready(client: &Client, name: &str) -> Result<()> {
+async fn wait_ready(ctx: &Ctx<'_>, name: &str) -> Result<()> {
+    let client = ctx.client;
     let deadline = Instant::now() + POOL_READY_TIMEOUT;
     loop {
+        ctx.cleanup.check()?;
         let (status, body) = client.raw::<()>(Method::GET, "/v1/pools", None).await?;
         if !status.is_success() {
             bail!("GET /v1/pools: {status}");
@@ -251,11 +257,13 @@ pub async fn throughput(ctx: &Ctx<'_>, total: usize, concurrency: usize) -> Resu
     let measure = format!("create throughput ({concurrency} concurrent)");
     settle().await;
     let t = Instant::now();
-    let ids: Vec<String> = stream::iter(0..total)
-        .map(|_| async { ctx.create().await.map(|sb| sb.id) })
-        .buffer_unordered(concurrency)
-        .try_collect()
-        .await?;
+    let ids = all_or_first_error(
+        stream::iter(0..total)
+            .map(|_| async { ctx.create().await.map(|sb| sb.id) })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await,
+    )?;
     let took = t.elapsed();
     destroy_all(ctx, &ids, concurrency).await?;
     Ok(Row::new(
@@ -276,12 +284,20 @@ async fn settle() {
 }
 
 async fn destroy_all(ctx: &Ctx<'_>, ids: &[String], concurrency: usize) -> Result<()> {
-    stream::iter(ids)
-        .map(|id| ctx.destroy(id))
-        .buffer_unordered(concurrency.max(1))
-        .try_collect::<Vec<()>>()
-        .await?;
+    all_or_first_error(
+        stream::iter(ids)
+            .map(|id| ctx.destroy(id))
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await,
+    )?;
     Ok(())
+}
+
+/// Concurrent requests are each let finish (never dropped in flight, see `Cleanup::stop`); then
+/// the first error, if any, is the answer.
+fn all_or_first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    results.into_iter().collect()
 }
 
 /// Host memory per idle sandbox with `n` up: the drop of `MemAvailable`, and what the sandboxes'
@@ -299,15 +315,17 @@ pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<
     }
     settle().await;
     let before = mem_available().await;
-    let ids: Vec<String> = stream::iter(0..n)
-        .map(|_| async {
-            let sb = ctx.create().await?;
-            ctx.run_true(&sb.id).await?;
-            Ok::<_, anyhow::Error>(sb.id)
-        })
-        .buffer_unordered(concurrency)
-        .try_collect()
-        .await?;
+    let ids = all_or_first_error(
+        stream::iter(0..n)
+            .map(|_| async {
+                let sb = ctx.create().await?;
+                ctx.run_true(&sb.id).await?;
+                Ok::<_, anyhow::Error>(sb.id)
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await,
+    )?;
     // Let the guests and the kernel settle (deferred frees, lazily allocated slabs).
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = mem_available().await;

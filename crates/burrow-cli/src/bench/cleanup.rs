@@ -1,7 +1,6 @@
 //! Everything the bench made on the server, so it can all be removed at the end whatever happened:
 //! success, an error half-way, or Ctrl-C. Every sandbox the bench creates carries the metadata
-//! `burrow_bench=<run id>`, so even a create cut off in flight (its id never seen) is found by
-//! listing. The peers clean up after themselves (RAII guards in `peers.rs`); here we only wait for
+//! `burrow_bench=<run id>`, so even a create whose answer never arrived is found by listing. The peers clean up after themselves (RAII guards in `peers.rs`); here we only wait for
 //! their thread to finish doing so.
 
 use std::collections::BTreeSet;
@@ -18,7 +17,8 @@ pub struct Cleanup {
     pub run_id: String,
     sandboxes: Mutex<BTreeSet<String>>,
     pools: Mutex<BTreeSet<String>>,
-    /// Set on Ctrl-C/SIGTERM: blocking work stops at its next step.
+    /// Set on Ctrl-C/SIGTERM: the bench stops at its next step. Requests in flight are let
+    /// finish rather than dropped, so the server never sees a create cut off half-way.
     pub stop: Arc<AtomicBool>,
     blocking: Arc<AtomicUsize>,
 }
@@ -62,6 +62,14 @@ impl Cleanup {
         self.pools.lock().unwrap().remove(name);
     }
 
+    /// An error once the bench has been told to stop.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.stop.load(Ordering::SeqCst) {
+            anyhow::bail!("interrupted");
+        }
+        Ok(())
+    }
+
     pub fn blocking_work(&self) -> BlockingWork {
         self.blocking.fetch_add(1, Ordering::SeqCst);
         BlockingWork(self.blocking.clone())
@@ -86,11 +94,12 @@ impl Cleanup {
                 Err(e) => problems.push(format!("pool {name}: {e}")),
             }
         }
-        // Twice: a create cut off in flight may finish on the server just after the first pass.
-        for pass in 0..2 {
-            if pass == 1 {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
+        // Until two passes in a row find nothing: a create cut off in flight may still finish on
+        // the server (or still be starting and refuse the delete) after the first pass.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut quiet_passes = 0;
+        let mut last_errors = Vec::new();
+        while quiet_passes < 2 {
             let mut ids: BTreeSet<String> = self.sandboxes.lock().unwrap().clone();
             if let Ok(list) = client.list().await {
                 ids.extend(
@@ -99,14 +108,20 @@ impl Cleanup {
                         .map(|s| s.id),
                 );
             }
+            quiet_passes = if ids.is_empty() { quiet_passes + 1 } else { 0 };
+            last_errors.clear();
             for id in ids {
                 match client.delete(&id).await {
                     Ok(()) => self.sandbox_gone(&id),
                     Err(e) if e.code() == Some("sandbox_not_found") => self.sandbox_gone(&id),
-                    Err(e) if pass == 1 => problems.push(format!("sandbox {id}: {e:#}")),
-                    Err(_) => {}
+                    Err(e) => last_errors.push(format!("sandbox {id}: {e:#}")),
                 }
             }
+            if Instant::now() > deadline {
+                problems.append(&mut last_errors);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
         problems
     }

@@ -8,7 +8,9 @@
 //! - `stats.rs`, `table.rs`: percentiles and the printed tables
 //! - `cleanup.rs`: what to remove at the end
 
-use anyhow::{anyhow, bail, Context, Result};
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, Context, Result};
 use burrow_client::Client;
 use clap::Args;
 
@@ -56,14 +58,23 @@ pub struct BenchArgs {
 pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
     let client = config::client()?;
     let cleanup = Cleanup::new();
-    let outcome = tokio::select! {
-        r = measure(&args, &client, &cleanup) => r,
-        signal = interrupted() => Err(anyhow!("interrupted by {signal}")),
-    };
-    cleanup
-        .stop
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // A signal does not drop the measurement mid-request (a create cut off half-way is the
+    // server's to untangle): it asks it to stop at its next step. A second one quits at once.
+    let stop = cleanup.stop.clone();
+    let watcher = tokio::spawn(async move {
+        let signal = interrupted().await;
+        stop.store(true, Ordering::SeqCst);
+        eprintln!("burrow bench: {signal}: stopping and cleaning up (again to quit at once, leaving things behind)");
+        interrupted().await;
+        std::process::exit(130);
+    });
+    let mut outcome = measure(&args, &client, &cleanup).await;
+    if cleanup.stop.swap(true, Ordering::SeqCst) {
+        // The peers end early with a partial table rather than an error: still an interruption.
+        outcome = outcome.and_then(|_| Err(anyhow::anyhow!("interrupted")));
+    }
     let left = cleanup.finish(&client).await;
+    watcher.abort();
     for what in &left {
         eprintln!("burrow bench: could not remove {what}");
     }
