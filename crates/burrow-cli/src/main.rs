@@ -9,9 +9,11 @@ use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod bench;
+mod bench_net;
 mod config;
 mod cp;
 mod exec;
+mod net;
 mod up;
 
 #[derive(Parser)]
@@ -69,6 +71,11 @@ enum Command {
         #[arg(long, default_value_t = 9)]
         signal: i32,
     },
+    /// Show or change a sandbox's egress policy: `burrow net ID --internet off --allow-out X`;
+    /// `burrow net rules` prints burrow's firewall and whether the kernel's matches (admins).
+    Net(net::NetCmd),
+    /// Print the URL of a port inside a sandbox (and make it public or private).
+    Port(net::PortCmd),
     /// Measure create, exec, pause/resume, hibernate, warm pool, throughput and density, with
     /// crun, podman and bwrap side by side.
     Bench(bench::BenchArgs),
@@ -151,6 +158,9 @@ enum AdminCommand {
         name: String,
         #[arg(long)]
         plan: Option<String>,
+        /// Issue the key as `e2b_<hex>`, the shape the e2b SDKs expect (see docs/e2b.md).
+        #[arg(long)]
+        e2b_key: bool,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -178,6 +188,8 @@ struct CreateArgs {
     /// Metadata: `--meta KEY=VALUE`, repeatable.
     #[arg(long = "meta", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
+    #[command(flatten)]
+    net: net::CreateNetArgs,
     /// Destroy the sandbox when its run ends or it times out.
     #[arg(long)]
     ephemeral: bool,
@@ -235,6 +247,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     .on_timeout
                     .as_deref()
                     .and_then(burrow_types::OnTimeout::parse),
+                network: a.net.policy(),
                 ephemeral: a.ephemeral,
                 run: a.run.spec(),
                 files: a
@@ -333,6 +346,8 @@ async fn run(cli: Cli) -> Result<i32> {
             config::client()?.signal(&id, pid, signal).await?;
             Ok(0)
         }
+        Command::Net(cmd) => net::run_net(cmd, json).await,
+        Command::Port(cmd) => net::run_port(cmd, json).await,
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
         Command::Pool(PoolCommand::Ls) => {
             let pools = config::client()?.pools().await?;
@@ -383,9 +398,13 @@ async fn run(cli: Cli) -> Result<i32> {
             let sb = config::client()?.end_run(&id).await?;
             print_state(&sb, json)
         }
-        Command::Admin(AdminCommand::CreateUser { name, plan }) => {
+        Command::Admin(AdminCommand::CreateUser {
+            name,
+            plan,
+            e2b_key,
+        }) => {
             let v = config::client()?
-                .create_user(&name, plan.as_deref())
+                .create_user_with(&name, plan.as_deref(), e2b_key)
                 .await?;
             if json {
                 print_json(&v)?;

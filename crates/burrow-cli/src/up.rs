@@ -23,6 +23,8 @@ pub struct UpArgs {
     /// Seconds a paused sandbox keeps its processes before it hibernates (files only).
     #[arg(long, env = "BURROW_HOT_WINDOW", default_value_t = 8 * 3600)]
     hot_window: u64,
+    #[command(flatten)]
+    net: crate::net::NetArgs,
     /// A JSON file of warm pools: `{"default": {"image": "system", "plan": "free", "size": 10}}`.
     #[arg(long, env = "BURROW_POOLS")]
     pools: Option<PathBuf>,
@@ -59,6 +61,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         listen: args.listen,
         admin_key: admin_key.clone(),
         hot_window: std::time::Duration::from_secs(args.hot_window),
+        network: args.net.config()?,
+        domain: args.net.domain.clone(),
         plans: match &args.plans {
             Some(p) => read_json(p, "a JSON list of plans")?,
             None => Vec::new(),

@@ -12,6 +12,8 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+mod net;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the burrow server")]
@@ -318,7 +320,20 @@ impl Client {
         name: &str,
         plan: Option<&str>,
     ) -> Result<serde_json::Value, ClientError> {
-        let body = serde_json::json!({ "name": name, "plan": plan });
+        self.create_user_with(name, plan, false).await
+    }
+
+    /// Like [`Client::create_user`]; `e2b_key` issues the key as `e2b_<hex>` (for the e2b SDKs).
+    pub async fn create_user_with(
+        &self,
+        name: &str,
+        plan: Option<&str>,
+        e2b_key: bool,
+    ) -> Result<serde_json::Value, ClientError> {
+        let mut body = serde_json::json!({ "name": name, "plan": plan });
+        if e2b_key {
+            body["key_style"] = "e2b".into();
+        }
         self.json(self.request(Method::POST, "/v1/admin/users").json(&body))
             .await
     }

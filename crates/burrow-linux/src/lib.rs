@@ -5,6 +5,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod loopdev;
+pub mod net;
 pub mod proc;
 pub mod seccomp;
 pub mod sys;

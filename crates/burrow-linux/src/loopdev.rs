@@ -47,14 +47,27 @@ pub struct LoopDevice {
 }
 
 /// Attaches `image` to a free loop device.
+const TRIES: u32 = 32;
+
 pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
     let ctl = OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/loop-control")?;
-    // Another process may take the free device between GET_FREE and CONFIGURE: retry then.
-    for _ in 0..16 {
+    // Burrow processes (every sandbox's `__init`, and other servers on the host) take an exclusive
+    // lock on the control device around GET_FREE + CONFIGURE, so a burst of creates does not race
+    // for the same free device. The lock goes with `ctl` when this returns.
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    if unsafe { libc::flock(ctl.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Another program (losetup) may still take the free device between GET_FREE and CONFIGURE:
+    // retry then.
+    for attempt in 0..TRIES {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(2 * u64::from(attempt)));
+        }
         // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
         let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
         if n < 0 {
@@ -81,7 +94,7 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     }
     Err(io::Error::new(
         io::ErrorKind::ResourceBusy,
-        "no free loop device after 16 tries",
+        format!("no free loop device after {TRIES} tries"),
     ))
 }
 

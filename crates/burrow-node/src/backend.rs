@@ -19,6 +19,9 @@ pub struct SandboxSpec {
     pub uid_slot: u32,
     /// Environment every process in the sandbox starts with (on top of the image's defaults).
     pub env: BTreeMap<String, String>,
+    /// The sandbox's network (veth, address, resolvers); `None`: loopback only.
+    #[serde(default)]
+    pub net: Option<crate::network::NetSpec>,
 }
 
 /// What a backend reports about a sandbox it built, persisted by the control layer so that a
@@ -94,4 +97,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Ids of every sandbox that has anything on this host (directories, cgroups), so the control
     /// layer can destroy the ones it has no row for.
     fn host_sandboxes(&self) -> Result<Vec<String>, NodeError>;
+
+    /// Bytes of memory charged to the sandbox now, when the backend can tell.
+    fn memory_usage(&self, _id: &str) -> Option<u64> {
+        None
+    }
 }

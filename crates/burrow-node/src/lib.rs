@@ -4,5 +4,6 @@
 pub mod backend;
 pub mod guest;
 pub mod namespace;
+pub mod network;
 
 pub use backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};

@@ -13,6 +13,12 @@ pub fn generate_key() -> String {
     format!("{KEY_PREFIX}{}", hex::encode(bytes))
 }
 
+/// A key in E2B's shape (`e2b_<40 hex>`), for teams that point the e2b SDKs at burrow.
+pub fn generate_e2b_key() -> String {
+    let bytes: [u8; 20] = rand::random();
+    format!("e2b_{}", hex::encode(bytes))
+}
+
 pub fn hash_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
@@ -45,6 +51,10 @@ mod tests {
         assert!(a.starts_with(KEY_PREFIX) && a.len() == KEY_PREFIX.len() + 40);
         assert_eq!(hash_key(&a), hash_key(&a));
         assert_ne!(hash_key(&a), hash_key(&b));
+        let e = generate_e2b_key();
+        assert!(
+            e.starts_with("e2b_") && e.len() == 44 && e[4..].bytes().all(|b| b.is_ascii_hexdigit())
+        );
     }
 
     #[test]

@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::auth::new_id;
 
+pub mod net;
+
 pub const DEFAULT_IMAGE: &str = "system";
 pub const DEFAULT_HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
 const MAX_METADATA_ENTRIES: usize = 64;
@@ -66,6 +68,10 @@ pub enum ControlError {
     Store(#[from] StoreError),
     #[error("background task failed")]
     Join(#[from] tokio::task::JoinError),
+    #[error("sandbox network")]
+    Network(#[source] burrow_node::network::NetError),
+    #[error("this server gives sandboxes no network (start it with `burrow up --network`)")]
+    NoNetwork,
 }
 
 /// Serialises lifecycle operations on one sandbox (a delete waits for a create in flight).
@@ -91,6 +97,12 @@ pub struct Control {
     activity: Mutex<HashMap<String, std::time::Instant>>,
     /// How long a paused sandbox keeps its processes before it hibernates (DESIGN.md §3).
     hot_window: std::time::Duration,
+    /// Sandbox networking (veth, firewall); `None`: sandboxes have loopback only.
+    network: Option<Arc<burrow_node::network::Network>>,
+    /// HMAC key of access tokens and signed port URLs.
+    secret: Vec<u8>,
+    /// Domain of port URLs (`<port>-<id>.<domain>`).
+    domain: Option<String>,
     /// Paused sandboxes hibernate early while the host has less memory available than this.
     pub(crate) hibernate_below_mib: u64,
     /// Wakes the pool replenisher (after a claim, a pool change).
@@ -112,6 +124,9 @@ impl Control {
             locks: SandboxLocks::default(),
             activity: Mutex::default(),
             hot_window: DEFAULT_HOT_WINDOW,
+            network: None,
+            secret: rand::random::<[u8; 32]>().to_vec(),
+            domain: None,
             hibernate_below_mib: crate::pool::default_memory_floor_mib(),
             pool_wake: tokio::sync::Notify::new(),
             callback_key: Arc::new(Vec::new()),
@@ -244,8 +259,11 @@ impl Control {
                 ended: None,
             }),
         };
-        if let Some(rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
-            return Ok(to_api(&rec));
+        // Checked before a warm sandbox is claimed: a bad policy must not cost one.
+        let network = self.network_for_create(req.network)?;
+        if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
+            self.claim_network(&mut rec, network).await?;
+            return Ok(self.api(&rec));
         }
         let id = new_id(20);
         let rec = SandboxRecord {
@@ -267,6 +285,7 @@ impl Control {
             on_timeout: claim.on_timeout,
             started_at: now_unix(),
             paused_at: 0,
+            network,
             pool: None,
             ephemeral: claim.ephemeral,
             run: claim.run,
@@ -280,7 +299,7 @@ impl Control {
             return Err(e);
         }
         self.store.set_state(&id, SandboxState::Running)?;
-        Ok(to_api(&SandboxRecord {
+        Ok(self.api(&SandboxRecord {
             state: SandboxState::Running,
             ..rec
         }))
@@ -297,9 +316,38 @@ impl Control {
         // The row exists before anything on the host does: a crash from here on is cleaned up by
         // `reconcile` at the next start.
         rec.uid_slot = self.store.insert_sandbox(&rec)?;
-        let spec = spec_of(&rec);
+        let spec = match self.with_net(spec_of(&rec), &rec) {
+            Ok(s) => s,
+            Err(e) => {
+                self.store
+                    .set_error(&id, &reason(codes::INTERNAL, error_chain(&e)))?;
+                return Err(e);
+            }
+        };
         let backend = self.backend.clone();
-        match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
+        let built = tokio::task::spawn_blocking(move || backend.create(&spec)).await?;
+        // The sandbox's firewall chain goes in before the API answers; until then the base
+        // rules drop everything from its interface.
+        let built = match built {
+            Ok(runtime) => match self.attach_net(&rec) {
+                Ok(()) => Ok(runtime),
+                Err(e) => {
+                    let _ = self.backend.destroy(&id, Some(&runtime));
+                    let _ = self.detach_net(&id);
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
+                    self.store.set_error(
+                        &id,
+                        &reason(
+                            codes::INTERNAL,
+                            format!("create failed: {}", error_chain(&e)),
+                        ),
+                    )?;
+                    return Err(e);
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match built {
             Ok(runtime) => {
                 let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
                 self.store.set_built(&id, &value)?;
@@ -396,7 +444,7 @@ impl Control {
     }
 
     pub fn get(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
-        self.record(user, id).map(|r| to_api(&r))
+        self.record(user, id).map(|r| self.api(&r))
     }
 
     pub fn list(&self, user: &User) -> Result<Vec<Sandbox>, ControlError> {
@@ -404,7 +452,7 @@ impl Control {
             .store
             .sandboxes_of(&user.id)?
             .iter()
-            .map(to_api)
+            .map(|r| self.api(r))
             .collect())
     }
 
@@ -499,7 +547,7 @@ impl Control {
         self.end_run(id, None).await?;
         self.store
             .sandbox(id)?
-            .map(|r| to_api(&r))
+            .map(|r| self.api(&r))
             .ok_or(ControlError::NotFound)
     }
 
@@ -547,7 +595,13 @@ impl Control {
         rec.run = Some(run);
         rec.tool_calls = 0;
         self.touch(id);
-        Ok(to_api(&rec))
+        Ok(self.api(&rec))
+    }
+
+    /// Bytes of memory a running sandbox of the caller's uses now (its cgroup's charge).
+    pub fn memory_usage(&self, user: &User, id: &str) -> Result<Option<u64>, ControlError> {
+        self.record(user, id)?;
+        Ok(self.backend.memory_usage(id))
     }
 
     fn touch(&self, id: &str) {
@@ -579,7 +633,7 @@ impl Control {
         rec.on_timeout = req.on_timeout.unwrap_or(rec.on_timeout);
         self.store.set_timeout(id, rec.timeout_s, rec.on_timeout)?;
         self.touch(id);
-        Ok(to_api(&rec))
+        Ok(self.api(&rec))
     }
 
     /// Applies idle timeouts and the plans' maximum durations; run about once a second.
@@ -689,7 +743,7 @@ impl Control {
         self.announce_stopped(id);
         rec.state = SandboxState::Paused;
         info!(sandbox_id = %id, "sandbox paused");
-        Ok(to_api(&rec))
+        Ok(self.api(&rec))
     }
 
     /// Resume: a paused sandbox is thawed (hot: its processes carry on where they were); a
@@ -706,8 +760,12 @@ impl Control {
                 self.store.set_state(id, SandboxState::Running)?;
             }
             SandboxState::Hibernated => {
-                let spec = spec_of(&rec);
+                let spec = self.with_net(spec_of(&rec), &rec)?;
                 let runtime = tokio::task::spawn_blocking(move || backend.create(&spec)).await??;
+                if let Err(e) = self.attach_net(&rec) {
+                    let _ = self.backend.stop(id, Some(&runtime));
+                    return Err(e);
+                }
                 let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
                 self.store.set_running(id, &value)?;
                 rec.runtime = Some(value);
@@ -724,7 +782,7 @@ impl Control {
         rec.state = SandboxState::Running;
         self.touch(id);
         info!(sandbox_id = %id, "sandbox resumed");
-        Ok(to_api(&rec))
+        Ok(self.api(&rec))
     }
 
     /// Hibernate: files are synced and kept, every process ends. A later resume starts cold.
@@ -747,12 +805,13 @@ impl Control {
         let backend = self.backend.clone();
         let (id2, runtime) = (id.to_string(), runtime_of(&rec));
         tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
+        self.detach_net(id)?;
         self.store.set_hibernated(id)?;
         self.announce_stopped(id);
         rec.state = SandboxState::Hibernated;
         rec.runtime = None;
         info!(sandbox_id = %id, "sandbox hibernated");
-        Ok(to_api(&rec))
+        Ok(self.api(&rec))
     }
 
     pub(crate) async fn destroy_on_host(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
@@ -761,6 +820,7 @@ impl Control {
         let id = rec.id.clone();
         let runtime = runtime_of(rec);
         tokio::task::spawn_blocking(move || backend.destroy(&id, runtime.as_ref())).await??;
+        self.detach_net(&rec.id)?;
         Ok(())
     }
 
@@ -840,6 +900,9 @@ impl Control {
                 }
             }
         }
+        // Firewall before user code: the table is rebuilt for the sandboxes kept, before the API
+        // serves, and compared with what the kernel then holds.
+        self.install_firewall()?;
         Ok(report)
     }
 
@@ -892,6 +955,7 @@ fn spec_of(rec: &SandboxRecord) -> SandboxSpec {
         limits: rec.limits.clone(),
         uid_slot: rec.uid_slot,
         env: rec.env.clone(),
+        net: None,
     }
 }
 
@@ -924,6 +988,8 @@ pub fn to_api(rec: &SandboxRecord) -> Sandbox {
         warm_hit: rec.warm_hit,
         timeout_s: rec.timeout_s,
         on_timeout: rec.on_timeout,
+        network: None,
+        access_token: None,
         ephemeral: rec.ephemeral,
         run: rec.run.as_ref().map(|r| RunStatus {
             task: r.spec.task.clone(),

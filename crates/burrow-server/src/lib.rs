@@ -14,6 +14,9 @@ pub mod api;
 pub mod auth;
 pub mod callback;
 pub mod control;
+mod dns;
+pub mod e2b;
+pub mod egress;
 pub mod pool;
 
 use control::Control;
@@ -28,6 +31,10 @@ pub struct ServerConfig {
     pub plans: Vec<Plan>,
     /// How long a paused sandbox stays hot before it hibernates.
     pub hot_window: std::time::Duration,
+    /// Sandbox networking; `None`: sandboxes have loopback only.
+    pub network: Option<burrow_node::network::NetConfig>,
+    /// Ports are reachable at `<port>-<id>.<domain>`.
+    pub domain: Option<String>,
     /// Warm pools to keep, by name (created or resized at start; the API can change them later).
     pub pools: Vec<(String, PoolSpec)>,
     /// Paused sandboxes hibernate early while the host has less memory available than this
@@ -51,6 +58,10 @@ pub enum ServerError {
     Node(#[from] burrow_node::NodeError),
     #[error("start-up reconcile")]
     Reconcile(#[from] control::ControlError),
+    #[error("e2b facade")]
+    E2b(#[from] e2b::FacadeError),
+    #[error("sandbox network")]
+    Network(#[from] burrow_node::network::NetError),
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -69,7 +80,39 @@ pub struct Server {
     pub bootstrap: Bootstrap,
     pub local_addr: SocketAddr,
     listener: tokio::net::TcpListener,
+    egress: Option<tokio::net::TcpListener>,
     state: api::AppState,
+}
+
+/// A key made once and kept in the data directory (0600), so what it signs survives restarts:
+/// `secret` (raw bytes) signs access tokens and port URLs; `callback.key` (hex, to configure
+/// receivers with) signs run callbacks.
+fn key_file(data_dir: &std::path::Path, name: &str, hex_text: bool) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(name);
+    match std::fs::read(&path) {
+        Ok(s) if s.len() >= 32 => return Ok(s),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let raw = rand::random::<[u8; 32]>();
+    let key = if hex_text {
+        hex::encode(raw).into_bytes()
+    } else {
+        raw.to_vec()
+    };
+    let tmp = data_dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, &key)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(key)
 }
 
 impl Server {
@@ -87,14 +130,39 @@ impl Server {
             plans.retain(|d| d.name != p.name);
             plans.push(p);
         }
-        let callback_key = callback_key(&cfg.data_dir).map_err(dir_err)?;
+        let secret = key_file(&cfg.data_dir, "secret", false).map_err(dir_err)?;
+        let callback_key = key_file(&cfg.data_dir, "callback.key", true).map_err(dir_err)?;
         let mut control = Control::new(store, Arc::new(backend), plans)
             .with_hot_window(cfg.hot_window)
-            .with_callback_key(callback_key);
+            .with_callback_key(callback_key)
+            .with_secret(secret)
+            .with_domain(cfg.domain.clone());
         if let Some(mib) = cfg.hibernate_below_mib {
             control = control.with_hibernate_below_mib(mib);
         }
+        // The egress proxy's port is taken before any sandbox could be redirected to it.
+        let mut egress = None;
+        if let Some(net) = cfg.network.clone() {
+            let addr = SocketAddr::from(([0, 0, 0, 0], net.proxy_port));
+            egress = Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Listen { addr, source })?,
+            );
+            info!(
+                range = %net.range,
+                resolvers = ?net.resolvers,
+                conn_limit = net.conn_limit,
+                egress_proxy_port = net.proxy_port,
+                "sandboxes get a network"
+            );
+            control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
+        }
         let control = Arc::new(control);
+        let e2b = Arc::new(e2b::Facade::open(
+            control.secret().to_vec(),
+            std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
+        )?);
         let report = control.reconcile().await?;
         for (name, spec) in cfg.pools {
             control.put_pool(&name, spec)?;
@@ -123,7 +191,8 @@ impl Server {
             bootstrap,
             local_addr,
             listener,
-            state: api::AppState { control },
+            egress,
+            state: api::AppState { control, e2b },
         })
     }
 
@@ -143,6 +212,9 @@ impl Server {
                 }
             }
         });
+        let proxy = self
+            .egress
+            .map(|l| tokio::spawn(egress::serve(l, self.state.control.clone())));
         // The replenisher refills pools after each claim (woken at once) and checks every second.
         let control = self.state.control.clone();
         let replenisher = tokio::spawn(async move {
@@ -166,31 +238,12 @@ impl Server {
             .with_graceful_shutdown(shutdown)
             .await;
         enforcer.abort();
+        if let Some(p) = proxy {
+            p.abort();
+        }
         replenisher.abort();
         served
     }
-}
-
-/// The key that signs run callbacks: made once, kept in the data directory (readable by root
-/// only) so receivers can be configured with it.
-fn callback_key(data_dir: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data_dir.join("callback.key");
-    match std::fs::read_to_string(&path) {
-        Ok(k) => return Ok(k.trim().as_bytes().to_vec()),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        Err(_) => {}
-    }
-    let key = hex::encode(rand::random::<[u8; 32]>());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    f.write_all(key.as_bytes())?;
-    f.sync_all()?;
-    Ok(key.into_bytes())
 }
 
 fn bootstrap_admin(store: &Store, admin_key: Option<&str>) -> Result<Bootstrap, ServerError> {

@@ -219,6 +219,7 @@ impl Control {
             ephemeral: false,
             run: None,
             tool_calls: 0,
+            network: self.warm_network(),
         };
         let lock = self.lock_of(&id);
         let _guard = lock.lock().await;

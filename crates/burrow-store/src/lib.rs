@@ -63,6 +63,9 @@ pub struct SandboxRecord {
     pub run: Option<RunRecord>,
     /// Tool calls counted on the current run.
     pub tool_calls: u32,
+    /// Network settings (egress policy, public ports) as the control layer's JSON; `None` when
+    /// the sandbox has no network.
+    pub network: Option<serde_json::Value>,
 }
 
 /// The id of the internal user that owns warm sandboxes until they are claimed. It has no API key.
@@ -130,7 +133,7 @@ pub fn now_rfc3339() -> String {
 
 const SANDBOX_COLUMNS: &str = "id, owner_id, state, image, plan, hostname, limits, env, metadata, \
                                uid_slot, runtime, error, warm_hit, created_at, timeout_s, on_timeout, \
-                               started_at, paused_at, pool, ephemeral, run, tool_calls";
+                               started_at, paused_at, pool, ephemeral, run, tool_calls, network";
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -255,7 +258,7 @@ impl Store {
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-                 ?19, ?20, ?21, 0, ?14)"
+                 ?19, ?20, ?21, 0, ?22, ?14)"
             ),
             params![
                 rec.id,
@@ -279,6 +282,7 @@ impl Store {
                 rec.pool,
                 rec.ephemeral,
                 rec.run.as_ref().map(serde_json::to_string).transpose()?,
+                rec.network.as_ref().map(|v| v.to_string()),
             ],
         )?;
         tx.commit()?;
@@ -313,6 +317,15 @@ impl Store {
         self.conn().execute(
             "UPDATE sandboxes SET timeout_s = ?2, on_timeout = ?3, updated_at = ?4 WHERE id = ?1",
             params![id, timeout_s, on_timeout.as_str(), now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// The sandbox's network settings changed (egress policy, public ports).
+    pub fn set_network(&self, id: &str, network: &serde_json::Value) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET network = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, network.to_string(), now_rfc3339()],
         )?;
         Ok(())
     }
@@ -634,6 +647,7 @@ struct RawSandbox {
     ephemeral: bool,
     run: Option<String>,
     tool_calls: u32,
+    network: Option<String>,
 }
 
 fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
@@ -660,6 +674,7 @@ fn raw_sandbox(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawSandbox> {
         ephemeral: r.get(19)?,
         run: r.get(20)?,
         tool_calls: r.get(21)?,
+        network: r.get(22)?,
     })
 }
 
@@ -697,6 +712,11 @@ impl RawSandbox {
             pool: self.pool,
             ephemeral: self.ephemeral,
             tool_calls: self.tool_calls,
+            network: self
+                .network
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()?,
         })
     }
 }

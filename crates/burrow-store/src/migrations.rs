@@ -65,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX pool_events_at ON pool_events(pool, at);
     INSERT INTO users (id, name, plan, is_admin, created_at)
         VALUES ('pool', '(warm pool)', 'free', 0, '1970-01-01T00:00:00Z');",
+    // 5: network settings (egress policy, public ports) as JSON.
+    "ALTER TABLE sandboxes ADD COLUMN network TEXT;",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

@@ -21,6 +21,7 @@ fn record(id: &str, owner: &str) -> SandboxRecord {
         on_timeout: OnTimeout::Pause,
         started_at: 0,
         paused_at: 0,
+        network: None,
         pool: None,
         ephemeral: false,
         run: None,

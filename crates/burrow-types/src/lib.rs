@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 pub mod codes;
 pub mod limits;
+pub mod net;
 
 pub use limits::{Limits, Plan};
+pub use net::{NetworkPatch, NetworkPolicy, PortInfo, SandboxNetwork, SetPort};
 
 /// Where a sandbox is in its lifecycle (DESIGN.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +86,12 @@ pub struct Sandbox {
     pub timeout_s: Option<u64>,
     #[serde(default)]
     pub on_timeout: OnTimeout,
+    /// Address and egress policy, when the server gives sandboxes a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<SandboxNetwork>,
+    /// Token for this sandbox alone: opens its ports through the port proxy (shown to its owner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token: Option<String>,
     #[serde(default)]
     pub ephemeral: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -155,6 +163,9 @@ pub struct CreateSandbox {
     /// destroyed either way.
     #[serde(default)]
     pub on_timeout: Option<OnTimeout>,
+    /// Egress policy; the default is the internet without the private ranges.
+    #[serde(default)]
+    pub network: Option<NetworkPolicy>,
     /// Destroyed when its run ends or it times out. A persistent sandbox (the default) keeps its
     /// files until the user deletes it.
     #[serde(default)]

@@ -156,6 +156,17 @@ pub async fn lifecycle(ctx: &Ctx<'_>) -> Result<Lifecycle> {
     Ok(Lifecycle { cold, rows })
 }
 
+/// The networking rows (`bench_net.rs`: create with a network, a `curl` round trip); none on a
+/// server that gives sandboxes no network.
+pub async fn net_rows(ctx: &Ctx<'_>, args: &crate::bench_net::NetBenchArgs) -> Result<Vec<Row>> {
+    ctx.cleanup.check()?;
+    let rows = crate::bench_net::run(ctx.client, args, ctx.plan.clone(), ctx.iterations).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(measure, samples)| Row::new(measure, latency(&samples)))
+        .collect())
+}
+
 pub const WARM: &str = "warm create → first command";
 const WARM_TARGET: &str = "p50 < 10 ms";
 /// How long a pool may take to have a ready sandbox.

@@ -53,6 +53,8 @@ pub struct BenchArgs {
     /// Measure burrow only.
     #[arg(long, overrides_with = "peers")]
     no_peers: bool,
+    #[command(flatten)]
+    net: crate::bench_net::NetBenchArgs,
 }
 
 pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
@@ -121,7 +123,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
         rows.push(burrow::throughput(&ctx, args.throughput, concurrency).await?);
     }
     rows.extend(density_rows);
-    // Networking rows go here, one line: `rows.extend(net::rows(&ctx).await?);`
+    rows.extend(burrow::net_rows(&ctx, &args.net).await?);
 
     // `--peers` and `--no-peers` override each other (the last one wins); peers run by default.
     let run_peers = args.peers || !args.no_peers;

@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use burrow_client::Client;
 
+pub mod world;
+
 pub const BURROW: &str = env!("CARGO_BIN_EXE_burrow");
 pub const CGROUP_CONTROLLERS: &[&str] = &[
     "cpu", "cpuacct", "memory", "pids", "freezer", "devices", "blkio", "cpuset",
@@ -38,6 +40,11 @@ pub struct TestServer {
     child: Option<Child>,
     listen: String,
     env: Vec<(String, String)>,
+    /// Network namespace `burrow up` runs in, and its extra arguments (`start_in_world`).
+    netns: Option<String>,
+    args: Vec<String>,
+    /// Dropped after the server (fields drop after `Drop::drop`), so its namespaces outlive it.
+    pub world: Option<world::World>,
 }
 
 fn free_port() -> u16 {
@@ -53,6 +60,44 @@ impl TestServer {
     /// A server with extra environment (e.g. `BURROW_PLANS`).
     pub async fn start_with_env(env: &[(&str, &str)]) -> TestServer {
         sweep_dead_runs();
+        let mut s = Self::start_unspawned();
+        let listen = format!("127.0.0.1:{}", free_port());
+        s.url = format!("http://{listen}");
+        s.listen = listen;
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.spawn().await;
+        s
+    }
+
+    /// A server with sandbox networking, inside a world of network namespaces made for this test
+    /// (see [`world`]): no packet leaves them. `extra` goes to `burrow up`.
+    pub async fn start_in_world(extra: &[&str]) -> TestServer {
+        sweep_dead_runs();
+        let world = world::World::new();
+        let mut s = Self::start_unspawned();
+        s.url = format!("http://{}", world.api_addr());
+        s.listen = format!("0.0.0.0:{}", world::API_PORT);
+        s.netns = Some(world.server_ns.clone());
+        s.args = [
+            "--network",
+            "--dns",
+            world::FAKE_HOST,
+            "--domain",
+            world::DOMAIN,
+        ]
+        .iter()
+        .chain(extra)
+        .map(|a| a.to_string())
+        .collect();
+        s.world = Some(world);
+        s.spawn().await;
+        s
+    }
+
+    fn start_unspawned() -> TestServer {
         let tmp = tempfile::Builder::new()
             .prefix("burrow-test-")
             .tempdir()
@@ -62,23 +107,23 @@ impl TestServer {
         let data = tmp.path().join("data");
         let home = tmp.path().join("home");
         std::fs::create_dir_all(&home).unwrap();
-        let key = format!("burrow_test_{}", hex_random(20));
-        let listen = format!("127.0.0.1:{}", free_port());
-        let mut s = TestServer {
-            url: format!("http://{listen}"),
-            key,
+        TestServer {
+            url: String::new(),
+            key: format!("burrow_test_{}", hex_random(20)),
             data,
             home,
             _tmp: tmp,
             child: None,
-            listen,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        s.spawn().await;
-        s
+            listen: String::new(),
+            env: Vec::new(),
+            netns: None,
+            args: Vec::new(),
+            world: None,
+        }
+    }
+
+    pub fn world(&self) -> &world::World {
+        self.world.as_ref().expect("a server started in a world")
     }
 
     async fn spawn(&mut self) {
@@ -87,10 +132,21 @@ impl TestServer {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = Command::new(BURROW)
+        let mut cmd = match &self.netns {
+            // nsenter, not `ip netns exec`: the latter mounts a fresh /sys, which hides the
+            // cgroup hierarchies burrow needs.
+            Some(ns) => {
+                let mut c = Command::new("/usr/bin/nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(BURROW);
+                c
+            }
+            None => Command::new(BURROW),
+        };
+        let child = cmd
             .args(["up", "--data-dir"])
             .arg(&self.data)
             .args(["--listen", &self.listen])
+            .args(&self.args)
             .env("BURROW_ADMIN_KEY", &self.key)
             .env("HOME", &self.home)
             .env_remove("XDG_CONFIG_HOME")
@@ -204,6 +260,7 @@ fn sweep_dead_runs() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    world::sweep_dead_worlds();
 }
 
 fn list_dir(p: &Path) -> Vec<String> {

@@ -37,6 +37,9 @@ pub(crate) struct InitRequest {
     pub sandbox_dir: PathBuf,
     pub image_root: PathBuf,
     pub guest_exe: PathBuf,
+    /// The sandbox's veth, address and resolvers; `None`: loopback only.
+    #[serde(default)]
+    pub net: Option<crate::network::NetSpec>,
 }
 
 /// What `__init` prints on stdout when the sandbox's PID 1 runs the guest.
@@ -205,10 +208,14 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     )
     .ctx(|| "mounting the overlay root".into())?;
     own_image_dirs(&req.image_root, &root, base, user)?;
-    for (name, body) in [
+    let mut etc = vec![
         ("etc/hostname", format!("{}\n", req.hostname)),
         ("etc/hosts", hosts(&req.hostname)),
-    ] {
+    ];
+    if let Some(net) = &req.net {
+        etc.push(("etc/resolv.conf", resolv_conf(net)));
+    }
+    for (name, body) in etc {
         let p = root.join(name);
         std::fs::write(&p, body).ctx(|| format!("writing {name}"))?;
         chown(&p, Some(base), Some(base)).ctx(|| format!("chown {name}"))?;
@@ -264,6 +271,12 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     if let Err(e) = sys::write_id_maps(pid, base, ID_RANGE) {
         return fail(format!("writing id maps: {e}"));
     }
+    // The network is wired before the sandbox runs anything of its own.
+    if let Some(net) = &req.net {
+        if let Err(e) = wire_network(pid as u32, net) {
+            return fail(format!("wiring the network: {e}"));
+        }
+    }
     if let Err(e) = nix::unistd::write(&go_w, b"g") {
         return fail(format!("releasing the sandbox: {e}"));
     }
@@ -280,6 +293,65 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         pid: pid as u32,
         pid_start,
     })
+}
+
+/// `/etc/resolv.conf` of a sandbox with a network.
+fn resolv_conf(net: &crate::network::NetSpec) -> String {
+    let mut s = String::from("# written by burrow\n");
+    for r in &net.resolvers {
+        s.push_str(&format!("nameserver {r}\n"));
+    }
+    s.push_str("options timeout:2 attempts:2\n");
+    s
+}
+
+fn ip_batch(script: &str) -> Result<()> {
+    let mut child = Command::new("/usr/sbin/ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ctx(|| "running ip (install iproute2)".into())?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .ctx(|| "writing to ip".into())?;
+    }
+    let out = child.wait_with_output().ctx(|| "waiting for ip".into())?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// One veth pair: `eth0` inside with the sandbox's /32, the host end with the gateway address and
+/// a /32 route back. IPv6 is off on both ends (ATTACKS.md N5). Point to point: no bridge.
+fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
+    let (ifname, addr, gw) = (&net.ifname, net.address, net.gateway);
+    let add = format!("link add {ifname} type veth peer name eth0 netns {pid}\n");
+    if ip_batch(&add).is_err() {
+        // The host end of this sandbox's previous run (a cold resume right after a stop: network
+        // namespaces are torn down asynchronously) may still hold the name.
+        ip_batch(&format!("link del {ifname}\n"))?;
+        ip_batch(&add)?;
+    }
+    let _ = burrow_linux::net::write_sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1");
+    ip_batch(&format!(
+        "addr add {gw}/32 dev {ifname}\nlink set {ifname} up\nroute add {addr}/32 dev {ifname} scope link\n"
+    ))?;
+    burrow_linux::net::in_netns_of(pid, || {
+        for name in ["all", "default", "eth0"] {
+            burrow_linux::net::write_sysctl(&format!("net.ipv6.conf.{name}.disable_ipv6"), "1")?;
+        }
+        ip_batch(&format!(
+            "addr add {addr}/32 dev eth0\nlink set eth0 up\nroute add {gw}/32 dev eth0 scope link\nroute add default via {gw} dev eth0\n"
+        ))
+        .map_err(std::io::Error::other)
+    })
+    .ctx(|| "configuring eth0 inside".into())
 }
 
 /// Directories of the image, owned by root inside (and `/home/user` by `user`), so the sandbox can

@@ -122,6 +122,7 @@ impl NamespaceBackend {
             sandbox_dir: self.sandbox_dir(&spec.id),
             image_root: self.image_root.clone(),
             guest_exe: self.cfg.guest_exe.clone(),
+            net: spec.net.clone(),
         };
         let body = serde_json::to_vec(&req)
             .map_err(|e| NodeError::Setup(format!("encoding the init request: {e}")))?;
@@ -293,6 +294,10 @@ impl Backend for NamespaceBackend {
         }
         burrow_linux::sys::set_hostname_of(info.pid, hostname)
             .map_err(host_err("setting the sandbox's hostname"))
+    }
+
+    fn memory_usage(&self, id: &str) -> Option<u64> {
+        self.cgroups.memory_usage(id)
     }
 
     /// Sandboxes are known by their directories under this node's data directory: `__init` makes the

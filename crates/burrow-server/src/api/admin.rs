@@ -17,6 +17,18 @@ pub struct CreateUser {
     pub name: String,
     #[serde(default)]
     pub plan: Option<String>,
+    /// `e2b` issues the key as `e2b_<40 hex>`, the shape the e2b SDKs expect (docs/e2b.md);
+    /// default `burrow` (`burrow_<40 hex>`).
+    #[serde(default)]
+    pub key_style: Option<KeyStyle>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStyle {
+    #[default]
+    Burrow,
+    E2b,
 }
 
 #[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -74,7 +86,10 @@ pub async fn create_user(
     let user = store
         .create_user(&auth::new_id(16), &req.name, &plan, false)
         .map_err(internal)?;
-    let key = auth::generate_key();
+    let key = match req.key_style.unwrap_or_default() {
+        KeyStyle::Burrow => auth::generate_key(),
+        KeyStyle::E2b => auth::generate_e2b_key(),
+    };
     store
         .add_api_key(
             &auth::new_id(16),

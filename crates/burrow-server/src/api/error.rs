@@ -120,6 +120,9 @@ impl From<ControlError> for HttpError {
                 format!("unknown image {i:?}; this server has \"system\""),
             ),
             ControlError::BadRequest(m) => HttpError::bad_request(m),
+            e @ ControlError::NoNetwork => {
+                HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())
+            }
             ControlError::ToolCallsExceeded(why) => {
                 let mut e = HttpError::new(
                     S::TOO_MANY_REQUESTS,

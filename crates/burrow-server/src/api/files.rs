@@ -81,24 +81,28 @@ pub async fn download(
     // Errors before the first byte (missing file, FIFO, directory) are proper HTTP errors.
     let download = guest.read_file(q.path).await?;
     let size = download.size;
-    let stream = futures_util::stream::unfold(Some(download), |state| async move {
-        let mut dl = state?;
-        match dl.next_chunk().await {
-            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), Some(dl))),
-            Ok(None) => None,
-            // Ends the response early; the client sees a truncated transfer, not a short file
-            // passed off as whole.
-            Err(e) => Some((Err(std::io::Error::other(e)), None)),
-        }
-    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
             ("x-file-size".parse().unwrap(), size.to_string()),
         ],
-        Body::from_stream(stream),
+        download_body(download),
     )
         .into_response())
+}
+
+/// A download as a response body. An error after the first chunk ends the response early: the
+/// client sees a truncated transfer, not a short file passed off as whole.
+pub fn download_body(download: burrow_node::guest::FileDownload) -> Body {
+    let stream = futures_util::stream::unfold(Some(download), |state| async move {
+        let mut dl = state?;
+        match dl.next_chunk().await {
+            Ok(Some(chunk)) => Some((Ok(bytes::Bytes::from(chunk)), Some(dl))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    });
+    Body::from_stream(stream)
 }
 
 /// Upload a file (the request body, streamed); parent directories are created.

@@ -18,8 +18,10 @@ pub mod error;
 pub mod exec;
 pub mod extract;
 pub mod files;
+pub mod network;
 pub mod openapi;
 pub mod pools;
+pub mod ports;
 pub mod sandboxes;
 mod ws;
 
@@ -31,9 +33,35 @@ pub const MAX_JSON_BODY: usize = 1024 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub control: Arc<Control>,
+    /// The E2B-compatible facade's own state (tokens, templates, watchers).
+    pub e2b: Arc<crate::e2b::Facade>,
 }
 
+/// The API with Host routing: `49983-<id>.<domain>` is the E2B facade's envd, other
+/// `<port>-<id>.<domain>` go to the port proxy.
 pub fn router(state: AppState) -> Router {
+    let envd: ports::HostHandler = Arc::new(|r: ports::HostRequest| {
+        Box::pin(crate::e2b::serve_envd(r.state, r.sandbox_id, r.request))
+    });
+    router_with(
+        state,
+        ports::HostClaims::default().claim(crate::e2b::ENVD_PORT, envd),
+    )
+}
+
+/// The API, with Host routing of ports in front: `<port>-<id>.<domain>` goes to the handler
+/// `claims` names for that port (the E2B facade's envd on 49983), or else to the port proxy.
+pub fn router_with(state: AppState, claims: ports::HostClaims) -> Router {
+    let host_state = (state.clone(), claims);
+    Router::new()
+        .fallback_service(api_router(state))
+        .layer(axum::middleware::from_fn_with_state(
+            host_state,
+            ports::host_router,
+        ))
+}
+
+fn api_router(state: AppState) -> Router {
     let sandbox = Router::new()
         .route(
             "/",
@@ -67,11 +95,25 @@ pub fn router(state: AppState) -> Router {
         .route("/files/stat", get(files::stat))
         .route("/files/list", get(files::list))
         .route("/files/mkdir", post(files::mkdir))
-        .route("/files/rename", post(files::rename));
+        .route("/files/rename", post(files::rename))
+        .route(
+            "/network",
+            axum::routing::put(network::put_network).patch(network::patch_network),
+        )
+        .route(
+            "/ports/{port}",
+            get(network::get_port).put(network::put_port),
+        )
+        .route("/ports/{port}/", axum::routing::any(ports::proxy_root))
+        .route(
+            "/ports/{port}/{*rest}",
+            axum::routing::any(ports::proxy_path),
+        );
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/admin/users", post(admin::create_user))
+        .route("/v1/admin/network", get(network::firewall))
         .route("/v1/pools", get(pools::list_pools))
         .route(
             "/v1/pools/{name}",
@@ -83,6 +125,7 @@ pub fn router(state: AppState) -> Router {
             post(sandboxes::create_sandbox).get(sandboxes::list_sandboxes),
         )
         .nest("/v1/sandboxes/{id}", sandbox)
+        .merge(crate::e2b::router())
         .fallback(|| async {
             HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
         })

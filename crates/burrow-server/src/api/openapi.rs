@@ -5,7 +5,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, exec, files, pools, sandboxes};
+use super::{admin, exec, files, network, pools, sandboxes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,7 @@ use super::{admin, exec, files, pools, sandboxes};
         exec::start_process, exec::list_processes, exec::signal_process, exec::kill_process, exec::attach,
         admin::create_user,
         files::download, files::upload, files::stat, files::list, files::mkdir, files::rename, files::remove,
+        network::put_network, network::patch_network, network::get_port, network::put_port, network::firewall,
     ),
     modifiers(&BearerAuth),
     security(("api_key" = [])),

@@ -1,0 +1,713 @@
+//! E2B's REST API (the control plane the SDKs call at `E2B_API_URL`), translated onto burrow's
+//! control layer. Keys come in `X-API-Key` and are burrow API keys. Errors are E2B's
+//! `{"code": <status>, "message"}`; features burrow does not have answer 501 naming the feature.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use burrow_store::{now_unix, SandboxRecord};
+use burrow_types::{CreateSandbox, OnTimeout, SandboxState, SetTimeout};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{Facade, ENVD_VERSION};
+use crate::api::error::HttpError;
+use crate::api::extract::Caller;
+use crate::api::AppState;
+
+/// E2B's default sandbox timeout when a create names none.
+const DEFAULT_TIMEOUT_S: u64 = 300;
+const DEFAULT_PAGE: usize = 100;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/sandboxes", post(create).get(list_v1))
+        .route("/v2/sandboxes", post(create).get(list_v2))
+        .route("/sandboxes/{id}", get(detail).delete(kill))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/resume", post(resume))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/fork", post(unsupported_fork))
+        .route("/sandboxes/{id}/snapshots", post(unsupported_snapshots))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(unsupported_network),
+        )
+        .route("/sandboxes/{id}/logs", get(unsupported_logs))
+        .route("/v2/sandboxes/{id}/logs", get(unsupported_logs))
+}
+
+/// An E2B error body.
+#[derive(Debug)]
+pub struct E2bError(StatusCode, String);
+
+impl IntoResponse for E2bError {
+    fn into_response(self) -> Response {
+        (
+            self.0,
+            Json(json!({"code": self.0.as_u16(), "message": self.1})),
+        )
+            .into_response()
+    }
+}
+
+impl From<HttpError> for E2bError {
+    fn from(e: HttpError) -> Self {
+        E2bError(e.status, e.message)
+    }
+}
+
+impl From<crate::control::ControlError> for E2bError {
+    fn from(e: crate::control::ControlError) -> Self {
+        HttpError::from(e).into()
+    }
+}
+
+fn bad(m: impl Into<String>) -> E2bError {
+    E2bError(StatusCode::BAD_REQUEST, m.into())
+}
+
+fn unsupported(feature: &str, why: &str) -> E2bError {
+    E2bError(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("{feature} is not supported by burrow's E2B facade: {why}"),
+    )
+}
+
+async fn unsupported_fork() -> E2bError {
+    unsupported("sandbox fork", "burrow has no memory snapshots to clone")
+}
+async fn unsupported_snapshots() -> E2bError {
+    unsupported("sandbox snapshots", "burrow has no named snapshots yet")
+}
+async fn unsupported_network() -> E2bError {
+    unsupported(
+        "updating network rules",
+        "burrow's egress policy is set per server",
+    )
+}
+async fn unsupported_logs() -> E2bError {
+    unsupported(
+        "sandbox logs",
+        "burrow keeps per-command output, not a sandbox log",
+    )
+}
+
+/// JSON bodies are read leniently (E2B clients send fields burrow ignores); a malformed one is a
+/// 400 in E2B's shape.
+fn body<T: serde::de::DeserializeOwned + Default>(raw: &axum::body::Bytes) -> Result<T, E2bError> {
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(raw).map_err(|e| bad(format!("malformed JSON body: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: Option<String>,
+    timeout: Option<u64>,
+    auto_pause: Option<bool>,
+    auto_pause_memory: Option<bool>,
+    auto_resume: Option<Value>,
+    secure: Option<bool>,
+    #[serde(rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+    network: Option<Value>,
+    metadata: Option<BTreeMap<String, String>>,
+    env_vars: Option<BTreeMap<String, String>>,
+    mcp: Option<Value>,
+    iam: Option<Value>,
+    volume_mounts: Option<Value>,
+}
+
+fn non_empty(v: &Option<Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(m)) => !m.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(_) => true,
+    }
+}
+
+/// Refuses, by name, the create options burrow cannot honour.
+fn check_options(req: &NewSandbox) -> Result<(), E2bError> {
+    if non_empty(&req.mcp) {
+        return Err(unsupported("mcp", "burrow does not run E2B's MCP gateway"));
+    }
+    if non_empty(&req.iam) {
+        return Err(unsupported(
+            "iam (workload identity tokens)",
+            "burrow has no token broker",
+        ));
+    }
+    if non_empty(&req.volume_mounts) {
+        return Err(unsupported(
+            "volumeMounts",
+            "every burrow sandbox has its own persistent /workspace instead",
+        ));
+    }
+    if let Some(Value::Object(net)) = &req.network {
+        let set: Vec<&str> = net
+            .iter()
+            .filter(|(_, v)| non_empty(&Some((*v).clone())) && **v != Value::Bool(true))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        if !set.is_empty() {
+            return Err(unsupported(
+                &format!("network options ({})", set.join(", ")),
+                "burrow's egress policy is set per server",
+            ));
+        }
+    }
+    let auto_resume = req
+        .auto_resume
+        .as_ref()
+        .and_then(|v| v.get("enabled"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if auto_resume {
+        return Err(unsupported(
+            "autoResume",
+            "a paused burrow sandbox resumes on connect or resume, not on traffic",
+        ));
+    }
+    if req.auto_pause_memory == Some(false) && req.auto_pause == Some(true) {
+        // A filesystem-only auto-pause is burrow's hibernate; the hot pause is kept instead and
+        // hibernates after the hot window.
+        tracing::debug!("autoPauseMemory=false: pausing hot, hibernating after the hot window");
+    }
+    // `secure` is always on (every envd call needs the sandbox's token). Sandboxes have no
+    // egress before the networking work lands, so `allow_internet_access: false` holds as it
+    // is; TODO(networking merge): map it (and allowOut/denyOut) onto the sandbox's egress policy.
+    let _ = (req.secure, req.allow_internet_access);
+    Ok(())
+}
+
+/// The E2B template a burrow image answers to (the first table entry for it).
+fn template_of(f: &Facade, image: &str) -> String {
+    f.templates
+        .iter()
+        .find(|(_, i)| *i == image)
+        .map(|(t, _)| t.clone())
+        .unwrap_or_else(|| image.to_string())
+}
+
+/// E2B's `Sandbox` (the answer to create, connect and resume).
+fn created(f: &Facade, rec: &SandboxRecord) -> Value {
+    json!({
+        "templateID": template_of(f, &rec.image),
+        "sandboxID": rec.id,
+        "clientID": "burrow",
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": f.access_token(&rec.id),
+        "domain": null,
+    })
+}
+
+fn rfc3339(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn e2b_state(s: SandboxState) -> &'static str {
+    match s {
+        SandboxState::Paused | SandboxState::Hibernated => "paused",
+        _ => "running",
+    }
+}
+
+/// E2B's `ListedSandbox` / `SandboxDetail`. `endAt` is when the idle timeout would fire if the
+/// sandbox stayed idle from its start (burrow's timeouts are idle timeouts, see docs/e2b.md).
+fn listed(f: &Facade, rec: &SandboxRecord, detail: bool) -> Value {
+    let started = rec.started_at;
+    let end = started
+        + rec
+            .timeout_s
+            .unwrap_or(rec.limits.max_duration_s)
+            .min(rec.limits.max_duration_s) as i64;
+    let mut v = json!({
+        "templateID": template_of(f, &rec.image),
+        "sandboxID": rec.id,
+        "clientID": "burrow",
+        "startedAt": rfc3339(started),
+        "endAt": rfc3339(end),
+        "cpuCount": rec.limits.cpu_millis.div_ceil(1000).max(1),
+        "memoryMB": rec.limits.memory_mib,
+        "diskSizeMB": rec.limits.disk_mib,
+        "metadata": rec.metadata,
+        "state": e2b_state(rec.state),
+        "envdVersion": ENVD_VERSION,
+    });
+    if detail {
+        v["envdAccessToken"] = json!(f.access_token(&rec.id));
+        v["domain"] = Value::Null;
+    }
+    v
+}
+
+async fn create(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    raw: axum::body::Bytes,
+) -> Result<Response, E2bError> {
+    let req: NewSandbox = body(&raw)?;
+    check_options(&req)?;
+    let template = req.template_id.clone().unwrap_or_else(|| "base".into());
+    let Some(image) = s.e2b.image_for(&template) else {
+        return Err(E2bError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "template {template:?} not found: this server maps {} (BURROW_E2B_TEMPLATES adds more)",
+                s.e2b.templates.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    };
+    let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
+    if timeout == 0 {
+        return Err(bad("timeout must be positive"));
+    }
+    let create = CreateSandbox {
+        image: Some(image.to_string()),
+        env: req.env_vars.unwrap_or_default(),
+        metadata: req.metadata.unwrap_or_default(),
+        timeout_s: Some(timeout),
+        on_timeout: Some(if req.auto_pause == Some(true) {
+            OnTimeout::Pause
+        } else {
+            OnTimeout::Destroy
+        }),
+        ..Default::default()
+    };
+    let sb = s.control.create(&user, create).await?;
+    let rec = s.control.record(&user, &sb.id)?;
+    Ok((StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response())
+}
+
+#[derive(Debug, Default)]
+struct ListQuery {
+    metadata: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+    order: Option<String>,
+    template: Option<String>,
+}
+
+/// Query pairs, with a repeated `state` (as the JS SDK sends it) joined by commas.
+fn list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, E2bError> {
+    let mut q = ListQuery::default();
+    for (k, v) in pairs {
+        match k.as_str() {
+            "metadata" => q.metadata = Some(v),
+            "state" => {
+                q.state = Some(match q.state.take() {
+                    Some(s) => format!("{s},{v}"),
+                    None => v,
+                })
+            }
+            "limit" => {
+                q.limit = Some(
+                    v.parse()
+                        .map_err(|_| bad(format!("limit {v:?} is not a number")))?,
+                )
+            }
+            "nextToken" => q.next_token = Some(v),
+            "order" => q.order = Some(v),
+            "template" => q.template = Some(v),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// `metadata` is itself a query string (`k=v&k2=v2`, each side percent-encoded).
+fn metadata_filter(q: &Option<String>) -> Result<BTreeMap<String, String>, E2bError> {
+    let mut out = BTreeMap::new();
+    let Some(q) = q.as_deref().filter(|q| !q.is_empty()) else {
+        return Ok(out);
+    };
+    let dec = |s: &str| -> Result<String, E2bError> {
+        let once = percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8()
+            .map_err(|_| bad("metadata filter is not UTF-8"))?
+            .into_owned();
+        Ok(percent_encoding::percent_decode_str(&once)
+            .decode_utf8()
+            .map_err(|_| bad("metadata filter is not UTF-8"))?
+            .into_owned())
+    };
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(dec(k)?, dec(v)?);
+    }
+    Ok(out)
+}
+
+fn state_filter(q: &Option<String>) -> Result<Vec<&'static str>, E2bError> {
+    let Some(s) = q.as_deref().filter(|s| !s.is_empty()) else {
+        return Ok(vec!["running", "paused"]);
+    };
+    s.split(',')
+        .map(|x| match x.trim() {
+            "running" => Ok("running"),
+            "paused" => Ok("paused"),
+            other => Err(bad(format!(
+                "state {other:?}: E2B states are running and paused"
+            ))),
+        })
+        .collect()
+}
+
+fn matching(
+    s: &AppState,
+    user: &burrow_store::User,
+    q: &ListQuery,
+) -> Result<Vec<SandboxRecord>, E2bError> {
+    let meta = metadata_filter(&q.metadata)?;
+    let states = state_filter(&q.state)?;
+    let mut recs: Vec<SandboxRecord> = s
+        .control
+        .store()
+        .sandboxes_of(&user.id)
+        .map_err(|e| E2bError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r.state,
+                SandboxState::Running | SandboxState::Paused | SandboxState::Hibernated
+            )
+        })
+        .filter(|r| states.contains(&e2b_state(r.state)))
+        .filter(|r| meta.iter().all(|(k, v)| r.metadata.get(k) == Some(v)))
+        .filter(|r| {
+            q.template
+                .as_deref()
+                .is_none_or(|t| template_of(&s.e2b, &r.image) == t)
+        })
+        .collect();
+    recs.sort_by(|a, b| (a.started_at, &a.id).cmp(&(b.started_at, &b.id)));
+    if q.order.as_deref() != Some("asc") {
+        recs.reverse();
+    }
+    Ok(recs)
+}
+
+/// `GET /sandboxes` (v1): the running sandboxes, unpaginated.
+async fn list_v1(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Json<Vec<Value>>, E2bError> {
+    let mut q = list_query(pairs)?;
+    q.state = Some("running".into());
+    let recs = matching(&s, &user, &q)?;
+    Ok(Json(
+        recs.iter().map(|r| listed(&s.e2b, r, false)).collect(),
+    ))
+}
+
+/// `GET /v2/sandboxes`: filtered by state and metadata, paginated with `limit` and
+/// `nextToken` (the `x-next-token` response header names the next page).
+async fn list_v2(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Query(pairs): Query<Vec<(String, String)>>,
+) -> Result<Response, E2bError> {
+    let q = list_query(pairs)?;
+    let recs = matching(&s, &user, &q)?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, 1000);
+    let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
+        None => 0,
+        Some(t) => recs
+            .iter()
+            .position(|r| r.id == t)
+            .ok_or_else(|| bad("nextToken does not name a page of this listing"))?,
+    };
+    let page: Vec<Value> = recs
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|r| listed(&s.e2b, r, false))
+        .collect();
+    let mut resp = Json(page).into_response();
+    if let Some(next) = recs.get(start + limit) {
+        if let Ok(v) = HeaderValue::from_str(&next.id) {
+            resp.headers_mut().insert("x-next-token", v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn detail(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, E2bError> {
+    let rec = s.control.record(&user, &id)?;
+    if !matches!(
+        rec.state,
+        SandboxState::Running | SandboxState::Paused | SandboxState::Hibernated
+    ) {
+        return Err(E2bError(
+            StatusCode::NOT_FOUND,
+            format!("sandbox {id} is {} and cannot be used", rec.state.as_str()),
+        ));
+    }
+    Ok(Json(listed(&s.e2b, &rec, true)))
+}
+
+async fn kill(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, E2bError> {
+    s.control.destroy(&user, &id).await?;
+    s.e2b.forget(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, E2bError> {
+    let rec = s.control.record(&user, &id)?;
+    if matches!(rec.state, SandboxState::Paused | SandboxState::Hibernated) {
+        return Err(E2bError(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already paused"),
+        ));
+    }
+    s.control.pause(&user, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct TimeoutBody {
+    timeout: Option<u64>,
+    auto_pause: Option<bool>,
+}
+
+/// Sets the sandbox's timeout (E2B: seconds from now; burrow: idle seconds, restarting now).
+fn apply_timeout(
+    s: &AppState,
+    user: &burrow_store::User,
+    id: &str,
+    timeout: Option<u64>,
+    auto_pause: Option<bool>,
+) -> Result<(), E2bError> {
+    let rec = s.control.record(user, id)?;
+    let t = timeout.or(rec.timeout_s);
+    if t == Some(0) {
+        return Err(bad("timeout must be positive"));
+    }
+    s.control.set_timeout(
+        user,
+        id,
+        SetTimeout {
+            timeout_s: t,
+            on_timeout: auto_pause.map(|p| {
+                if p {
+                    OnTimeout::Pause
+                } else {
+                    OnTimeout::Destroy
+                }
+            }),
+        },
+    )?;
+    Ok(())
+}
+
+async fn resume(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<Response, E2bError> {
+    let req: TimeoutBody = body(&raw)?;
+    let rec = s.control.record(&user, &id)?;
+    if rec.state == SandboxState::Running {
+        return Err(E2bError(
+            StatusCode::CONFLICT,
+            format!("sandbox {id} is already running"),
+        ));
+    }
+    s.control.resume(&user, &id).await?;
+    apply_timeout(&s, &user, &id, req.timeout, req.auto_pause)?;
+    let rec = s.control.record(&user, &id)?;
+    Ok((StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response())
+}
+
+/// Connect: a running sandbox answers 200, a paused one is resumed (hot; cold from hibernation)
+/// and answers 201.
+async fn connect(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<Response, E2bError> {
+    let req: TimeoutBody = body(&raw)?;
+    let rec = s.control.record(&user, &id)?;
+    let status = match rec.state {
+        SandboxState::Running => StatusCode::OK,
+        SandboxState::Paused | SandboxState::Hibernated => {
+            s.control.resume(&user, &id).await?;
+            StatusCode::CREATED
+        }
+        other => {
+            return Err(E2bError(
+                StatusCode::NOT_FOUND,
+                format!("sandbox {id} is {} and cannot be connected", other.as_str()),
+            ))
+        }
+    };
+    if req.timeout.is_some() {
+        apply_timeout(&s, &user, &id, req.timeout, None)?;
+    }
+    let rec = s.control.record(&user, &id)?;
+    Ok((status, Json(created(&s.e2b, &rec))).into_response())
+}
+
+async fn set_timeout(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<StatusCode, E2bError> {
+    let req: TimeoutBody = body(&raw)?;
+    let Some(t) = req.timeout else {
+        return Err(bad("timeout is required"));
+    };
+    apply_timeout(&s, &user, &id, Some(t), None)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RefreshBody {
+    duration: Option<u64>,
+}
+
+/// Keep-alive: restarts the idle clock (and sets the timeout when a duration is given).
+async fn refresh(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    raw: axum::body::Bytes,
+) -> Result<StatusCode, E2bError> {
+    let req: RefreshBody = body(&raw)?;
+    apply_timeout(&s, &user, &id, req.duration, None)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Resource use of a running sandbox, one sample taken now: memory from its cgroup, disk from
+/// inside it. CPU use is not sampled yet (`cpuUsedPct` is 0; docs/e2b.md).
+async fn metrics(
+    State(s): State<AppState>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    _headers: HeaderMap,
+) -> Result<Json<Vec<Value>>, E2bError> {
+    let rec = s.control.record(&user, &id)?;
+    if rec.state != SandboxState::Running {
+        return Ok(Json(Vec::new()));
+    }
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    // Disk use of the sandbox's own disk (root and /workspace share it).
+    let spec = burrow_proto::ExecSpec {
+        argv: vec![
+            "df".into(),
+            "-B1".into(),
+            "--output=used,size".into(),
+            "/".into(),
+        ],
+        timeout_ms: Some(5000),
+        ..Default::default()
+    };
+    let out = guest
+        .exec_buffered(spec, None, 4096)
+        .await
+        .map_err(HttpError::from)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<u64> = text
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let (disk_used, disk_total) = match nums.as_slice() {
+        [u, t] => (*u, *t),
+        _ => (0, rec.limits.disk_mib * 1024 * 1024),
+    };
+    let mem_used = s.control.memory_usage(&user, &id)?.unwrap_or(0);
+    let now = now_unix();
+    Ok(Json(vec![json!({
+        "timestamp": rfc3339(now),
+        "timestampUnix": now,
+        "cpuCount": rec.limits.cpu_millis.div_ceil(1000).max(1),
+        "cpuUsedPct": 0.0,
+        "memUsed": mem_used,
+        "memTotal": rec.limits.memory_mib * 1024 * 1024,
+        "memCache": 0,
+        "diskUsed": disk_used,
+        "diskTotal": disk_total,
+    })]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filters_are_query_strings() {
+        let m = metadata_filter(&Some("team=a%20b&run=1".into())).unwrap();
+        assert_eq!(m.get("team").map(String::as_str), Some("a b"));
+        assert_eq!(m.get("run").map(String::as_str), Some("1"));
+        // Double-encoded, as the Python SDK sends it.
+        let m = metadata_filter(&Some("k%253D=v%2526".into())).unwrap();
+        assert_eq!(m.get("k=").map(String::as_str), Some("v&"));
+    }
+
+    #[test]
+    fn states_filter_by_e2b_names() {
+        assert_eq!(state_filter(&None).unwrap(), vec!["running", "paused"]);
+        assert_eq!(
+            state_filter(&Some("paused".into())).unwrap(),
+            vec!["paused"]
+        );
+        assert!(state_filter(&Some("hibernated".into())).is_err());
+    }
+
+    #[test]
+    fn unsupported_options_are_named() {
+        let req = NewSandbox {
+            mcp: Some(json!({"x": 1})),
+            ..Default::default()
+        };
+        let e = check_options(&req).err().unwrap();
+        assert_eq!(e.0, StatusCode::NOT_IMPLEMENTED);
+        assert!(e.1.contains("mcp"));
+        let ok = NewSandbox {
+            network: Some(json!({"allowPublicTraffic": true})),
+            ..Default::default()
+        };
+        assert!(check_options(&ok).is_ok());
+        let net = NewSandbox {
+            network: Some(json!({"denyOut": ["0.0.0.0/0"]})),
+            ..Default::default()
+        };
+        assert!(check_options(&net).err().unwrap().1.contains("denyOut"));
+    }
+}
