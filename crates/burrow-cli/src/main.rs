@@ -76,7 +76,8 @@ enum Command {
     Net(net::NetCmd),
     /// Print the URL of a port inside a sandbox (and make it public or private).
     Port(net::PortCmd),
-    /// Measure latency: create → first command, exec round trip, destroy.
+    /// Measure create, exec, pause/resume, hibernate, warm pool, throughput and density, with
+    /// crun, podman and bwrap side by side.
     Bench(bench::BenchArgs),
     /// Warm pools: sandboxes built ahead, claimed by creates in milliseconds.
     #[command(subcommand)]

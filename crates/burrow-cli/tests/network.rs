@@ -928,6 +928,11 @@ async fn bench_has_the_network_rows() {
         "bench",
         "--runs",
         "2",
+        "--no-peers",
+        "--throughput",
+        "0",
+        "--density",
+        "0",
         "--net-url",
         &format!("http://{FAKE_HOST}/"),
     ]);

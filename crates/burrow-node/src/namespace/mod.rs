@@ -21,6 +21,8 @@ use crate::backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 mod image;
 pub mod init;
 
+/// The `system` image's root under a data directory (also what `burrow bench` gives its peers).
+pub use image::ensure_system_image;
 pub use image::hosts as etc_hosts;
 
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.

@@ -1,0 +1,488 @@
+//! burrow's own figures, measured through the public API exactly as an agent platform would call
+//! it: create → first command (cold, and warm from a pool), exec, pause, resume, hibernate, cold
+//! resume, destroy, create throughput and idle density.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use burrow_client::Client;
+use burrow_types::{CreateSandbox, ExecRequest, Sandbox};
+use futures_util::{stream, StreamExt};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+
+use super::cleanup::{self, Cleanup, TAG_KEY};
+use super::stats;
+use super::table::{Row, Value};
+
+/// What every section needs.
+pub struct Ctx<'a> {
+    pub client: &'a Client,
+    pub cleanup: &'a Cleanup,
+    pub iterations: usize,
+    pub image: String,
+    pub plan: Option<String>,
+}
+
+impl Ctx<'_> {
+    fn create_request(&self) -> CreateSandbox {
+        CreateSandbox {
+            image: Some(self.image.clone()),
+            plan: self.plan.clone(),
+            metadata: [(TAG_KEY.to_string(), self.cleanup.run_id.clone())].into(),
+            ..Default::default()
+        }
+    }
+
+    pub async fn create(&self) -> Result<Sandbox> {
+        self.cleanup.check()?;
+        let sb = self.client.create(&self.create_request()).await?;
+        self.cleanup.sandbox(&sb.id);
+        Ok(sb)
+    }
+
+    pub async fn run_true(&self, id: &str) -> Result<()> {
+        self.cleanup.check()?;
+        let req = ExecRequest {
+            cmd: vec!["true".into()],
+            ..Default::default()
+        };
+        let r = self.client.exec(id, &req).await?;
+        if r.exit_code != Some(0) {
+            bail!(
+                "`true` in sandbox {id} ended with {:?}: {}",
+                r.exit_code,
+                r.stderr
+            );
+        }
+        Ok(())
+    }
+
+    /// Create → first command done, timed.
+    async fn create_first_command(&self) -> Result<(Sandbox, Duration)> {
+        let t = Instant::now();
+        let sb = self.create().await?;
+        self.run_true(&sb.id).await?;
+        Ok((sb, t.elapsed()))
+    }
+
+    pub async fn destroy(&self, id: &str) -> Result<()> {
+        self.client.delete(id).await?;
+        self.cleanup.sandbox_gone(id);
+        Ok(())
+    }
+}
+
+fn latency(samples: &[Duration]) -> Value {
+    stats::latency(samples).map_or_else(|| Value::unavailable("no samples"), Value::Latency)
+}
+
+/// Timings of each step of one sandbox's life, taken on `iterations` sandboxes (create, destroy)
+/// or repeated on one (exec, pause, resume, hibernate, cold resume).
+pub struct Lifecycle {
+    pub cold: Value,
+    pub rows: Vec<Row>,
+}
+
+pub async fn lifecycle(ctx: &Ctx<'_>) -> Result<Lifecycle> {
+    let n = ctx.iterations;
+    let mut cold = Vec::new();
+    let mut ids = Vec::new();
+    let mut warm_hits = 0;
+    for _ in 0..n {
+        let (sb, took) = ctx.create_first_command().await?;
+        warm_hits += usize::from(sb.warm_hit);
+        cold.push(took);
+        ids.push(sb.id);
+    }
+    let probe = ids[0].clone();
+
+    let mut exec = Vec::new();
+    for _ in 0..n.max(50) {
+        let t = Instant::now();
+        ctx.run_true(&probe).await?;
+        exec.push(t.elapsed());
+    }
+
+    let (mut pause, mut resume) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        ctx.cleanup.check()?;
+        let t = Instant::now();
+        ctx.client.pause(&probe).await.context("pause")?;
+        pause.push(t.elapsed());
+        let t = Instant::now();
+        ctx.client.resume(&probe).await.context("hot resume")?;
+        resume.push(t.elapsed());
+    }
+    // The sandbox must still answer after the pause/resume cycles.
+    ctx.run_true(&probe).await?;
+
+    let (mut hibernate, mut cold_resume) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        ctx.cleanup.check()?;
+        let t = Instant::now();
+        ctx.client.hibernate(&probe).await.context("hibernate")?;
+        hibernate.push(t.elapsed());
+        let t = Instant::now();
+        ctx.client.resume(&probe).await.context("cold resume")?;
+        ctx.run_true(&probe).await?;
+        cold_resume.push(t.elapsed());
+    }
+
+    let mut destroy = Vec::new();
+    for id in &ids {
+        let t = Instant::now();
+        ctx.destroy(id).await?;
+        destroy.push(t.elapsed());
+    }
+
+    let cold = latency(&cold);
+    let mut cold_row =
+        Row::new("cold create → first command", cold.clone()).target("p50 < 60 ms, ≤ crun run");
+    if warm_hits > 0 {
+        cold_row = cold_row.note(format!(
+            "{warm_hits} of {n} creates were warm hits (a pool for this image and plan exists)"
+        ));
+    }
+    let rows = vec![
+        cold_row,
+        Row::new("exec round trip (`true`)", latency(&exec)).target("p50 < 2 ms"),
+        Row::new("hot pause", latency(&pause)),
+        Row::new("hot resume", latency(&resume)).target("p50 < 10 ms"),
+        Row::new("hibernate", latency(&hibernate)),
+        Row::new("cold resume → first command", latency(&cold_resume)).target("p50 < 150 ms"),
+        Row::new("destroy", latency(&destroy)),
+    ];
+    Ok(Lifecycle { cold, rows })
+}
+
+/// The networking rows (`bench_net.rs`: create with a network, a `curl` round trip); none on a
+/// server that gives sandboxes no network.
+pub async fn net_rows(ctx: &Ctx<'_>, args: &crate::bench_net::NetBenchArgs) -> Result<Vec<Row>> {
+    ctx.cleanup.check()?;
+    let rows = crate::bench_net::run(ctx.client, args, ctx.plan.clone(), ctx.iterations).await?;
+    Ok(rows
+        .into_iter()
+        .map(|(measure, samples)| Row::new(measure, latency(&samples)))
+        .collect())
+}
+
+pub const WARM: &str = "warm create → first command";
+const WARM_TARGET: &str = "p50 < 10 ms";
+/// How long a pool may take to have a ready sandbox.
+const POOL_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pool's status as `GET /v1/pools` lists it (only the fields the bench reads).
+#[derive(Debug, Deserialize)]
+struct PoolStatus {
+    name: String,
+    #[serde(default)]
+    ready: usize,
+}
+
+/// Warm create → first command: a pool of this image and plan, one create per ready sandbox.
+/// A server without the pool API gets an "n/a" row rather than a failed bench.
+pub async fn warm(ctx: &Ctx<'_>) -> Result<Row> {
+    let name = format!("bench-{}", std::process::id());
+    let path = format!("/v1/pools/{name}");
+    let size = ctx.iterations.min(10);
+    let spec = serde_json::json!({
+        "image": ctx.image,
+        "plan": ctx.plan.as_deref().unwrap_or("free"),
+        "size": size,
+    });
+    let (status, body) = ctx.client.raw(Method::PUT, &path, Some(&spec)).await?;
+    if status == StatusCode::NOT_FOUND && is_no_route(&body) {
+        return Ok(Row::new(WARM, Value::unavailable("n/a (no pool API)")).target(WARM_TARGET));
+    }
+    if status == StatusCode::FORBIDDEN {
+        let na = Value::unavailable("n/a (pools need an admin key)");
+        return Ok(Row::new(WARM, na).target(WARM_TARGET));
+    }
+    if !status.is_success() {
+        bail!(
+            "PUT {path}: {status}: {}",
+            String::from_utf8_lossy(&body)
+                .chars()
+                .take(300)
+                .collect::<String>()
+        );
+    }
+    ctx.cleanup.pool(&name);
+    let mut warm = Vec::new();
+    let mut misses = 0;
+    for _ in 0..ctx.iterations {
+        wait_ready(ctx, &name).await?;
+        let (sb, took) = ctx.create_first_command().await?;
+        if sb.warm_hit {
+            warm.push(took);
+        } else {
+            misses += 1;
+        }
+        ctx.destroy(&sb.id).await?;
+    }
+    cleanup::delete_pool(ctx.client, &name).await?;
+    ctx.cleanup.pool_gone(&name);
+    let mut row = Row::new(WARM, latency(&warm)).target(WARM_TARGET);
+    if misses > 0 {
+        row = row.note(format!(
+            "{misses} of {} creates were cold although the pool had a ready sandbox; they are not in the figure",
+            ctx.iterations
+        ));
+    }
+    Ok(row)
+}
+
+/// The router's own 404 (no such route), as opposed to a pool route's structured error.
+fn is_no_route(body: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(v) => v["code"] == burrow_types::codes::NOT_FOUND,
+        Err(_) => true,
+    }
+}
+
+async fn wait_ready(ctx: &Ctx<'_>, name: &str) -> Result<()> {
+    let client = ctx.client;
+    let deadline = Instant::now() + POOL_READY_TIMEOUT;
+    loop {
+        ctx.cleanup.check()?;
+        let (status, body) = client.raw::<()>(Method::GET, "/v1/pools", None).await?;
+        if !status.is_success() {
+            bail!("GET /v1/pools: {status}");
+        }
+        let pools: Vec<PoolStatus> =
+            serde_json::from_slice(&body).context("GET /v1/pools: not a list of pools")?;
+        if pools.iter().any(|p| p.name == name && p.ready > 0) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("pool {name} had no ready sandbox after {POOL_READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sandboxes created per second with `concurrency` creates in flight (each create returns a
+/// running sandbox); destroyed afterwards, untimed.
+pub async fn throughput(ctx: &Ctx<'_>, total: usize, concurrency: usize) -> Result<Row> {
+    let measure = format!("create throughput ({concurrency} concurrent)");
+    settle().await;
+    let t = Instant::now();
+    let ids = all_or_first_error(
+        stream::iter(0..total)
+            .map(|_| async { ctx.create().await.map(|sb| sb.id) })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await,
+    )?;
+    let took = t.elapsed();
+    destroy_all(ctx, &ids, concurrency).await?;
+    Ok(Row::new(
+        measure,
+        Value::Rate {
+            per_s: total as f64 / took.as_secs_f64(),
+            n: total,
+            concurrency,
+        },
+    )
+    .target("200 sandboxes/s sustained"))
+}
+
+/// Waits for the tail of the destroys of earlier rows (frees, unmounts, loop devices) to pass, so
+/// throughput and density measure their own sandboxes only.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+}
+
+async fn destroy_all(ctx: &Ctx<'_>, ids: &[String], concurrency: usize) -> Result<()> {
+    all_or_first_error(
+        stream::iter(ids)
+            .map(|id| ctx.destroy(id))
+            .buffer_unordered(concurrency.max(1))
+            .collect()
+            .await,
+    )?;
+    Ok(())
+}
+
+/// Concurrent requests are each let finish (never dropped in flight, see `Cleanup::stop`); then
+/// the first error, if any, is the answer.
+fn all_or_first_error<T>(results: Vec<Result<T>>) -> Result<Vec<T>> {
+    results.into_iter().collect()
+}
+
+/// Host memory per idle sandbox with `n` up: the drop of `MemAvailable`, and what the sandboxes'
+/// own memory cgroups are charged. Only meaningful when the server runs on this host.
+pub async fn density(ctx: &Ctx<'_>, n: usize, concurrency: usize) -> Result<Vec<Row>> {
+    const AVAILABLE: &str = "idle density: host MemAvailable drop";
+    const CGROUP: &str = "idle density: sandboxes' memory cgroup";
+    const TARGET: &str = "< 2 MiB (1,000 on 24 GiB)";
+    if !is_local(ctx.client.base_url()) {
+        let na = || Value::unavailable("n/a (server not on this host)");
+        return Ok(vec![
+            Row::new(AVAILABLE, na()).target(TARGET),
+            Row::new(CGROUP, na()).target(TARGET),
+        ]);
+    }
+    settle().await;
+    let before = mem_available().await;
+    let ids = all_or_first_error(
+        stream::iter(0..n)
+            .map(|_| async {
+                let sb = ctx.create().await?;
+                ctx.run_true(&sb.id).await?;
+                Ok::<_, anyhow::Error>(sb.id)
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await,
+    )?;
+    // Let the guests and the kernel settle (deferred frees, lazily allocated slabs).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = mem_available().await;
+    let charged = cgroup_usage(&ids);
+    destroy_all(ctx, &ids, concurrency).await?;
+
+    let mib = |bytes: f64| bytes / (1024.0 * 1024.0);
+    let per_sandbox = |delta: f64| Value::Memory {
+        mib_per_sandbox: mib(delta) / n as f64,
+        n,
+    };
+    let available = match (before, after) {
+        (Some(b), Some(a)) => {
+            let noise = mib(b.spread.max(a.spread) as f64);
+            let row = Row::new(AVAILABLE, per_sandbox(b.median as f64 - a.median as f64));
+            let per = noise / n as f64;
+            row.note(format!(
+                "whole host, medians of {SAMPLES} readings; it moved by up to {noise:.0} MiB \
+                 (±{per:.2} MiB/sandbox) within a second on its own, and other processes can move \
+                 it far more over the whole measurement: trust it only on a quiet host"
+            ))
+        }
+        _ => Row::new(AVAILABLE, Value::unavailable("n/a (no /proc/meminfo)")),
+    };
+    let cgroup = match charged {
+        Some(total) => Row::new(CGROUP, per_sandbox(total as f64)).note(
+            "mean memory.usage_in_bytes of the sandboxes' own memory cgroups (their processes, \
+             page cache and kernel memory charged to them)",
+        ),
+        None => Row::new(
+            CGROUP,
+            Value::unavailable("n/a (no memory cgroup per sandbox)"),
+        ),
+    };
+    Ok(vec![available.target(TARGET), cgroup.target(TARGET)])
+}
+
+fn is_local(url: &str) -> bool {
+    let authority = url.split("://").nth(1).unwrap_or(url);
+    let host = authority.split(['/', ':']).next().unwrap_or_default();
+    authority.starts_with("[::1]") || host == "localhost" || host.starts_with("127.")
+}
+
+/// Readings of `MemAvailable` taken this far apart, to see how much the host moves on its own.
+const SAMPLES: usize = 5;
+const SAMPLE_GAP: Duration = Duration::from_millis(200);
+
+/// Several readings of one figure: their median and how far apart they were.
+#[derive(Debug, PartialEq)]
+struct Readings {
+    median: u64,
+    spread: u64,
+}
+
+impl Readings {
+    fn of(mut v: Vec<u64>) -> Option<Readings> {
+        v.sort_unstable();
+        Some(Readings {
+            median: *v.get(v.len() / 2)?,
+            spread: v[v.len() - 1] - v[0],
+        })
+    }
+}
+
+/// `MemAvailable`, read `SAMPLES` times `SAMPLE_GAP` apart.
+async fn mem_available() -> Option<Readings> {
+    let mut readings = Vec::new();
+    for i in 0..SAMPLES {
+        if i > 0 {
+            tokio::time::sleep(SAMPLE_GAP).await;
+        }
+        if let Some(v) = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| meminfo_field(&s, "MemAvailable"))
+        {
+            readings.push(v);
+        }
+    }
+    Readings::of(readings)
+}
+
+/// Memory charged to these sandboxes' own cgroups, in bytes, summed. Not the shared `burrow`
+/// parent: every burrow server on the host (tests, other data directories) puts sandboxes there.
+fn cgroup_usage(ids: &[String]) -> Option<u64> {
+    let cgroups = burrow_linux::cgroup::Cgroups::host();
+    ids.iter()
+        .map(|id| {
+            // v1: the memory controller's directory; v2: the one directory, `memory.current`.
+            cgroups.dirs(id).iter().find_map(|dir| {
+                ["memory.usage_in_bytes", "memory.current"]
+                    .iter()
+                    .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+            })
+        })
+        .sum()
+}
+
+/// A `/proc/meminfo` field in bytes.
+fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?.strip_prefix(':')?;
+        let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_fields_are_read_in_bytes() {
+        let s = "MemTotal:       24598432 kB\nMemFree:         1000 kB\nMemAvailable:    2048 kB\n";
+        assert_eq!(meminfo_field(s, "MemAvailable"), Some(2048 * 1024));
+        assert_eq!(meminfo_field(s, "MemFree"), Some(1000 * 1024));
+        assert_eq!(meminfo_field(s, "Mem"), None);
+    }
+
+    #[test]
+    fn readings_give_their_median_and_spread() {
+        assert_eq!(
+            Readings::of(vec![30, 10, 20, 50, 40]),
+            Some(Readings {
+                median: 30,
+                spread: 40
+            })
+        );
+        assert_eq!(Readings::of(vec![]), None);
+    }
+
+    #[test]
+    fn only_loopback_servers_are_on_this_host() {
+        assert!(is_local("http://127.0.0.1:7399"));
+        assert!(is_local("http://localhost:7070/"));
+        assert!(!is_local("https://burrow.example:443"));
+    }
+
+    #[test]
+    fn the_routers_404_means_no_pool_api_but_a_pool_error_does_not() {
+        assert!(is_no_route(
+            br#"{"code":"not_found","message":"no such route"}"#
+        ));
+        assert!(is_no_route(b""));
+        assert!(!is_no_route(
+            br#"{"code":"image_not_found","message":"no image x"}"#
+        ));
+    }
+}
