@@ -978,3 +978,41 @@ async fn a_pause_mid_call_answers_the_waiting_call_instead_of_hanging() {
     );
     c.delete(&id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_mid_create_leaves_no_half_made_sandbox() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let srv = TestServer::start().await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(5))
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        let r = impatient
+            .post(format!("{}/v1/sandboxes", srv.url))
+            .bearer_auth(&srv.key)
+            .json(&CreateSandbox::default())
+            .send()
+            .await;
+        assert!(r.is_err(), "the create was expected to outlast 5 ms");
+    }
+    // Each create finishes on its own: the sandboxes run and are the user's to see and delete.
+    let c = srv.client();
+    let mut settled = false;
+    for _ in 0..100 {
+        let list = c.list().await.unwrap();
+        if list.len() == 3 && list.iter().all(|s| s.state == SandboxState::Running) {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(settled, "{:?}", c.list().await.unwrap());
+    for s in c.list().await.unwrap() {
+        c.delete(&s.id).await.unwrap();
+        assert!(host_leftovers(&srv, &s.id).is_empty());
+    }
+    assert!(srv.host_sandbox_dirs().is_empty());
+}

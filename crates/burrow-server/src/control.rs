@@ -213,9 +213,46 @@ impl Control {
         self.backend.name()
     }
 
+    // Lifecycle operations run on a task of their own: a client that disconnects mid-create or
+    // mid-pause (a dropped request future) must not leave a sandbox half-made. The caller waits
+    // for the answer; the work finishes either way.
+
+    pub async fn create(
+        self: &Arc<Self>,
+        user: &User,
+        req: CreateSandbox,
+    ) -> Result<Sandbox, ControlError> {
+        let (this, user) = (self.clone(), user.clone());
+        tokio::spawn(async move { this.create_now(&user, req).await }).await?
+    }
+
+    pub async fn destroy(self: &Arc<Self>, user: &User, id: &str) -> Result<(), ControlError> {
+        let (this, user, id) = (self.clone(), user.clone(), id.to_string());
+        tokio::spawn(async move { this.destroy_now(&user, &id).await }).await?
+    }
+
+    pub async fn pause(self: &Arc<Self>, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        let (this, user, id) = (self.clone(), user.clone(), id.to_string());
+        tokio::spawn(async move { this.pause_now(&user, &id).await }).await?
+    }
+
+    pub async fn resume(self: &Arc<Self>, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        let (this, user, id) = (self.clone(), user.clone(), id.to_string());
+        tokio::spawn(async move { this.resume_now(&user, &id).await }).await?
+    }
+
+    pub async fn hibernate(
+        self: &Arc<Self>,
+        user: &User,
+        id: &str,
+    ) -> Result<Sandbox, ControlError> {
+        let (this, user, id) = (self.clone(), user.clone(), id.to_string());
+        tokio::spawn(async move { this.hibernate_now(&user, &id).await }).await?
+    }
+
     /// A new sandbox for `user`: claimed from a warm pool when one matches (its context injected),
     /// otherwise built cold at once. Nothing waits for a pool.
-    pub async fn create(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
+    async fn create_now(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
         let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
         let plan = self
             .plans
@@ -669,7 +706,7 @@ impl Control {
                     plan: String::new(),
                     is_admin: false,
                 };
-                self.hibernate(&owner, &rec.id).await.map(|_| ())
+                self.hibernate_now(&owner, &rec.id).await.map(|_| ())
             } else if let Some(t) = rec.timeout_s.filter(|_| rec.state == SandboxState::Running) {
                 if self.idle_for(&rec.id).as_secs() < t {
                     continue;
@@ -684,9 +721,9 @@ impl Control {
                 match rec.on_timeout {
                     // An ephemeral sandbox does not outlive its timeout, whatever it asked for.
                     OnTimeout::Pause if !rec.ephemeral => {
-                        self.pause(&owner, &rec.id).await.map(|_| ())
+                        self.pause_now(&owner, &rec.id).await.map(|_| ())
                     }
-                    _ => self.destroy(&owner, &rec.id).await,
+                    _ => self.destroy_now(&owner, &rec.id).await,
                 }
             } else {
                 continue;
@@ -710,7 +747,7 @@ impl Control {
         self.destroy_on_host(&rec).await
     }
 
-    pub async fn destroy(&self, user: &User, id: &str) -> Result<(), ControlError> {
+    async fn destroy_now(&self, user: &User, id: &str) -> Result<(), ControlError> {
         self.record(user, id)?;
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
@@ -724,7 +761,7 @@ impl Control {
 
     /// Hot pause: files are synced to the sandbox's disk, then every process is frozen in place
     /// (memory, open connections and pids stay).
-    pub async fn pause(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+    async fn pause_now(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;
@@ -748,7 +785,7 @@ impl Control {
 
     /// Resume: a paused sandbox is thawed (hot: its processes carry on where they were); a
     /// hibernated one starts cold (same id, same files, fresh processes).
-    pub async fn resume(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+    async fn resume_now(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;
@@ -786,7 +823,11 @@ impl Control {
     }
 
     /// Hibernate: files are synced and kept, every process ends. A later resume starts cold.
-    pub async fn hibernate(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+    pub(crate) async fn hibernate_now(
+        &self,
+        user: &User,
+        id: &str,
+    ) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;

@@ -279,7 +279,7 @@ impl Control {
             plan: String::new(),
             is_admin: false,
         };
-        if let Err(e) = self.hibernate(&owner, &rec.id).await {
+        if let Err(e) = self.hibernate_now(&owner, &rec.id).await {
             warn!(sandbox_id = %rec.id, error = %error_chain(&e), "hibernating under memory pressure failed");
         }
     }
