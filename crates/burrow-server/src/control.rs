@@ -431,30 +431,41 @@ impl Control {
         let runtime = runtime_of(rec).ok_or(ControlError::NotRunning("starting"))?;
         let guest = GuestClient::new(runtime.guest_socket.clone());
         if warm {
-            let mut env = rec.env.clone();
-            env.insert("HOSTNAME".into(), rec.hostname.clone());
-            guest.set_env(env).await?;
+            // Only what differs from how the warm sandbox was built goes through the guest: a
+            // claim with no env or hostname costs little more than the claim itself. Limits are
+            // always rewritten (a few cgroup files), so a pool whose plan changed since the
+            // sandbox was built cannot hand out the old plan's limits.
+            let renamed = rec.hostname != rec.id;
+            if !rec.env.is_empty() || renamed {
+                let mut env = rec.env.clone();
+                env.insert("HOSTNAME".into(), rec.hostname.clone());
+                guest.set_env(env).await?;
+            }
             let backend = self.backend.clone();
             let (id, hostname, limits) = (rec.id.clone(), rec.hostname.clone(), rec.limits.clone());
             tokio::task::spawn_blocking(move || {
-                backend.set_hostname(&id, &runtime, &hostname)?;
+                if renamed {
+                    backend.set_hostname(&id, &runtime, &hostname)?;
+                }
                 backend.set_limits(&id, &limits)
             })
             .await??;
-            guest
-                .write_all(
-                    "/etc/hostname",
-                    format!("{}\n", rec.hostname).as_bytes(),
-                    Some(0o644),
-                )
-                .await?;
-            guest
-                .write_all(
-                    "/etc/hosts",
-                    burrow_node::namespace::etc_hosts(&rec.hostname).as_bytes(),
-                    Some(0o644),
-                )
-                .await?;
+            if renamed {
+                guest
+                    .write_all(
+                        "/etc/hostname",
+                        format!("{}\n", rec.hostname).as_bytes(),
+                        Some(0o644),
+                    )
+                    .await?;
+                guest
+                    .write_all(
+                        "/etc/hosts",
+                        burrow_node::namespace::etc_hosts(&rec.hostname).as_bytes(),
+                        Some(0o644),
+                    )
+                    .await?;
+            }
         }
         for (path, content) in files {
             let path = if path.starts_with('/') {
