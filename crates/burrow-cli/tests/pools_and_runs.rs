@@ -324,7 +324,7 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
 
     // Ephemeral: the fourth tool call ends the run, the sandbox is in `error` with the reason and
     // its computer is gone.
-    let eph = c.create(&with_run(true, Some(hook))).await.unwrap();
+    let eph = c.create(&with_run(true, Some(hook.clone()))).await.unwrap();
     assert_eq!(eph.run.as_ref().unwrap().tool_call_limit, 3);
     run_sh(&c, &eph.id, "echo 1 > /workspace/a").await;
     c.stat(&eph.id, "/workspace/a").await.unwrap();
@@ -418,6 +418,17 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
         c.end_run(&free.id).await.unwrap_err().code(),
         Some("no_run")
     );
+
+    // Deleting a sandbox ends its run too, and the callback hears why.
+    let doomed = c.create(&with_run(false, Some(hook))).await.unwrap();
+    c.delete(&doomed.id).await.unwrap();
+    let (_, body) = calls
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no callback");
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["sandbox_id"].as_str(), Some(doomed.id.as_str()));
+    assert_eq!(event["reason"]["code"], "sandbox_destroyed");
+    assert_eq!(event["sandbox_destroyed"], true);
 }
 
 fn hex_lower(b: &[u8]) -> String {

@@ -561,23 +561,8 @@ impl Control {
         let Some(rec) = self.store.sandbox(id)? else {
             return Err(ControlError::NotFound);
         };
-        let Some(mut run) = rec.run.clone().filter(|r| r.state == RunState::Active) else {
+        if !self.close_run(&rec, why.clone(), rec.ephemeral)? {
             return Err(ControlError::NoActiveRun);
-        };
-        run.state = RunState::Ended;
-        run.ended = why.clone();
-        self.store.set_run(id, &run, false)?;
-        info!(sandbox_id = %id, reason = why.as_ref().map(|w| w.code.as_str()).unwrap_or("ended"), "run ended");
-        if let Some(url) = &run.spec.callback_url {
-            let event = serde_json::json!({
-                "event": "run.ended",
-                "sandbox_id": id,
-                "task": run.spec.task,
-                "tool_calls": rec.tool_calls.min(rec.limits.tool_calls),
-                "reason": why,
-                "sandbox_destroyed": rec.ephemeral,
-            });
-            crate::callback::send(url.clone(), event, self.callback_key.clone());
         }
         if rec.ephemeral && rec.state != SandboxState::Destroyed {
             match &why {
@@ -587,6 +572,35 @@ impl Control {
             self.destroy_on_host(&rec).await?;
         }
         Ok(())
+    }
+
+    /// Marks the sandbox's run ended (if one is active) and tells its callback URL. Returns
+    /// whether there was an active run. The caller holds the sandbox's lock.
+    fn close_run(
+        &self,
+        rec: &SandboxRecord,
+        why: Option<ErrorReason>,
+        destroyed: bool,
+    ) -> Result<bool, ControlError> {
+        let Some(mut run) = rec.run.clone().filter(|r| r.state == RunState::Active) else {
+            return Ok(false);
+        };
+        run.state = RunState::Ended;
+        run.ended = why.clone();
+        self.store.set_run(&rec.id, &run, false)?;
+        info!(sandbox_id = %rec.id, reason = why.as_ref().map(|w| w.code.as_str()).unwrap_or("ended"), "run ended");
+        if let Some(url) = &run.spec.callback_url {
+            let event = serde_json::json!({
+                "event": "run.ended",
+                "sandbox_id": rec.id,
+                "task": run.spec.task,
+                "tool_calls": rec.tool_calls.min(rec.limits.tool_calls),
+                "reason": why,
+                "sandbox_destroyed": destroyed,
+            });
+            crate::callback::send(url.clone(), event, self.callback_key.clone());
+        }
+        Ok(true)
     }
 
     /// Ends the caller's run on one of their sandboxes.
@@ -754,6 +768,7 @@ impl Control {
             return Ok(());
         };
         warn!(sandbox_id = %id, code = %reason.code, "hard limit hit; destroying the computer");
+        self.close_run(&rec, Some(reason.clone()), true)?;
         self.store.set_error(id, &reason)?;
         self.destroy_on_host(&rec).await
     }
@@ -764,6 +779,11 @@ impl Control {
         let _guard = lock.lock().await;
         // Re-read under the lock: a concurrent delete may have finished meanwhile.
         let rec = self.record(user, id)?;
+        let why = reason(
+            codes::SANDBOX_DESTROYED,
+            "the sandbox was destroyed (deleted, or its idle timeout fired)".into(),
+        );
+        self.close_run(&rec, Some(why), true)?;
         self.destroy_on_host(&rec).await?;
         self.store.set_state(id, SandboxState::Destroyed)?;
         info!(sandbox_id = %id, "sandbox destroyed");

@@ -33,3 +33,4 @@ pub const TOOL_ITERATIONS_EXCEEDED: &str = "tool_iterations_exceeded";
 pub const RUN_ENDED: &str = "run_ended";
 pub const NO_RUN: &str = "no_run";
 pub const UNKNOWN_POOL: &str = "unknown_pool";
+pub const SANDBOX_DESTROYED: &str = "sandbox_destroyed";
