@@ -253,6 +253,13 @@ def _():
     assert m[0].mem_total > 0 and m[0].disk_total > 0, m[0]
     assert 0 < m[0].disk_used < m[0].disk_total, m[0]
     assert m[0].mem_used > 0, m[0]
+    # A busy loop shows up as CPU use (sampled over 100 ms).
+    spin = sbx.commands.run("while :; do :; done", background=True)
+    try:
+        busy = sbx.get_metrics()[0].cpu_used_pct
+        assert busy > 10, f"cpu_used_pct {busy} with a busy loop running"
+    finally:
+        sbx.commands.kill(spin.pid)
 
 
 @check("pty: create, send input, resize, kill")

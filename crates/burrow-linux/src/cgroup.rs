@@ -351,6 +351,34 @@ impl<F: CgroupFs> Cgroups<F> {
         };
         self.fs.read(&d.join(file)).ok()?.trim().parse().ok()
     }
+
+    /// CPU time used by the sandbox's processes so far, in nanoseconds.
+    pub fn cpu_usage_ns(&self, id: &str) -> Option<u64> {
+        match &self.layout {
+            Layout::V1(_) => {
+                let d = self.dir_of("cpuacct", id)?;
+                self.fs
+                    .read(&d.join("cpuacct.usage"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            }
+            Layout::V2(_) => {
+                let stat = self
+                    .fs
+                    .read(&self.dirs(id).remove(0).join("cpu.stat"))
+                    .ok()?;
+                let usec: u64 = stat
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                Some(usec * 1000)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +513,25 @@ mod tests {
             file(&cg, "/cg/burrow/s1/cgroup.freeze").as_deref(),
             Some("1")
         );
+    }
+
+    #[test]
+    fn cpu_usage_reads_cpuacct_or_cpu_stat() {
+        let cg = v1();
+        cg.create("s1", LIMITS).unwrap();
+        cg.fs
+            .write(Path::new("/cg/cpuacct/burrow/s1/cpuacct.usage"), "1500\n")
+            .unwrap();
+        assert_eq!(cg.cpu_usage_ns("s1"), Some(1500));
+        let v2 = Cgroups::new(Layout::V2(PathBuf::from("/cg")), FakeFs::default());
+        v2.create("s1", LIMITS).unwrap();
+        v2.fs
+            .write(
+                Path::new("/cg/burrow/s1/cpu.stat"),
+                "usage_usec 7\nuser_usec 5\nsystem_usec 2\n",
+            )
+            .unwrap();
+        assert_eq!(v2.cpu_usage_ns("s1"), Some(7000));
     }
 
     #[test]

@@ -102,4 +102,9 @@ pub trait Backend: Send + Sync + 'static {
     fn memory_usage(&self, _id: &str) -> Option<u64> {
         None
     }
+
+    /// CPU time the sandbox's processes have used so far, in nanoseconds, when the backend can tell.
+    fn cpu_usage_ns(&self, _id: &str) -> Option<u64> {
+        None
+    }
 }

@@ -666,6 +666,29 @@ impl Control {
         Ok(self.backend.memory_usage(id))
     }
 
+    /// Share of its CPU limit a running sandbox of the caller's used over `window` (0.0-1.0+),
+    /// from two readings of its cgroup's CPU time.
+    pub async fn cpu_share(
+        &self,
+        user: &User,
+        id: &str,
+        window: std::time::Duration,
+    ) -> Result<Option<f64>, ControlError> {
+        let rec = self.record(user, id)?;
+        let Some(before) = self.backend.cpu_usage_ns(id) else {
+            return Ok(None);
+        };
+        let t0 = std::time::Instant::now();
+        tokio::time::sleep(window).await;
+        let Some(after) = self.backend.cpu_usage_ns(id) else {
+            return Ok(None);
+        };
+        let allowed_ns = t0.elapsed().as_nanos() as f64 * f64::from(rec.limits.cpu_millis) / 1000.0;
+        Ok(Some(
+            after.saturating_sub(before) as f64 / allowed_ns.max(1.0),
+        ))
+    }
+
     fn touch(&self, id: &str) {
         let mut a = self.activity.lock().unwrap_or_else(|p| p.into_inner());
         a.insert(id.to_string(), std::time::Instant::now());

@@ -300,6 +300,10 @@ impl Backend for NamespaceBackend {
         self.cgroups.memory_usage(id)
     }
 
+    fn cpu_usage_ns(&self, id: &str) -> Option<u64> {
+        self.cgroups.cpu_usage_ns(id)
+    }
+
     /// Sandboxes are known by their directories under this node's data directory: `__init` makes the
     /// directory before anything else and `destroy` removes it last. (Cgroups are shared by every
     /// burrow on the host, so they cannot say which node a sandbox belongs to.)

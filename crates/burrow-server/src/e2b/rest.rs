@@ -658,8 +658,8 @@ async fn refresh(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Resource use of a running sandbox, one sample taken now: memory from its cgroup, disk from
-/// inside it. CPU use is not sampled yet (`cpuUsedPct` is 0; docs/e2b.md).
+/// Resource use of a running sandbox, one sample taken now: memory and CPU from its cgroup (CPU
+/// over 100 ms, as a percentage of the sandbox's CPU limit), disk from inside it.
 async fn metrics(
     State(s): State<AppState>,
     Caller(user): Caller,
@@ -699,12 +699,17 @@ async fn metrics(
         _ => (0, rec.limits.disk_mib * 1024 * 1024),
     };
     let mem_used = s.control.memory_usage(&user, &id)?.unwrap_or(0);
+    let cpu = s
+        .control
+        .cpu_share(&user, &id, std::time::Duration::from_millis(100))
+        .await?
+        .unwrap_or(0.0);
     let now = now_unix();
     Ok(Json(vec![json!({
         "timestamp": rfc3339(now),
         "timestampUnix": now,
         "cpuCount": rec.limits.cpu_millis.div_ceil(1000).max(1),
-        "cpuUsedPct": 0.0,
+        "cpuUsedPct": (cpu * 1000.0).round() / 10.0,
         "memUsed": mem_used,
         "memTotal": rec.limits.memory_mib * 1024 * 1024,
         "memCache": 0,
