@@ -148,7 +148,20 @@ async fn curl_by_name_and_address_and_the_internet_switch_takes_effect_live() {
         .await
         .is_none());
     assert!(curl(&c, &id, "http://fake.internet/").await.is_none());
+    // No name resolution either: with nothing reachable, DNS would be a tunnel out.
+    let dns =
+        "timeout 10 python3 -c 'import socket; print(socket.gethostbyname(\"fake.internet\"))'";
+    assert_ne!(
+        run(&c, &id, dns).await.exit_code,
+        Some(0),
+        "DNS answered with the internet off"
+    );
     assert_ok(&srv.cli(&["net", &id, "--internet", "on"]));
+    assert_eq!(
+        run(&c, &id, dns).await.exit_code,
+        Some(0),
+        "DNS is back with the internet on"
+    );
     assert!(curl(&c, &id, &format!("http://{FAKE_HOST}/"))
         .await
         .is_some());

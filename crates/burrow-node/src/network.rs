@@ -156,7 +156,9 @@ impl Network {
         if !p.deny_cidrs.is_empty() {
             r.push(format!("ip daddr {} drop", cidrs(&p.deny_cidrs)));
         }
-        if !self.cfg.resolvers.is_empty() {
+        // Name servers answer while the sandbox may reach the internet or names on its allow
+        // list; with the internet off and no names allowed, DNS would only be a tunnel out.
+        if !self.cfg.resolvers.is_empty() && (p.internet || p.has_domains()) {
             r.push(format!(
                 "ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept",
                 set(self.cfg.resolvers.iter().map(|a| a.to_string()))
@@ -550,6 +552,29 @@ mod tests {
         assert!(pos("th dport 53") < pos("tcp dport { 80, 443 }"));
         assert!(pos("198.51.100.0/24") < pos("10.0.0.0/8"));
         assert_eq!(r.last().unwrap(), "drop");
+    }
+
+    #[test]
+    fn without_internet_or_allowed_names_dns_is_closed_too() {
+        let n = net();
+        let rules = |internet: bool, allow: &[&str]| {
+            let p = CompiledPolicy::compile(&NetworkPolicy {
+                internet,
+                allow_out: allow.iter().map(|a| a.to_string()).collect(),
+                deny_out: Vec::new(),
+            })
+            .unwrap();
+            n.sandbox_rules(&Entry {
+                ifname: "bwx".into(),
+                address: "10.200.0.2".parse().unwrap(),
+                policy: p,
+            })
+        };
+        let dns = |r: Vec<String>| r.iter().any(|l| l.contains("th dport 53"));
+        assert!(dns(rules(true, &[])));
+        assert!(dns(rules(false, &["ok.test"])));
+        assert!(!dns(rules(false, &[])));
+        assert!(!dns(rules(false, &["198.51.100.0/24"])));
     }
 
     #[test]
