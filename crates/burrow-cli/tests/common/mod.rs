@@ -287,22 +287,21 @@ fn hex_random(n: usize) -> String {
 /// Kills and removes a sandbox's cgroups by hand (test clean-up only; burrow's own destroy is what
 /// the tests check).
 pub fn force_clean(id: &str) {
+    let dir = |ctrl: &str| PathBuf::from(format!("/sys/fs/cgroup/{ctrl}/burrow/{id}"));
+    // Thaw first: a paused sandbox's frozen processes cannot die, and their cgroups cannot go.
+    let _ = std::fs::write(dir("freezer").join("freezer.state"), "THAWED");
     for ctrl in CGROUP_CONTROLLERS {
-        let dir = PathBuf::from(format!("/sys/fs/cgroup/{ctrl}/burrow/{id}"));
-        if !dir.exists() {
-            continue;
-        }
-        if *ctrl == "freezer" {
-            let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
-        }
-        for pid in std::fs::read_to_string(dir.join("cgroup.procs"))
+        for pid in std::fs::read_to_string(dir(ctrl).join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
         {
             let _ = Command::new("kill").args(["-9", pid]).status();
         }
-        for _ in 0..50 {
-            if std::fs::remove_dir(&dir).is_ok() {
+    }
+    for ctrl in CGROUP_CONTROLLERS {
+        let d = dir(ctrl);
+        for _ in 0..100 {
+            if !d.exists() || std::fs::remove_dir(&d).is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
