@@ -114,10 +114,14 @@ async fn two_hundred_concurrent_creates_against_a_pool_of_fifty() {
     let ids: BTreeSet<_> = made.iter().map(|s| s.id.clone()).collect();
     assert_eq!(ids.len(), 200, "a sandbox was handed out twice");
     let warm = made.iter().filter(|s| s.warm_hit).count() as u64;
-    // The fifty that were ready, plus any the replenisher finished during the burst (it starts at
-    // the first claim). The rest went cold at once: had they waited for the pool, nearly all of
-    // them would be warm hits.
-    assert!((50..=60).contains(&warm), "{warm} warm hits");
+    // The fifty that were ready, plus the few the replenisher built in the gaps between arriving
+    // requests (it builds only while no create is in flight). The rest went cold at once: had
+    // creates waited for the pool, nearly all 200 would be warm hits.
+    assert!(warm >= 50, "only {warm} warm hits with 50 ready");
+    assert!(
+        200 - warm >= 130,
+        "{warm} warm hits: creates waited for the pool"
+    );
     let mine = c.list().await.unwrap();
     assert_eq!(mine.len(), 200, "the user sees exactly its 200 sandboxes");
 

@@ -105,8 +105,12 @@ pub struct Control {
     domain: Option<String>,
     /// Paused sandboxes hibernate early while the host has less memory available than this.
     pub(crate) hibernate_below_mib: u64,
-    /// Wakes the pool replenisher (after a claim, a pool change).
+    /// Wakes the pool replenisher (after a claim, a pool change, the last cold create of a burst).
     pub(crate) pool_wake: tokio::sync::Notify,
+    /// Creates in flight; the replenisher holds back while there are any (up to a second).
+    pub(crate) creates_in_flight: std::sync::atomic::AtomicUsize,
+    /// Since when the replenisher has been holding back.
+    pub(crate) pool_yield_since: Mutex<Option<std::time::Instant>>,
     /// Signs run callbacks (`X-Burrow-Signature`).
     callback_key: Arc<Vec<u8>>,
     /// Ids of sandboxes that just stopped running (paused, hibernated, destroyed), so calls
@@ -129,6 +133,8 @@ impl Control {
             domain: None,
             hibernate_below_mib: crate::pool::default_memory_floor_mib(),
             pool_wake: tokio::sync::Notify::new(),
+            creates_in_flight: std::sync::atomic::AtomicUsize::new(0),
+            pool_yield_since: Mutex::new(None),
             callback_key: Arc::new(Vec::new()),
             stopped: tokio::sync::broadcast::channel(1024).0,
         }
@@ -253,6 +259,8 @@ impl Control {
     /// A new sandbox for `user`: claimed from a warm pool when one matches (its context injected),
     /// otherwise built cold at once. Nothing waits for a pool.
     async fn create_now(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
+        // Counted while it runs: the replenisher yields to creates (see `pool::replenish`).
+        let _in_flight = CreateInFlight::start(self);
         let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
         let plan = self
             .plans
@@ -1014,6 +1022,30 @@ impl Control {
         // A paused sandbox's guest is frozen and cannot answer; its live PID 1 is proof enough.
         rec.state == SandboxState::Paused
             || GuestClient::new(runtime.guest_socket).ping().await.is_ok()
+    }
+}
+
+/// One create in flight, for as long as this lives; the last one to end wakes the replenisher.
+struct CreateInFlight<'a>(&'a Control);
+
+impl<'a> CreateInFlight<'a> {
+    fn start(control: &'a Control) -> Self {
+        control
+            .creates_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CreateInFlight(control)
+    }
+}
+
+impl Drop for CreateInFlight<'_> {
+    fn drop(&mut self) {
+        let before = self
+            .0
+            .creates_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if before == 1 {
+            self.0.pool_wake.notify_one();
+        }
     }
 }
 

@@ -15,6 +15,8 @@ const BUILD_CONCURRENCY: usize = 2;
 /// Builds per replenisher round, so a resize or delete is seen between rounds.
 const BUILDS_PER_ROUND: usize = 8;
 pub const MAX_POOL_SIZE: u32 = 1000;
+/// How long the replenisher holds back for creates in flight before it builds anyway.
+const MAX_YIELD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Paused sandboxes start to hibernate when the host has less memory available than this:
 /// a twentieth of its memory.
@@ -161,7 +163,16 @@ impl Control {
 
     /// One replenisher round: builds what each pool lacks (a few at a time) and destroys what a
     /// shrunk pool has too many of. Returns whether there is more to build.
+    ///
+    /// Warm sandboxes are built only while no create is in flight: on a small host a refill
+    /// competes with the creates users are waiting for, and a burst that empties the pool is
+    /// served cold at once either way. The last create of a burst wakes the replenisher, so under
+    /// normal load (creates one at a time) a claimed sandbox is replaced at once; under constant
+    /// load it holds back for a second at most.
     pub async fn replenish(&self) -> Result<bool, ControlError> {
+        if self.creates_busy() {
+            return Ok(false);
+        }
         let counts = self.store().pool_counts()?;
         let mut builds = Vec::new();
         for p in self.store().pools()? {
@@ -186,12 +197,33 @@ impl Control {
         let more = builds.len() > BUILDS_PER_ROUND;
         futures_util::stream::iter(builds.into_iter().take(BUILDS_PER_ROUND))
             .for_each_concurrent(BUILD_CONCURRENCY, |(pool, plan)| async move {
+                if self.creates_busy() {
+                    return;
+                }
                 if let Err(e) = self.build_warm(&pool, &plan).await {
                     warn!(pool = %pool.name, error = %error_chain(&e), "building a warm sandbox failed");
                 }
             })
             .await;
         Ok(more)
+    }
+
+    /// Whether to hold a build back because creates are in flight, for at most [`MAX_YIELD`]:
+    /// under constant load the pool still refills.
+    fn creates_busy(&self) -> bool {
+        let busy = self
+            .creates_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0;
+        let mut since = self
+            .pool_yield_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !busy {
+            *since = None;
+            return false;
+        }
+        since.get_or_insert_with(std::time::Instant::now).elapsed() < MAX_YIELD
     }
 
     async fn build_warm(&self, pool: &PoolRecord, plan: &Plan) -> Result<(), ControlError> {
