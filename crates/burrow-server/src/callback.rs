@@ -36,15 +36,30 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
     if authority.contains('@') {
         return Err(bad("user info is not allowed"));
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| bad("bad port"))?,
-        ),
-        _ => (authority, 80),
+    // `[v6]:port`, `[v6]`, `host:port` or `host`.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            match after {
+                "" => (h, None),
+                _ => (
+                    h,
+                    Some(after.strip_prefix(':').ok_or_else(|| bad("bad port"))?),
+                ),
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        None => 80,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| bad("bad port"))?,
     };
     if host.is_empty() {
         return Err(bad("no host"));
@@ -117,6 +132,12 @@ mod tests {
             }
         );
         assert_eq!(parse_url("http://example.test").unwrap().port, 80);
+        let v6 = parse_url("http://[::1]:9000/h").unwrap();
+        assert_eq!(
+            (v6.host.as_str(), v6.port, v6.path.as_str()),
+            ("::1", 9000, "/h")
+        );
+        assert_eq!(parse_url("http://[::1]").unwrap().port, 80);
         for bad in [
             "https://a/b",
             "ftp://a",
@@ -125,6 +146,8 @@ mod tests {
             "http://a:99999/",
             "http://u@a/",
             "http://a/ b",
+            "http://[::1",
+            "http://[::1]x/",
         ] {
             assert!(parse_url(bad).is_err(), "{bad} accepted");
         }
