@@ -518,11 +518,6 @@ impl Store {
         }
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        let list = pools
-            .iter()
-            .map(|p| format!("'{}'", p.replace('\'', "''")))
-            .collect::<Vec<_>>()
-            .join(", ");
         let raw = tx
             .query_row(
                 &format!(
@@ -531,7 +526,7 @@ impl Store {
                      run = ?10, tool_calls = 0, warm_hit = 1, state = 'starting', \
                      created_at = ?11, updated_at = ?11, started_at = ?12 \
                      WHERE id = (SELECT id FROM sandboxes WHERE owner_id = 'pool' \
-                                 AND pool IN ({list}) AND state = 'running' ORDER BY created_at, id LIMIT 1) \
+                                 AND pool IN (SELECT value FROM json_each(?13)) AND state = 'running' ORDER BY created_at, id LIMIT 1) \
                      RETURNING {SANDBOX_COLUMNS}"
                 ),
                 params![
@@ -547,6 +542,7 @@ impl Store {
                     claim.run.as_ref().map(serde_json::to_string).transpose()?,
                     now_rfc3339(),
                     now_unix(),
+                    serde_json::to_string(pools)?,
                 ],
                 raw_sandbox,
             )

@@ -145,6 +145,9 @@ fn a_warm_sandbox_is_claimed_once_and_only_when_ready() {
     s.set_running("w2", &serde_json::json!({"pid": 2})).unwrap();
     let counts = s.pool_counts().unwrap();
     assert_eq!((counts["p"].ready, counts["p"].starting), (2, 0));
+    // Pool names are bound as a parameter, never pasted into the SQL.
+    let sneaky = ["x') OR ('1'='1".to_string()];
+    assert!(s.claim_warm(&sneaky, &claim_for("u1")).unwrap().is_none());
 
     let a = s.claim_warm(&pools, &claim_for("u1")).unwrap().unwrap();
     let b = s
