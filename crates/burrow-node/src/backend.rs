@@ -108,3 +108,11 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 }
+
+/// `/etc/hosts` of a sandbox called `hostname`, whatever isolates it: written at build, and again
+/// when a warm sandbox is claimed under another name.
+pub fn etc_hosts(hostname: &str) -> String {
+    format!(
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+    )
+}

@@ -6,4 +6,4 @@ pub mod guest;
 pub mod namespace;
 pub mod network;
 
-pub use backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};

@@ -469,7 +469,7 @@ impl Control {
                 guest
                     .write_all(
                         "/etc/hosts",
-                        burrow_node::namespace::etc_hosts(&rec.hostname).as_bytes(),
+                        burrow_node::etc_hosts(&rec.hostname).as_bytes(),
                         Some(0o644),
                     )
                     .await?;
@@ -756,24 +756,14 @@ impl Control {
                     >= self.hot_window.as_secs()
             {
                 info!(sandbox_id = %rec.id, "hot window over; hibernating");
-                let owner = User {
-                    id: rec.owner_id.clone(),
-                    name: String::new(),
-                    plan: String::new(),
-                    is_admin: false,
-                };
+                let owner = owner_of(&rec);
                 self.hibernate_now(&owner, &rec.id).await.map(|_| ())
             } else if let Some(t) = rec.timeout_s.filter(|_| rec.state == SandboxState::Running) {
                 if self.idle_for(&rec.id).as_secs() < t {
                     continue;
                 }
                 info!(sandbox_id = %rec.id, timeout_s = t, action = rec.on_timeout.as_str(), "idle timeout");
-                let owner = User {
-                    id: rec.owner_id.clone(),
-                    name: String::new(),
-                    plan: String::new(),
-                    is_admin: false,
-                };
+                let owner = owner_of(&rec);
                 match rec.on_timeout {
                     // An ephemeral sandbox does not outlive its timeout, whatever it asked for.
                     OnTimeout::Pause if !rec.ephemeral => {
@@ -1074,6 +1064,17 @@ pub struct ReconcileReport {
     pub cleaned: Vec<String>,
 }
 
+/// The owner of a sandbox, for actions the server takes on its own (timeouts, the hot window,
+/// memory pressure): only the id matters to the checks those actions go through.
+pub(crate) fn owner_of(rec: &SandboxRecord) -> User {
+    User {
+        id: rec.owner_id.clone(),
+        name: String::new(),
+        plan: String::new(),
+        is_admin: false,
+    }
+}
+
 fn spec_of(rec: &SandboxRecord) -> SandboxSpec {
     SandboxSpec {
         id: rec.id.clone(),
@@ -1230,6 +1231,44 @@ mod tests {
         for bad in ["", "-a", "a-", "a.b", "a b", &"x".repeat(64)] {
             assert!(validate_hostname(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn create_files_and_runs_are_bounded() {
+        let one = BTreeMap::from([("notes.md".to_string(), "hi".to_string())]);
+        assert!(validate_files(&one).is_ok());
+        let many: BTreeMap<_, _> = (0..=MAX_FILES)
+            .map(|i| (format!("f{i}"), String::new()))
+            .collect();
+        assert!(validate_files(&many).is_err());
+        let big = BTreeMap::from([("f".to_string(), "x".repeat(MAX_FILES_BYTES))]);
+        assert!(validate_files(&big).is_err());
+        for bad in ["", "a\0b"] {
+            let m = BTreeMap::from([(bad.to_string(), String::new())]);
+            assert!(validate_files(&m).is_err(), "{bad:?} accepted");
+        }
+
+        assert!(validate_run(&RunSpec::default()).is_ok());
+        let long_task = RunSpec {
+            task: "x".repeat(MAX_TASK_BYTES + 1),
+            ..Default::default()
+        };
+        assert!(validate_run(&long_task).is_err());
+        let tokens = RunSpec {
+            memory_tokens: vec![String::new(); MAX_MEMORY_TOKENS + 1],
+            ..Default::default()
+        };
+        assert!(validate_run(&tokens).is_err());
+        let bad_env = RunSpec {
+            env: BTreeMap::from([("A=B".to_string(), String::new())]),
+            ..Default::default()
+        };
+        assert!(validate_run(&bad_env).is_err());
+        let https = RunSpec {
+            callback_url: Some("https://hooks.test/x".into()),
+            ..Default::default()
+        };
+        assert!(validate_run(&https).is_err());
     }
 
     #[test]

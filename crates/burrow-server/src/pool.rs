@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tracing::{info, warn};
 
 use crate::auth::new_id;
-use crate::control::{error_chain, Control, ControlError, DEFAULT_IMAGE};
+use crate::control::{error_chain, owner_of, Control, ControlError, DEFAULT_IMAGE};
 
 /// Warm sandboxes built at once: a refill must not starve user creates on a small host.
 const BUILD_CONCURRENCY: usize = 2;
@@ -305,13 +305,7 @@ impl Control {
             return;
         };
         info!(sandbox_id = %rec.id, available_mib = avail, floor_mib = self.hibernate_below_mib, "memory pressure; hibernating");
-        let owner = burrow_store::User {
-            id: rec.owner_id.clone(),
-            name: String::new(),
-            plan: String::new(),
-            is_admin: false,
-        };
-        if let Err(e) = self.hibernate_now(&owner, &rec.id).await {
+        if let Err(e) = self.hibernate_now(&owner_of(&rec), &rec.id).await {
             warn!(sandbox_id = %rec.id, error = %error_chain(&e), "hibernating under memory pressure failed");
         }
     }

@@ -125,7 +125,7 @@ fn build(root: &Path) -> io::Result<()> {
     std::fs::write(etc.join("passwd"), PASSWD)?;
     std::fs::write(etc.join("group"), GROUP)?;
     std::fs::write(etc.join("hostname"), "sandbox\n")?;
-    std::fs::write(etc.join("hosts"), hosts("sandbox"))?;
+    std::fs::write(etc.join("hosts"), crate::backend::etc_hosts("sandbox"))?;
     // Only loopback exists until the networking issue gives sandboxes a route out.
     std::fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n")?;
     std::fs::write(etc.join("nsswitch.conf"), "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n")?;
@@ -136,13 +136,6 @@ fn build(root: &Path) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `/etc/hosts` for a sandbox called `hostname`.
-pub fn hosts(hostname: &str) -> String {
-    format!(
-        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
-    )
 }
 
 /// Copies files, directories and symlinks (as links), keeping permission bits.

@@ -24,7 +24,7 @@ use burrow_types::Limits;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
-use super::image::{hosts, USER_UID};
+use super::image::USER_UID;
 
 /// What the backend sends `__init` on stdin.
 #[derive(Debug, Serialize, Deserialize)]
@@ -210,7 +210,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     own_image_dirs(&req.image_root, &root, base, user)?;
     let mut etc = vec![
         ("etc/hostname", format!("{}\n", req.hostname)),
-        ("etc/hosts", hosts(&req.hostname)),
+        ("etc/hosts", crate::backend::etc_hosts(&req.hostname)),
     ];
     if let Some(net) = &req.net {
         etc.push(("etc/resolv.conf", resolv_conf(net)));

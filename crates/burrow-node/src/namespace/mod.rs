@@ -23,7 +23,6 @@ pub mod init;
 
 /// The `system` image's root under a data directory (also what `burrow bench` gives its peers).
 pub use image::ensure_system_image;
-pub use image::hosts as etc_hosts;
 
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
 const UID_BASE: u32 = 0x1000_0000;
