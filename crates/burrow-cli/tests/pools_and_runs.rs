@@ -574,6 +574,23 @@ async fn pool_changes_are_for_admins_and_bad_specs_are_refused() {
         admin.create(&bad_run).await.unwrap_err().code(),
         Some("bad_request")
     );
+    let zero_timeout = CreateSandbox {
+        timeout_s: Some(0),
+        ..tiny()
+    };
+    let too_many_files = CreateSandbox {
+        files: (0..65).map(|i| (format!("f{i}"), String::new())).collect(),
+        ..tiny()
+    };
+    for bad in [zero_timeout, too_many_files] {
+        assert_eq!(
+            admin.create(&bad).await.unwrap_err().code(),
+            Some("bad_request")
+        );
+    }
+    // Refused before anything was built.
+    assert!(admin.list().await.unwrap().is_empty());
+    assert!(srv.host_sandbox_dirs().is_empty());
     drop(srv);
 }
 
