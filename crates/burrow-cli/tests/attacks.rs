@@ -7,18 +7,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use burrow_client::Client;
-use burrow_types::{CreateSandbox, ExecRequest, ExecResult};
+use burrow_types::{CreateSandbox, ExecRequest};
 use common::*;
 use reqwest::{Method, StatusCode};
-
-async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
-    let req = ExecRequest {
-        cmd: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],
-        timeout_ms: Some(120_000),
-        ..Default::default()
-    };
-    c.exec(id, &req).await.unwrap()
-}
 
 async fn setup() -> Option<(TestServer, Client, String)> {
     if !require_root("starting sandboxes") {

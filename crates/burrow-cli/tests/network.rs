@@ -42,17 +42,7 @@ print("".join("1" if r else "0" for r in res))
 "#,
         list.join(",")
     );
-    let r = c
-        .exec(
-            id,
-            &ExecRequest {
-                cmd: vec!["/usr/bin/python3".into(), "-c".into(), code],
-                timeout_ms: Some(60_000),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let r = py(c, id, &code).await;
     assert_eq!(r.exit_code, Some(0), "probe failed: {}", r.stderr);
     r.stdout.trim().chars().map(|c| c == '1').collect()
 }
@@ -76,17 +66,7 @@ except Exception:
     print("")
 "#
     );
-    let r = c
-        .exec(
-            id,
-            &ExecRequest {
-                cmd: vec!["/usr/bin/python3".into(), "-c".into(), code],
-                timeout_ms: Some(60_000),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let r = py(c, id, &code).await;
     r.stdout.contains("tls-ok")
 }
 

@@ -392,3 +392,15 @@ pub async fn run(c: &Client, id: &str, script: &str) -> ExecResult {
         .await
         .unwrap_or_else(|e| panic!("exec {script:?}: {e}"))
 }
+
+/// Runs Debian's python3 with `code` in a sandbox.
+pub async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
+    let req = ExecRequest {
+        cmd: vec!["/usr/bin/python3".into(), "-c".into(), code.into()],
+        timeout_ms: Some(120_000),
+        ..Default::default()
+    };
+    c.exec(id, &req)
+        .await
+        .unwrap_or_else(|e| panic!("python in {id}: {e}"))
+}
