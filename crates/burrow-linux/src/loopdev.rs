@@ -1,14 +1,21 @@
 //! Loop devices: a file attached as a block device, so an ext4 image can be mounted as a
 //! size-limited disk. Attached with LO_FLAGS_AUTOCLEAR: the kernel detaches the device by itself
 //! when its last user (the mount) goes away, so a crashed or killed sandbox leaks no device.
+//!
+//! An image is never attached twice: two ext4 mounts of one image through two devices corrupt it.
+//! [`attach`] checks every loop device's backing file by device and inode number (not by path: a
+//! path can be spelled many ways, and `backing_file` is only text) under the same lock it takes to
+//! pick a free device, so two attaches of one image by burrow processes cannot both pass.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_NAME_SIZE: usize = 64;
 
@@ -46,11 +53,17 @@ pub struct LoopDevice {
     _dev: File,
 }
 
-/// Attaches `image` to a free loop device.
 const TRIES: u32 = 32;
 
+/// Attaches `image` to a free loop device. Fails with [`io::ErrorKind::ResourceBusy`] when a loop
+/// device already has this very file (same device and inode) attached: the image is in use.
 pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
+    let st = nix::sys::stat::fstat(backing.as_raw_fd()).map_err(io::Error::from)?;
+    let inode = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
     let ctl = OpenOptions::new()
         .read(true)
         .write(true)
@@ -61,6 +74,14 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(ctl.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    // Checked under the lock: another burrow attaching the same image waits for this one, then
+    // sees its device.
+    if let Some(dev) = devices_backing(inode).into_iter().next() {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{} is already attached to {dev}", image.display()),
+        ));
     }
     // Another program (losetup) may still take the free device between GET_FREE and CONFIGURE:
     // retry then.
@@ -98,6 +119,62 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     ))
 }
 
+/// A file's identity: its device and inode numbers, however its path is spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (following symlinks, like the attach that opened it).
+    pub fn of(path: &Path) -> io::Result<FileId> {
+        let st = nix::sys::stat::stat(path).map_err(io::Error::from)?;
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+}
+
+/// Names (`/dev/loopN`) of the loop devices whose backing file is `file`, asked of each device
+/// with `LOOP_GET_STATUS64` (the kernel's record of the backing inode).
+pub fn devices_backing(file: FileId) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for name in rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("loop"))
+    {
+        // Unbound devices have no `loop/backing_file`; skip them without opening anything.
+        if !Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists() {
+            continue;
+        }
+        let path = format!("/dev/{name}");
+        // Read-only and non-blocking: asking for status needs no more, and opening for writing
+        // would count as a user of the device.
+        let Ok(dev) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&path)
+        else {
+            continue;
+        };
+        // SAFETY: LoopInfo64 is plain old data; all-zero is a valid value.
+        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+        // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64, which LoopInfo64 lays out.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
+        // ENXIO: detached since the listing.
+        if r == 0 && info.lo_device == file.dev && info.lo_inode == file.ino {
+            found.push(path);
+        }
+    }
+    found
+}
+
 /// Loop devices whose backing file path contains `needle` (for leak checks and clean-up).
 pub fn devices_backed_by(needle: &str) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir("/sys/block") else {
@@ -117,6 +194,48 @@ pub fn devices_backed_by(needle: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Needs root (loop devices): an image attached once cannot be attached again, whatever path
+    /// names it, and is free again once its device is gone.
+    #[test]
+    fn an_image_is_never_attached_twice() {
+        if !rustix_is_root() {
+            eprintln!("skipping: attaching loop devices needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let first = attach(&img).unwrap();
+        let id = FileId::of(&img).unwrap();
+        assert_eq!(devices_backing(id), [first.path.display().to_string()]);
+        // Another spelling of the same file: a symlink and a hard link.
+        let sym = dir.path().join("sym.img");
+        std::os::unix::fs::symlink(&img, &sym).unwrap();
+        let hard = dir.path().join("hard.img");
+        std::fs::hard_link(&img, &hard).unwrap();
+        for other in [&img, &sym, &hard] {
+            let err = attach(other).err().expect("attached twice");
+            assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        }
+        // Autoclear: with our handle closed and nothing mounted, the device detaches itself.
+        drop(first);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !devices_backing(id).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "device never detached");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let again = attach(&hard).unwrap();
+        drop(again);
+    }
+
+    fn rustix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
 
     #[test]
     fn layouts_match_the_kernel_headers() {
