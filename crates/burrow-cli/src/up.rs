@@ -32,6 +32,21 @@ pub struct UpArgs {
     /// (MiB; default a twentieth of the host's memory).
     #[arg(long, env = "BURROW_HIBERNATE_BELOW_MIB")]
     hibernate_below_mib: Option<u64>,
+    /// Refuse creates and uploads (507, with Retry-After) while the data filesystem has less
+    /// free than this, in MiB (default: 5% of it, between 256 MiB and 10 GiB).
+    #[arg(long, env = "BURROW_MIN_FREE_MIB")]
+    min_free_mib: Option<u64>,
+    /// Sandbox disks are sparse: together they may promise this many times the data
+    /// filesystem's size (default 20: 5,000 disks of 1 GiB on 256 GiB).
+    #[arg(long, env = "BURROW_DISK_OVERCOMMIT", value_parser = positive_ratio)]
+    disk_overcommit: Option<f64>,
+}
+
+fn positive_ratio(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> Result<T> {
@@ -76,6 +91,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             None => Vec::new(),
         },
         hibernate_below_mib: args.hibernate_below_mib,
+        min_free_mib: args.min_free_mib,
+        disk_overcommit: args.disk_overcommit,
     })
     .await
     .context("starting the server")?;

@@ -225,7 +225,10 @@ mod tests {
         drop(first);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !devices_backing(id).is_empty() {
-            assert!(std::time::Instant::now() < deadline, "device never detached");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "device never detached"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let again = attach(&hard).unwrap();

@@ -40,6 +40,11 @@ pub struct ServerConfig {
     /// Paused sandboxes hibernate early while the host has less memory available than this
     /// (MiB); a twentieth of the host's memory when unset.
     pub hibernate_below_mib: Option<u64>,
+    /// Creates and uploads are refused (`507`) while the data filesystem has less free than
+    /// this (MiB); default 5% of it, between 256 MiB and 10 GiB.
+    pub min_free_mib: Option<u64>,
+    /// Sandbox disks (sparse) may promise this many times the data filesystem's size.
+    pub disk_overcommit: Option<f64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +145,11 @@ impl Server {
         if let Some(mib) = cfg.hibernate_below_mib {
             control = control.with_hibernate_below_mib(mib);
         }
+        control = control.with_storage(control::storage::StorageGuard::new(
+            cfg.data_dir.clone(),
+            cfg.min_free_mib,
+            cfg.disk_overcommit,
+        ));
         // The egress proxy's port is taken before any sandbox could be redirected to it.
         let mut egress = None;
         if let Some(net) = cfg.network.clone() {
@@ -174,6 +184,9 @@ impl Server {
             lost = report.lost.len(),
             interrupted = report.interrupted.len(),
             cleaned = report.cleaned.len(),
+            finished_deletes = report.finished.len(),
+            rolled_back = report.rolled_back.len(),
+            orphans = report.orphans.len(),
             "reconciled sandboxes with the host"
         );
         let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -67,6 +67,9 @@ const MIGRATIONS: &[&str] = &[
         VALUES ('pool', '(warm pool)', 'free', 0, '1970-01-01T00:00:00Z');",
     // 5: network settings (egress policy, public ports) as JSON.
     "ALTER TABLE sandboxes ADD COLUMN network TEXT;",
+    // 6: the lifecycle transition in flight (pausing, resuming, hibernating, destroying), written
+    // before the host is touched so that reconcile can finish or undo it after a crash.
+    "ALTER TABLE sandboxes ADD COLUMN intent TEXT;",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

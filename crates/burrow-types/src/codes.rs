@@ -34,3 +34,7 @@ pub const RUN_ENDED: &str = "run_ended";
 pub const NO_RUN: &str = "no_run";
 pub const UNKNOWN_POOL: &str = "unknown_pool";
 pub const SANDBOX_DESTROYED: &str = "sandbox_destroyed";
+/// The host's data filesystem is (nearly) full, or sandbox disks would promise more than it may.
+pub const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
+/// A resume could not start the sandbox; its files are kept and a later resume may succeed.
+pub const RESUME_FAILED: &str = "resume_failed";

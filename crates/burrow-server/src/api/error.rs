@@ -46,7 +46,15 @@ impl IntoResponse for HttpError {
         if self.status.is_server_error() {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
-        (self.status, Json(self.body())).into_response()
+        let mut resp = (self.status, Json(self.body())).into_response();
+        // Full is temporary: say when to come back.
+        if self.status == StatusCode::INSUFFICIENT_STORAGE {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                crate::control::storage::RETRY_AFTER_S.into(),
+            );
+        }
+        resp
     }
 }
 
@@ -145,6 +153,29 @@ impl From<ControlError> for HttpError {
                 HttpError::new(S::NOT_FOUND, codes::UNKNOWN_POOL, e.to_string())
             }
             ControlError::Guest(g) => g.into(),
+            ControlError::InsufficientStorage(why) => {
+                let mut e = HttpError::new(
+                    S::INSUFFICIENT_STORAGE,
+                    codes::INSUFFICIENT_STORAGE,
+                    why.message.clone(),
+                );
+                e.details = serde_json::to_value(&why).ok();
+                e
+            }
+            ControlError::ResumeFailed(why) => {
+                let mut e = HttpError::new(
+                    S::INTERNAL_SERVER_ERROR,
+                    codes::RESUME_FAILED,
+                    why.message.clone(),
+                );
+                e.details = serde_json::to_value(&why).ok();
+                e
+            }
+            ref e if crate::control::is_storage_full(e) => HttpError::new(
+                S::INSUFFICIENT_STORAGE,
+                codes::INSUFFICIENT_STORAGE,
+                format!("the host's data filesystem is full: {}", error_chain(e)),
+            ),
             other => HttpError::new(
                 S::INTERNAL_SERVER_ERROR,
                 codes::INTERNAL,
