@@ -404,3 +404,24 @@ pub async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
         .await
         .unwrap_or_else(|e| panic!("python in {id}: {e}"))
 }
+
+impl TestServer {
+    /// A server on a data directory the test prepared (e.g. a small filesystem it mounted),
+    /// with extra environment and `burrow up` arguments. The directory is the caller's to
+    /// remove, after this server is dropped.
+    pub async fn start_on_data(data: PathBuf, env: &[(&str, &str)], args: &[&str]) -> TestServer {
+        sweep_dead_runs();
+        let mut s = Self::start_unspawned();
+        s.data = data;
+        let listen = format!("127.0.0.1:{}", free_port());
+        s.url = format!("http://{listen}");
+        s.listen = listen;
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.args = args.iter().map(|a| a.to_string()).collect();
+        s.spawn().await;
+        s
+    }
+}

@@ -132,6 +132,9 @@ impl NamespaceBackend {
         };
         let reply = match self.run_init(spec) {
             Ok(r) => r,
+            // Refused before anything was made: the disk is someone else's now (their
+            // processes, their loop device), and waiting for it to detach would wait for them.
+            Err(e @ NodeError::DiskBusy(_)) => return Err(e),
             Err(e) => {
                 undo(None);
                 return Err(e);
