@@ -120,7 +120,7 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
 }
 
 /// A file's identity: its device and inode numbers, however its path is spelled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileId {
     pub dev: u64,
     pub ino: u64,
@@ -140,6 +140,16 @@ impl FileId {
 /// Names (`/dev/loopN`) of the loop devices whose backing file is `file`, asked of each device
 /// with `LOOP_GET_STATUS64` (the kernel's record of the backing inode).
 pub fn devices_backing(file: FileId) -> Vec<String> {
+    attached()
+        .into_iter()
+        .filter(|(_, f)| *f == file)
+        .map(|(dev, _)| dev)
+        .collect()
+}
+
+/// Every bound loop device (`/dev/loopN`) with its backing file's identity: one pass over the
+/// devices, for callers that check many images at once.
+pub fn attached() -> Vec<(String, FileId)> {
     let Ok(rd) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
     };
@@ -168,8 +178,12 @@ pub fn devices_backing(file: FileId) -> Vec<String> {
         // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64, which LoopInfo64 lays out.
         let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
         // ENXIO: detached since the listing.
-        if r == 0 && info.lo_device == file.dev && info.lo_inode == file.ino {
-            found.push(path);
+        if r == 0 {
+            let file = FileId {
+                dev: info.lo_device,
+                ino: info.lo_inode,
+            };
+            found.push((path, file));
         }
     }
     found

@@ -112,10 +112,15 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Whether anything of the sandbox is active on the host: a process, or its disk attached.
-    /// A hibernated sandbox must have neither.
+    /// Whether any process of the sandbox runs on the host (a hibernated one must have none).
     fn active(&self, _id: &str) -> bool {
         false
+    }
+
+    /// Ids of this node's sandboxes whose disk is attached now, found in one pass (reconcile
+    /// asks once for every sandbox).
+    fn disks_in_use(&self) -> Vec<String> {
+        Vec::new()
     }
 
     /// Rewrites a running sandbox's resource limits (a warm sandbox claimed with another plan's

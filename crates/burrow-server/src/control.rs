@@ -1142,9 +1142,18 @@ impl Control {
         let mut keep = HashSet::new();
         let intents = self.store.intents()?;
         let pools: HashSet<String> = self.store.pools()?.into_iter().map(|p| p.name).collect();
+        let backend = self.backend.clone();
+        let attached: HashSet<String> = tokio::task::spawn_blocking(move || backend.disks_in_use())
+            .await?
+            .into_iter()
+            .collect();
         for rec in self.store.live_sandboxes()? {
             let intent = intents.get(&rec.id).copied();
-            match self.reconcile_one(&rec, intent, &pools, &mut report).await {
+            let disk_attached = attached.contains(&rec.id);
+            match self
+                .reconcile_one(&rec, intent, disk_attached, &pools, &mut report)
+                .await
+            {
                 Ok(true) => {
                     keep.insert(rec.id.clone());
                 }
@@ -1178,6 +1187,7 @@ impl Control {
         &self,
         rec: &SandboxRecord,
         intent: Option<Intent>,
+        disk_attached: bool,
         pools: &HashSet<String>,
         report: &mut ReconcileReport,
     ) -> Result<bool, ControlError> {
@@ -1222,7 +1232,7 @@ impl Control {
                 let backend = self.backend.clone();
                 let id2 = id.clone();
                 let active = tokio::task::spawn_blocking(move || backend.active(&id2)).await?;
-                if active || intent.is_some() {
+                if active || disk_attached || intent.is_some() {
                     self.stop_on_host(&id, None).await?;
                     self.store.set_hibernated(&id)?;
                     report.rolled_back.push(id);

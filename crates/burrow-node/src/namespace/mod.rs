@@ -329,7 +329,22 @@ impl Backend for NamespaceBackend {
     }
 
     fn active(&self, id: &str) -> bool {
-        !self.cgroups.procs(id).is_empty() || !self.disk_devices(id).is_empty()
+        !self.cgroups.procs(id).is_empty()
+    }
+
+    fn disks_in_use(&self) -> Vec<String> {
+        let attached: std::collections::HashSet<loopdev::FileId> =
+            loopdev::attached().into_iter().map(|(_, f)| f).collect();
+        if attached.is_empty() {
+            return Vec::new();
+        }
+        self.host_sandboxes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| {
+                loopdev::FileId::of(&self.disk_of(id)).is_ok_and(|f| attached.contains(&f))
+            })
+            .collect()
     }
 
     fn resume(&self, id: &str) -> Result<(), NodeError> {
