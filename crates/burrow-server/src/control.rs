@@ -412,14 +412,17 @@ impl Control {
             Err(e) => {
                 // `create` left nothing of a new sandbox on the host.
                 warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
-                let why = reason(
-                    codes::INTERNAL,
-                    format!("create failed: {}", error_chain(&e)),
-                );
+                let e = ControlError::from(e);
+                let code = if is_storage_full(&e) {
+                    codes::INSUFFICIENT_STORAGE
+                } else {
+                    codes::INTERNAL
+                };
+                let why = reason(code, format!("create failed: {}", error_chain(&e)));
                 if let Err(se) = self.store.set_error(&id, &why) {
                     warn!(sandbox_id = %id, error = %error_chain(&se), "recording the failure; reconcile cleans the row");
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         // The runtime is recorded first, so a crash from here on finds the computer by its pid.
