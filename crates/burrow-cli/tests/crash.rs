@@ -36,6 +36,21 @@ fn small_plans() -> tempfile::NamedTempFile {
     plans
 }
 
+/// A server with the small plan; keep the file as long as the server.
+async fn small_server() -> (TestServer, tempfile::NamedTempFile) {
+    let plans = small_plans();
+    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    (srv, plans)
+}
+
+fn small_pool(size: u32) -> PoolSpec {
+    PoolSpec {
+        image: None,
+        plan: Some("small".into()),
+        size,
+    }
+}
+
 fn small() -> CreateSandbox {
     CreateSandbox {
         plan: Some("small".into()),
@@ -163,8 +178,7 @@ async fn a_failed_cold_resume_keeps_the_disk_byte_for_byte_and_says_why() {
     if !require_root("starting sandboxes") {
         return;
     }
-    let plans = small_plans();
-    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let (srv, _plans) = small_server().await;
     let c = srv.client();
     let id = c.create(&small()).await.unwrap().id;
     ok_sh(
@@ -362,9 +376,7 @@ async fn kill_9_at_seeded_random_points_of_every_transition_leaves_state_true_an
         .unwrap_or(24);
     eprintln!("crash seed {seed} ({rounds} rounds); replay with BURROW_CRASH_SEED={seed}");
     let mut rng = Rng(seed);
-    let plans = small_plans();
-    let mut srv =
-        TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let (mut srv, _plans) = small_server().await;
     let c = srv.client();
     // Files each sandbox must still hold: written by commands that finished before the crash.
     let mut files: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -768,16 +780,9 @@ async fn deleting_a_pool_while_it_builds_leaves_no_warm_sandbox_behind() {
     if !require_root("starting sandboxes") {
         return;
     }
-    let plans = small_plans();
-    let mut srv =
-        TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let (mut srv, _plans) = small_server().await;
     let c = srv.client();
-    let spec = PoolSpec {
-        image: None,
-        plan: Some("small".into()),
-        size: 8,
-    };
-    c.put_pool("doomed", &spec).await.unwrap();
+    c.put_pool("doomed", &small_pool(8)).await.unwrap();
     // The replenisher is building when the pool goes.
     assert!(wait_pool(&c, "doomed", |ready, starting| ready + starting >= 1).await);
     c.delete_pool("doomed").await.unwrap();
@@ -809,17 +814,10 @@ async fn reconcile_drops_warm_sandboxes_of_pools_that_no_longer_exist() {
     if !require_root("starting sandboxes") {
         return;
     }
-    let plans = small_plans();
-    let mut srv =
-        TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let (mut srv, _plans) = small_server().await;
     let c = srv.client();
-    let spec = |size| PoolSpec {
-        image: None,
-        plan: Some("small".into()),
-        size,
-    };
-    c.put_pool("gone", &spec(2)).await.unwrap();
-    c.put_pool("kept", &spec(1)).await.unwrap();
+    c.put_pool("gone", &small_pool(2)).await.unwrap();
+    c.put_pool("kept", &small_pool(1)).await.unwrap();
     assert!(wait_pool(&c, "gone", |ready, _| ready == 2).await);
     assert!(wait_pool(&c, "kept", |ready, _| ready == 1).await);
     let warm = srv.host_sandbox_dirs();

@@ -60,17 +60,7 @@ impl TestServer {
 
     /// A server with extra environment (e.g. `BURROW_PLANS`).
     pub async fn start_with_env(env: &[(&str, &str)]) -> TestServer {
-        sweep_dead_runs();
-        let mut s = Self::start_unspawned();
-        let listen = format!("127.0.0.1:{}", free_port());
-        s.url = format!("http://{listen}");
-        s.listen = listen;
-        s.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        s.spawn().await;
-        s
+        Self::start_with(None, env, &[]).await
     }
 
     /// A server with sandbox networking, inside a world of network namespaces made for this test
@@ -410,9 +400,16 @@ impl TestServer {
     /// with extra environment and `burrow up` arguments. The directory is the caller's to
     /// remove, after this server is dropped.
     pub async fn start_on_data(data: PathBuf, env: &[(&str, &str)], args: &[&str]) -> TestServer {
+        Self::start_with(Some(data), env, args).await
+    }
+
+    /// A server on a loopback port, on `data` (or a fresh temporary data directory).
+    async fn start_with(data: Option<PathBuf>, env: &[(&str, &str)], args: &[&str]) -> TestServer {
         sweep_dead_runs();
         let mut s = Self::start_unspawned();
-        s.data = data;
+        if let Some(data) = data {
+            s.data = data;
+        }
         let listen = format!("127.0.0.1:{}", free_port());
         s.url = format!("http://{listen}");
         s.listen = listen;

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use burrow_node::guest::GuestError;
-use burrow_types::{codes, ApiError};
+use burrow_types::{codes, ApiError, ErrorReason};
 
 use crate::control::{error_chain, ControlError};
 
@@ -26,6 +26,13 @@ impl HttpError {
             message: message.into(),
             details: None,
         }
+    }
+
+    /// An error whose structured reason (a limit, a failed resume) goes in `details`.
+    pub fn with_reason(status: StatusCode, code: &'static str, why: &ErrorReason) -> Self {
+        let mut e = HttpError::new(status, code, why.message.clone());
+        e.details = serde_json::to_value(why).ok();
+        e
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -132,13 +139,7 @@ impl From<ControlError> for HttpError {
                 HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())
             }
             ControlError::ToolCallsExceeded(why) => {
-                let mut e = HttpError::new(
-                    S::TOO_MANY_REQUESTS,
-                    codes::TOOL_ITERATIONS_EXCEEDED,
-                    why.message.clone(),
-                );
-                e.details = serde_json::to_value(&why).ok();
-                e
+                HttpError::with_reason(S::TOO_MANY_REQUESTS, codes::TOOL_ITERATIONS_EXCEEDED, &why)
             }
             e @ ControlError::Interrupted(_) => {
                 HttpError::new(S::CONFLICT, codes::SANDBOX_NOT_RUNNING, e.to_string())
@@ -154,22 +155,10 @@ impl From<ControlError> for HttpError {
             }
             ControlError::Guest(g) => g.into(),
             ControlError::InsufficientStorage(why) => {
-                let mut e = HttpError::new(
-                    S::INSUFFICIENT_STORAGE,
-                    codes::INSUFFICIENT_STORAGE,
-                    why.message.clone(),
-                );
-                e.details = serde_json::to_value(&why).ok();
-                e
+                HttpError::with_reason(S::INSUFFICIENT_STORAGE, codes::INSUFFICIENT_STORAGE, &why)
             }
             ControlError::ResumeFailed(why) => {
-                let mut e = HttpError::new(
-                    S::INTERNAL_SERVER_ERROR,
-                    codes::RESUME_FAILED,
-                    why.message.clone(),
-                );
-                e.details = serde_json::to_value(&why).ok();
-                e
+                HttpError::with_reason(S::INTERNAL_SERVER_ERROR, codes::RESUME_FAILED, &why)
             }
             ref e if crate::control::is_storage_full(e) => HttpError::new(
                 S::INSUFFICIENT_STORAGE,
