@@ -173,6 +173,17 @@ async fn state_matches_host(srv: &TestServer, c: &Client, sb: &Sandbox) -> Resul
 
 // ---- item 1: a failed resume keeps the disk ----
 
+/// A loop device of the test's, detached when dropped (also when an assertion fails first).
+struct Detach(String);
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_cold_resume_keeps_the_disk_byte_for_byte_and_says_why() {
     if !require_root("starting sandboxes") {
@@ -223,11 +234,9 @@ async fn a_failed_cold_resume_keeps_the_disk_byte_for_byte_and_says_why() {
         .output()
         .unwrap();
     assert_ok(&held);
-    let held = stdout(&held).trim().to_string();
+    let held = Detach(stdout(&held).trim().to_string());
     let err = within("resume", c.resume(&id)).await.unwrap_err();
-    let _ = std::process::Command::new("losetup")
-        .args(["-d", &held])
-        .status();
+    drop(held);
     assert_eq!(err.code(), Some("resume_failed"), "{err}");
     let sb = c.get(&id).await.unwrap();
     assert_eq!(sb.state, SandboxState::Hibernated, "{sb:?}");

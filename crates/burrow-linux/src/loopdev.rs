@@ -3,19 +3,17 @@
 //! when its last user (the mount) goes away, so a crashed or killed sandbox leaks no device.
 //!
 //! An image is never attached twice: two ext4 mounts of one image through two devices corrupt it.
-//! [`attach`] checks every loop device's backing file by device and inode number (not by path: a
-//! path can be spelled many ways, and `backing_file` is only text) under the same lock it takes to
-//! pick a free device, so two attaches of one image by burrow processes cannot both pass.
+//! [`attach`] checks every loop device's backing file by device and inode number (not by the path
+//! string: a path can be spelled many ways) under the same lock it takes to pick a free device, so
+//! two attaches of one image by burrow processes cannot both pass.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
-const LOOP_GET_STATUS64: libc::c_ulong = 0x4C05;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 const LO_NAME_SIZE: usize = 64;
 
@@ -137,8 +135,7 @@ impl FileId {
     }
 }
 
-/// Names (`/dev/loopN`) of the loop devices whose backing file is `file`, asked of each device
-/// with `LOOP_GET_STATUS64` (the kernel's record of the backing inode).
+/// Names (`/dev/loopN`) of the loop devices whose backing file is `file` (see [`attached`]).
 pub fn devices_backing(file: FileId) -> Vec<String> {
     attached()
         .into_iter()
@@ -149,6 +146,12 @@ pub fn devices_backing(file: FileId) -> Vec<String> {
 
 /// Every bound loop device (`/dev/loopN`) with its backing file's identity: one pass over the
 /// devices, for callers that check many images at once.
+///
+/// The identity is the device and inode of the file `backing_file` names. The kernel writes that
+/// path from the open file itself (`d_path`), so it is the file's current path however the image
+/// was spelled at attach, and a file renamed or replaced since shows as `(deleted)` (and matches
+/// nothing). The devices themselves are never opened: an open of a loop device racing with the
+/// last close of its mount can leave an autoclear device attached with no user, forever.
 pub fn attached() -> Vec<(String, FileId)> {
     let Ok(rd) = std::fs::read_dir("/sys/block") else {
         return Vec::new();
@@ -159,31 +162,17 @@ pub fn attached() -> Vec<(String, FileId)> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with("loop"))
     {
-        // Unbound devices have no `loop/backing_file`; skip them without opening anything.
-        if !Path::new(&format!("/sys/block/{name}/loop/backing_file")).exists() {
-            continue;
-        }
-        let path = format!("/dev/{name}");
-        // Read-only and non-blocking: asking for status needs no more, and opening for writing
-        // would count as a user of the device.
-        let Ok(dev) = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
+        // Unbound devices have no `loop/backing_file`.
+        let Ok(text) = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
         else {
             continue;
         };
-        // SAFETY: LoopInfo64 is plain old data; all-zero is a valid value.
-        let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
-        // SAFETY: LOOP_GET_STATUS64 writes one struct loop_info64, which LoopInfo64 lays out.
-        let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_GET_STATUS64, &mut info) };
-        // ENXIO: detached since the listing.
-        if r == 0 {
-            let file = FileId {
-                dev: info.lo_device,
-                ino: info.lo_inode,
-            };
-            found.push((path, file));
+        let path = text.trim_end_matches('\n');
+        if path.ends_with(" (deleted)") {
+            continue;
+        }
+        if let Ok(file) = FileId::of(Path::new(path)) {
+            found.push((format!("/dev/{name}"), file));
         }
     }
     found
@@ -247,6 +236,82 @@ mod tests {
         }
         let again = attach(&hard).unwrap();
         drop(again);
+    }
+
+    /// Needs root: images attached, mounted and released over and over while other threads
+    /// scan the devices. Every attach works and every device detaches by itself: a scan that
+    /// opened the devices could keep one attached forever (seen when it did).
+    #[test]
+    fn scanning_never_keeps_a_device_attached() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        if !rustix_is_root() {
+            eprintln!("skipping: attaching loop devices and mounting need root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let scanners: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = attached();
+                    }
+                })
+            })
+            .collect();
+        let workers: Vec<_> = (0..3)
+            .map(|i| {
+                let img = dir.path().join(format!("img{i}"));
+                let mnt = dir.path().join(format!("m{i}"));
+                std::fs::create_dir(&mnt).unwrap();
+                std::fs::File::create(&img)
+                    .unwrap()
+                    .set_len(16 << 20)
+                    .unwrap();
+                let mkfs = std::process::Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&img)
+                    .status()
+                    .unwrap();
+                assert!(mkfs.success());
+                std::thread::spawn(move || {
+                    let id = FileId::of(&img).unwrap();
+                    for _ in 0..40 {
+                        let lo = attach(&img).unwrap();
+                        nix::mount::mount(
+                            Some(&lo.path),
+                            &mnt,
+                            Some("ext4"),
+                            nix::mount::MsFlags::empty(),
+                            None::<&str>,
+                        )
+                        .unwrap();
+                        drop(lo);
+                        nix::mount::umount(&mnt).unwrap();
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(10);
+                        while !devices_backing(id).is_empty() {
+                            assert!(
+                                std::time::Instant::now() < deadline,
+                                "{} stayed attached",
+                                img.display()
+                            );
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let results: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        stop.store(true, Ordering::Relaxed);
+        for s in scanners {
+            s.join().unwrap();
+        }
+        for r in results {
+            r.unwrap();
+        }
     }
 
     fn rustix_is_root() -> bool {
