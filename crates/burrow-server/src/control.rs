@@ -959,9 +959,16 @@ impl Control {
                     let _ = self.store.set_intent(id, None);
                     return Err(e.into());
                 }
-                // A crash (or a store error) before this line leaves `paused` + `resuming`
-                // with thawed processes: reconcile finishes the resume.
-                self.store.set_state(id, SandboxState::Running)?;
+                // A crash before this line leaves `paused` + `resuming` with thawed processes:
+                // reconcile finishes the resume. A store that cannot record it (a full database)
+                // gets the sandbox frozen again, so the row and the host still agree.
+                if let Err(e) = self.store.set_state(id, SandboxState::Running) {
+                    let backend = self.backend.clone();
+                    let id2 = id.to_string();
+                    let _ = tokio::task::spawn_blocking(move || backend.pause(&id2)).await;
+                    let _ = self.store.set_intent(id, None);
+                    return Err(e.into());
+                }
             }
             SandboxState::Hibernated => rec = self.start_cold(rec).await?,
             other => {
