@@ -437,17 +437,13 @@ impl Store {
     /// sandbox that is not destroyed or in error. Sparse images take host space only as they fill, so this is what the
     /// host has promised, not what it uses. (`error` rows had their computer and disk destroyed.)
     pub fn promised_disk_mib(&self) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(
-            "SELECT limits FROM sandboxes WHERE state IN ('starting', 'running', 'paused', 'hibernated')",
+        let total: i64 = self.conn().query_row(
+            "SELECT COALESCE(SUM(json_extract(limits, '$.disk_mib')), 0) FROM sandboxes \
+             WHERE state IN ('starting', 'running', 'paused', 'hibernated')",
+            [],
+            |r| r.get(0),
         )?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut total = 0u64;
-        for limits in rows {
-            let limits: Limits = serde_json::from_str(&limits?)?;
-            total = total.saturating_add(limits.disk_mib);
-        }
-        Ok(total)
+        Ok(total.max(0) as u64)
     }
 
     /// Moves a sandbox to `error`, keeping the reason. Its computer is gone or going.
