@@ -313,7 +313,12 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
     if !require_root("starting sandboxes") {
         return;
     }
-    let (srv, _files) = server(serde_json::json!({}), &[]).await;
+    // The receiver is on loopback, which callbacks may reach only when the operator allows it.
+    let (srv, _files) = server(
+        serde_json::json!({}),
+        &[("BURROW_CALLBACK_ALLOW", "127.0.0.0/8")],
+    )
+    .await;
     let c = srv.client();
     let (hook, calls) = callback_receiver();
     let with_run = |ephemeral: bool, callback: Option<String>| CreateSandbox {
@@ -359,7 +364,8 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
         "{:?}",
         host_leftovers(&srv, &eph.id)
     );
-    // The run's callback hears of it, signed with the server's callback key.
+    // The run's callback hears of it, signed with the caller's own callback key over the
+    // timestamp and the body.
     let (head, body) = calls
         .recv_timeout(Duration::from_secs(20))
         .expect("no callback");
@@ -369,9 +375,13 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
         (Some("run.ended"), Some(eph.id.as_str()))
     );
     assert_eq!(event["reason"]["code"], "tool_iterations_exceeded");
-    let key = std::fs::read_to_string(srv.data.join("callback.key")).unwrap();
-    let sig = burrow_server::callback::hmac_sha256(key.trim().as_bytes(), body.as_bytes());
-    let want = format!("x-burrow-signature: sha256={}", hex_lower(&sig));
+    let key = c.callback_key().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = event["timestamp"].as_i64().expect("a timestamp in the body");
+    let sig = burrow_server::callback::hmac_sha256(key.as_bytes(), format!("{t}.{body}").as_bytes());
+    let want = format!("x-burrow-signature: t={t},v1={}", hex_lower(&sig));
     assert!(
         head.to_ascii_lowercase().lines().any(|l| l == want),
         "{head}"
@@ -565,7 +575,7 @@ async fn pool_changes_are_for_admins_and_bad_specs_are_refused() {
     );
     let bad_run = CreateSandbox {
         run: Some(RunSpec {
-            callback_url: Some("https://example.test/hook".into()),
+            callback_url: Some("ftp://example.test/hook".into()),
             ..Default::default()
         }),
         ..tiny()
