@@ -717,17 +717,49 @@ async fn https_callbacks_are_signed_with_the_users_own_key_and_a_timestamp() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=127.0.0.2", "-addext", "subjectAltName=IP:127.0.0.2"])
-        .arg("-keyout")
-        .arg(&key)
+    // A CA of the test's own (what `--callback-ca` trusts) and a leaf for 127.0.0.2 it signed.
+    let p = |f: &str| dir.path().join(f);
+    let (ca, cert, key) = (p("ca.pem"), p("cert.pem"), p("key.pem"));
+    std::fs::write(
+        p("leaf.ext"),
+        "subjectAltName=IP:127.0.0.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for args in [
+        [&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=burrow test CA"]].concat(),
+        [&["req"][..], &ec, &["-subj", "/CN=127.0.0.2"]].concat(),
+    ] {
+        let (k, out) = if args.contains(&"-x509") {
+            ("ca.key", "ca.pem")
+        } else {
+            ("key.pem", "leaf.csr")
+        };
+        let made = std::process::Command::new("openssl")
+            .args(&args)
+            .arg("-keyout")
+            .arg(p(k))
+            .arg("-out")
+            .arg(p(out))
+            .output()
+            .expect("openssl");
+        assert_ok(&made);
+    }
+    let signed = std::process::Command::new("openssl")
+        .args(["x509", "-req", "-days", "1", "-CAcreateserial"])
+        .arg("-in")
+        .arg(p("leaf.csr"))
+        .arg("-CA")
+        .arg(&ca)
+        .arg("-CAkey")
+        .arg(p("ca.key"))
+        .arg("-extfile")
+        .arg(p("leaf.ext"))
         .arg("-out")
         .arg(&cert)
         .output()
         .expect("openssl");
-    assert_ok(&made);
+    assert_ok(&signed);
     let receiver_py = r#"
 import http.server, json, ssl, sys
 class H(http.server.BaseHTTPRequestHandler):
@@ -772,7 +804,7 @@ srv.serve_forever()
 
     let srv = TestServer::start_with_env(&[
         ("BURROW_CALLBACK_ALLOW", "127.0.0.2/32"),
-        ("BURROW_CALLBACK_CA", cert.to_str().unwrap()),
+        ("BURROW_CALLBACK_CA", ca.to_str().unwrap()),
     ])
     .await;
     let admin = srv.client();
@@ -799,7 +831,7 @@ srv.serve_forever()
     bob.end_run(&sb.id).await.unwrap();
     let line = calls
         .recv_timeout(Duration::from_secs(30))
-        .expect("no https callback");
+        .unwrap_or_else(|_| panic!("no https callback:\n{}", srv.log()));
     let got: serde_json::Value = serde_json::from_str(&line).unwrap();
     let body = got["body"].as_str().unwrap();
     let event: serde_json::Value = serde_json::from_str(body).unwrap();
