@@ -35,7 +35,11 @@ pub struct UpArgs {
     /// A range run callbacks may reach although the callback rules refuse it (loopback, private
     /// ranges, link-local, the server's own addresses), as a CIDR (`127.0.0.0/8`, `fd00::/8`;
     /// repeatable). The sandboxes' range can never be opened.
-    #[arg(long = "callback-allow", env = "BURROW_CALLBACK_ALLOW", value_delimiter = ',')]
+    #[arg(
+        long = "callback-allow",
+        env = "BURROW_CALLBACK_ALLOW",
+        value_delimiter = ','
+    )]
     callback_allow: Vec<ipnet::IpNet>,
     /// A PEM file of CA certificates trusted for `https://` callbacks besides the system's roots.
     #[arg(long, env = "BURROW_CALLBACK_CA")]

@@ -59,12 +59,7 @@ async fn callers_without_rights_get_one_answer_for_every_id_on_both_routes_and_e
         return;
     };
     let alice = srv.client();
-    let mk = || async {
-        alice
-            .create(&CreateSandbox::default())
-            .await
-            .unwrap()
-    };
+    let mk = || async { alice.create(&CreateSandbox::default()).await.unwrap() };
     let running = mk().await;
     let paused = mk().await;
     alice.pause(&paused.id).await.unwrap();
@@ -93,7 +88,11 @@ async fn callers_without_rights_get_one_answer_for_every_id_on_both_routes_and_e
             vec![("authorization", format!("bEaReR \t{bob_key}"))],
             "",
         ),
-        ("another tenant's key (X-API-Key)", vec![("x-api-key", bob_key.clone())], ""),
+        (
+            "another tenant's key (X-API-Key)",
+            vec![("x-api-key", bob_key.clone())],
+            "",
+        ),
         (
             "another sandbox's token",
             vec![("x-access-token", bob_token.clone())],
@@ -260,7 +259,10 @@ async fn traffic_without_rights_does_not_keep_a_sandbox_alive() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     hammer.await.unwrap();
     assert!(paused, "traffic without rights kept a sandbox from pausing");
-    assert!(destroyed, "traffic without rights kept a sandbox from its destroy");
+    assert!(
+        destroyed,
+        "traffic without rights kept a sandbox from its destroy"
+    );
     assert_eq!(
         kept_state,
         SandboxState::Running,
@@ -313,25 +315,69 @@ async fn burrows_credentials_never_reach_the_sandbox_in_any_spelling() {
     // Wait for the echo server.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while ask(&srv.url, &path, None, &[tok()]).await.0 != 200 {
-        assert!(std::time::Instant::now() < deadline, "echo server did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "echo server did not start"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cases: Vec<(&str, String, Vec<(&str, String)>)> = vec![
+        (
+            "the owner's key in an odd spelling beside the token",
+            String::new(),
+            vec![("authorization", format!("BEARER\t{key}")), tok()],
+        ),
         ("token header", String::new(), vec![tok()]),
-        ("token header, upper case", String::new(), vec![("X-ACCESS-TOKEN", token.clone())]),
+        (
+            "token header, upper case",
+            String::new(),
+            vec![("X-ACCESS-TOKEN", token.clone())],
+        ),
         (
             "token header twice",
             String::new(),
             vec![("x-access-token", "junk".into()), tok()],
         ),
-        ("token header with whitespace", String::new(), vec![("x-access-token", format!(" {token}\t"))]),
-        ("token in the query", format!("?burrow_token={token}&keep=1"), vec![]),
-        ("token in the query, upper case", format!("?BURROW_TOKEN={token}"), vec![]),
-        ("token in the query, encoded name", format!("?burrow%5Ftoken={token}"), vec![]),
-        ("bearer", String::new(), vec![("authorization", format!("Bearer {key}"))]),
-        ("bearer, lower case", String::new(), vec![("authorization", format!("bearer {key}"))]),
-        ("bearer, upper case, spaces", String::new(), vec![("authorization", format!("BEARER    {key}"))]),
-        ("bearer, tab", String::new(), vec![("authorization", format!("Bearer\t{key}"))]),
+        (
+            "token header with whitespace",
+            String::new(),
+            vec![("x-access-token", format!(" {token}\t"))],
+        ),
+        (
+            "token in the query",
+            format!("?burrow_token={token}&keep=1"),
+            vec![],
+        ),
+        (
+            "token in the query, upper case",
+            format!("?BURROW_TOKEN={token}"),
+            vec![],
+        ),
+        (
+            "token in the query, encoded name",
+            format!("?burrow%5Ftoken={token}"),
+            vec![],
+        ),
+        (
+            "bearer",
+            String::new(),
+            vec![("authorization", format!("Bearer {key}"))],
+        ),
+        (
+            "bearer, lower case",
+            String::new(),
+            vec![("authorization", format!("bearer {key}"))],
+        ),
+        (
+            "bearer, upper case, spaces",
+            String::new(),
+            vec![("authorization", format!("BEARER    {key}"))],
+        ),
+        (
+            "bearer, tab",
+            String::new(),
+            vec![("authorization", format!("Bearer\t{key}"))],
+        ),
         ("X-API-Key", String::new(), vec![("x-api-key", key.clone())]),
         (
             "Authorization twice",
@@ -451,7 +497,10 @@ async fn a_users_plan_bounds_the_plans_they_may_ask_for() {
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while big().await.ready < 1 {
-        assert!(std::time::Instant::now() < deadline, "the pool did not fill");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool did not fill"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let ask_plan = |plan: &str| CreateSandbox {
@@ -564,7 +613,10 @@ async fn callback_targets_are_refused_in_every_spelling() {
         let err = c.create(&with(url)).await.unwrap_err();
         assert_eq!(err.code(), Some("callback_not_allowed"), "{url}: {err}");
     }
-    assert!(c.list().await.unwrap().is_empty(), "a refused create made a sandbox");
+    assert!(
+        c.list().await.unwrap().is_empty(),
+        "a refused create made a sandbox"
+    );
     let sb = c.create(&CreateSandbox::default()).await.unwrap();
     for url in ["http://127.0.0.1:9/", "http://localhost/"] {
         let err = c
@@ -725,9 +777,20 @@ async fn https_callbacks_are_signed_with_the_users_own_key_and_a_timestamp() {
         "subjectAltName=IP:127.0.0.2\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
     for args in [
-        [&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=burrow test CA"]].concat(),
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=burrow test CA"],
+        ]
+        .concat(),
         [&["req"][..], &ec, &["-subj", "/CN=127.0.0.2"]].concat(),
     ] {
         let (k, out) = if args.contains(&"-x509") {
@@ -813,7 +876,11 @@ srv.serve_forever()
     let admin_key = admin.callback_key().await.unwrap();
     let bk = bob_key["key"].as_str().unwrap().to_string();
     assert_eq!(bk.len(), 64);
-    assert_ne!(bk, admin_key["key"].as_str().unwrap(), "users share a callback key");
+    assert_ne!(
+        bk,
+        admin_key["key"].as_str().unwrap(),
+        "users share a callback key"
+    );
     assert_eq!(bob.callback_key().await.unwrap()["key"], bob_key["key"]);
     assert_eq!(bob_key["replay_window_s"], 300);
 
@@ -846,8 +913,12 @@ srv.serve_forever()
     assert!((now - t).abs() <= 300, "timestamp {t} is not now ({now})");
     let sig = got["sig"].as_str().unwrap();
     let mac = |k: &str| {
-        let m = burrow_server::callback::hmac_sha256(k.as_bytes(), format!("{t}.{body}").as_bytes());
-        format!("t={t},v1={}", m.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        let m =
+            burrow_server::callback::hmac_sha256(k.as_bytes(), format!("{t}.{body}").as_bytes());
+        format!(
+            "t={t},v1={}",
+            m.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )
     };
     assert_eq!(sig, mac(&bk), "not signed with bob's key over t.body");
     assert_ne!(sig, mac(admin_key["key"].as_str().unwrap()));

@@ -379,8 +379,11 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
         .as_str()
         .unwrap()
         .to_string();
-    let t = event["timestamp"].as_i64().expect("a timestamp in the body");
-    let sig = burrow_server::callback::hmac_sha256(key.as_bytes(), format!("{t}.{body}").as_bytes());
+    let t = event["timestamp"]
+        .as_i64()
+        .expect("a timestamp in the body");
+    let sig =
+        burrow_server::callback::hmac_sha256(key.as_bytes(), format!("{t}.{body}").as_bytes());
     let want = format!("x-burrow-signature: t={t},v1={}", hex_lower(&sig));
     assert!(
         head.to_ascii_lowercase().lines().any(|l| l == want),

@@ -121,12 +121,7 @@ fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
         return Some(v4);
     }
     let s = v6.segments();
-    let low = Ipv4Addr::new(
-        (s[6] >> 8) as u8,
-        s[6] as u8,
-        (s[7] >> 8) as u8,
-        s[7] as u8,
-    );
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
     // `::` and `::1` are IPv6's own unspecified and loopback, judged as such.
     if s[..6] == [0; 6] && !matches!(v6, Ipv6Addr::UNSPECIFIED | Ipv6Addr::LOCALHOST) {
         return Some(low);
@@ -299,10 +294,7 @@ impl Callbacks {
 
     fn client(&self) -> Result<&reqwest::Client, &str> {
         self.client
-            .get_or_init(|| {
-                self.build()
-                    .map_err(|e| crate::control::error_chain(&e))
-            })
+            .get_or_init(|| self.build().map_err(|e| crate::control::error_chain(&e)))
             .as_ref()
             .map_err(String::as_str)
     }
@@ -516,7 +508,11 @@ mod tests {
             let ip = host_of(raw);
             assert!(t.refusal(ip).is_some(), "{raw} ({ip}) allowed");
         }
-        for ok in ["http://203.0.113.10/", "http://[2001:db8::1]/", "https://8.8.8.8/"] {
+        for ok in [
+            "http://203.0.113.10/",
+            "http://[2001:db8::1]/",
+            "https://8.8.8.8/",
+        ] {
             assert_eq!(t.refusal(host_of(ok)), None, "{ok} refused");
         }
     }
@@ -524,7 +520,10 @@ mod tests {
     #[test]
     fn allowed_ranges_open_all_but_the_sandboxes() {
         let t = Targets::new(
-            vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()],
+            vec![
+                "127.0.0.0/8".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
             "10.200.0.0/16".parse().ok(),
         );
         assert_eq!(t.refusal("127.0.0.1".parse().unwrap()), None);
@@ -539,14 +538,21 @@ mod tests {
     async fn names_are_judged_by_what_they_resolve_to() {
         let c = Callbacks::new(b"k".to_vec(), Targets::default(), Vec::new());
         // /etc/hosts names: no packet leaves the machine.
-        for raw in ["http://localhost:9/x", "http://localhost./x", "https://LOCALHOST/"] {
+        for raw in [
+            "http://localhost:9/x",
+            "http://localhost./x",
+            "https://LOCALHOST/",
+        ] {
             let e = c.check(raw).await.unwrap_err();
             assert!(e.contains("loopback"), "{raw}: {e}");
         }
         assert!(c.check("http://203.0.113.10/").await.is_ok());
         let open = Callbacks::new(
             b"k".to_vec(),
-            Targets::new(vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()], None),
+            Targets::new(
+                vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+                None,
+            ),
             Vec::new(),
         );
         assert!(open.check("http://localhost:9/x").await.is_ok());

@@ -170,7 +170,10 @@ fn http_host(head: &[u8]) -> Parsed {
         return Parsed::NoName;
     };
     // `GET http://other/ HTTP/1.1` with `Host: allowed`: the upstream may route by either.
-    if let Some(target) = req.path.and_then(|p| p.split_once("://").map(|(_, rest)| rest)) {
+    if let Some(target) = req
+        .path
+        .and_then(|p| p.split_once("://").map(|(_, rest)| rest))
+    {
         let authority = target.split(['/', '?', '#']).next().unwrap_or_default();
         if !strip_port(authority).eq_ignore_ascii_case(&host) {
             return Parsed::NoName;
@@ -306,7 +309,10 @@ mod tests {
         not_hello[5] = 2;
         assert_eq!(sni(&not_hello), Parsed::NoName);
         assert_eq!(sni(&[0x16, 3, 1, 0, 0]), Parsed::NoName);
-        assert_eq!(sni(&[0x16, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]), Parsed::NoName);
+        assert_eq!(
+            sni(&[0x16, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
+            Parsed::NoName
+        );
         // Lengths that point past the end of the message.
         let mut lying = client_hello(b"a.test");
         let at = lying.windows(6).position(|w| w == b"a.test").unwrap() - 2;

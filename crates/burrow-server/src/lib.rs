@@ -148,7 +148,9 @@ impl Server {
                 .map(ipnet::IpNet::V4)
         });
         let roots = match &cfg.callback_ca {
-            Some(pem) => reqwest::Certificate::from_pem_bundle(pem).map_err(ServerError::CallbackCa)?,
+            Some(pem) => {
+                reqwest::Certificate::from_pem_bundle(pem).map_err(ServerError::CallbackCa)?
+            }
             None => Vec::new(),
         };
         let callbacks = callback::Callbacks::new(

@@ -422,7 +422,15 @@ impl TestServer {
             .unwrap();
         let script = r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#;
         let child = Command::new("/usr/bin/unshare")
-            .args(["--mount", "--propagation", "private", "/bin/sh", "-c", script, "sh"])
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                script,
+                "sh",
+            ])
             .arg(hosts)
             .arg(BURROW)
             .args(["up", "--data-dir"])
@@ -444,7 +452,10 @@ impl TestServer {
             if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("burrow up exited with {status}:\n{}", s.log());
             }
-            assert!(Instant::now() < deadline, "burrow up did not answer in 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "burrow up did not answer in 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         s

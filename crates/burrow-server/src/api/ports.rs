@@ -3,7 +3,9 @@
 //!
 //! Access needs one of: the owner's API key, the sandbox's access token (`X-Access-Token` header
 //! or `burrow_token` query parameter), or a signed URL (`burrow_exp` + `burrow_sig`); a port made
-//! public needs none. burrow's credentials are removed before the request reaches the sandbox.
+//! public needs none. Access is decided before anything else (ADR 0037): a caller without rights
+//! gets one answer for every id and never touches the sandbox's idle clock. burrow's credentials
+//! are removed before the request reaches the sandbox, in every spelling HTTP allows.
 //!
 //! Host routing is open to other handlers: a [`HostClaims`] maps a port to a handler of its own
 //! (the E2B facade claims 49983 for envd), so `49983-<id>.<domain>` goes there instead of the proxy.
@@ -204,15 +206,6 @@ impl Credentials {
     }
 }
 
-/// Why the proxy let a request through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    /// The owner's API key, the sandbox's access token, or a signed URL.
-    Granted,
-    /// A public port: no credential needed.
-    Public,
-}
-
 /// The one answer a caller without rights gets, whatever the id (another tenant's, missing,
 /// paused, running): nothing about the sandbox is looked at before this is decided.
 fn no_rights() -> HttpError {
@@ -234,18 +227,16 @@ fn authorize(
     port: u16,
     owner: Option<(&str, bool)>,
     creds: &Credentials,
-) -> Result<Access, HttpError> {
+) -> Result<(), HttpError> {
     let expected = control.access_token(id);
     let token_ok = |t: &str| Control::token_matches(&expected, t);
     if creds.tokens.iter().chain(&creds.keys).any(|t| token_ok(t)) {
-        return Ok(Access::Granted);
+        return Ok(());
     }
     let mut valid_key = false;
     for key in &creds.keys {
         match control.store().user_by_key_hash(&hash_key(key)) {
-            Ok(Some(user)) if owner.is_some_and(|(o, _)| o == user.id) => {
-                return Ok(Access::Granted)
-            }
+            Ok(Some(user)) if owner.is_some_and(|(o, _)| o == user.id) => return Ok(()),
             Ok(Some(_)) => valid_key = true,
             Ok(None) => {}
             Err(e) => return Err(ControlError::from(e).into()),
@@ -267,12 +258,14 @@ fn authorize(
                         "this signed URL has expired",
                     ));
                 }
-                return Ok(Access::Granted);
+                return Ok(());
             }
         }
     }
+    // A public port needs no credential (and its traffic counts as activity: the owner opened
+    // it to everyone).
     if owner.is_some_and(|(_, public)| public) {
-        return Ok(Access::Public);
+        return Ok(());
     }
     Err(no_rights())
 }
@@ -287,7 +280,10 @@ fn is_burrow_credential(control: &Control, id: &str, value: &str) -> bool {
     cred.starts_with(crate::auth::KEY_PREFIX)
         || cred.starts_with("bst_")
         || Control::token_matches(&expected, cred)
-        || matches!(control.store().user_by_key_hash(&hash_key(cred)), Ok(Some(_)))
+        || matches!(
+            control.store().user_by_key_hash(&hash_key(cred)),
+            Ok(Some(_))
+        )
 }
 
 /// Headers that only ever carry burrow's (or E2B's) credentials: never forwarded.
@@ -346,17 +342,13 @@ async fn proxy_inner(
     // Authenticate first: who may use this port is settled before the sandbox's state is looked
     // at or its idle clock touched.
     let found = state.control.port_lookup(id, port)?;
-    let owner = found
-        .as_ref()
-        .map(|t| (t.owner_id.as_str(), t.public));
+    let owner = found.as_ref().map(|t| (t.owner_id.as_str(), t.public));
     authorize(&state.control, id, port, owner, &creds)?;
     let target = state.control.port_target(found)?;
     let port = u32::from(port);
 
     let stream =
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target))
-            .await
-        {
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return Err(HttpError::new(
