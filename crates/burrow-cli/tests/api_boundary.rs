@@ -18,6 +18,9 @@ use reqwest::Method;
 
 const MISSING: &str = "zzzzzzzzzzzzzzzzzzzz";
 
+/// Request headers, as `(name, value)`.
+type Headers<'a> = Vec<(&'a str, String)>;
+
 async fn world_server(extra: &[&str]) -> Option<TestServer> {
     if !require_root("port proxy tests (network namespaces, veth, nftables)") {
         return None;
@@ -76,7 +79,7 @@ async fn callers_without_rights_get_one_answer_for_every_id_on_both_routes_and_e
         MISSING,
     ];
 
-    let callers: Vec<(&str, Vec<(&str, String)>, &str)> = vec![
+    let callers: Vec<(&str, Headers, &str)> = vec![
         ("no credential", vec![], ""),
         (
             "another tenant's key",
@@ -321,7 +324,7 @@ async fn burrows_credentials_never_reach_the_sandbox_in_any_spelling() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cases: Vec<(&str, String, Vec<(&str, String)>)> = vec![
+    let cases: Vec<(&str, String, Headers)> = vec![
         (
             "the owner's key in an odd spelling beside the token",
             String::new(),
