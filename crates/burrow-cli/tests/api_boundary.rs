@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
+use std::io::BufRead;
 use std::time::Duration;
 
 use burrow_client::Client;
@@ -641,48 +641,6 @@ async fn callback_targets_are_refused_in_every_spelling() {
     }
 }
 
-/// Accepts HTTP connections on `addr` and reports each request's head and body; counts every
-/// connection, even one that sends nothing.
-fn plain_receiver(addr: &str) -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
-    let l = std::net::TcpListener::bind(addr).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let mut got = (String::new(), String::new());
-            while let Ok(n) = conn.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        got = (head.to_string(), body.to_string());
-                        let _ =
-                            conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
-                        break;
-                    }
-                }
-            }
-            let _ = tx.send(got);
-        }
-    });
-    (port, rx)
-}
-
 async fn metrics(srv: &TestServer) -> String {
     reqwest::get(format!("{}/metrics", srv.url))
         .await
@@ -701,8 +659,8 @@ async fn a_name_that_turns_to_loopback_after_create_is_refused_at_connect() {
     if !require_root("starting sandboxes") {
         return;
     }
-    let (bad_port, bad_calls) = plain_receiver("127.0.0.1:0");
-    let (good_port, good_calls) = plain_receiver("127.0.0.2:0");
+    let (bad_port, bad_calls) = http_receiver("127.0.0.1:0");
+    let (good_port, good_calls) = http_receiver("127.0.0.2:0");
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     let table = |flip: &str| {

@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use burrow_client::Client;
@@ -268,46 +267,6 @@ async fn a_warm_sandbox_takes_the_callers_context_and_is_never_reused() {
     );
 }
 
-/// Accepts one HTTP request on a loopback port and hands back its headers and body.
-fn callback_receiver() -> (String, std::sync::mpsc::Receiver<(String, String)>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", l.local_addr().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read the head, then as much body as Content-Length says.
-            loop {
-                let n = conn.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length: ")
-                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        let _ =
-                            conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
-                        let _ = tx.send((head.to_string(), body.to_string()));
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    (url, rx)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tool_calls_past_the_plan_limit_end_the_run() {
     if !require_root("starting sandboxes") {
@@ -320,7 +279,8 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
     )
     .await;
     let c = srv.client();
-    let (hook, calls) = callback_receiver();
+    let (port, calls) = http_receiver("127.0.0.1:0");
+    let hook = format!("http://127.0.0.1:{port}/hook");
     let with_run = |ephemeral: bool, callback: Option<String>| CreateSandbox {
         ephemeral,
         run: Some(RunSpec {

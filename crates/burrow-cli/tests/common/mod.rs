@@ -461,3 +461,48 @@ impl TestServer {
         s
     }
 }
+
+/// A callback receiver: accepts HTTP connections on `addr` (loopback), answers 204 and reports
+/// each request's head and body; a connection that sends nothing is reported as empty, so every
+/// connection counts.
+pub fn http_receiver(addr: &str) -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut got = (String::new(), String::new());
+            while let Ok(n) = std::io::Read::read(&mut conn, &mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        got = (head.to_string(), body.to_string());
+                        let _ = std::io::Write::write_all(
+                            &mut conn,
+                            b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+                        );
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(got);
+        }
+    });
+    (port, rx)
+}
