@@ -125,7 +125,7 @@ struct RunArgs {
     /// The task text.
     #[arg(long)]
     task: Option<String>,
-    /// Told with a POST when the run ends (http:// only).
+    /// Told with a signed POST when the run ends (`http://` or `https://`; see docs/api.md).
     #[arg(long)]
     callback: Option<String>,
     /// An opaque memory token, repeatable.
