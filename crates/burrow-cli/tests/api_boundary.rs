@@ -401,6 +401,11 @@ async fn burrows_credentials_never_reach_the_sandbox_in_any_spelling() {
             vec![("authorization", format!("bearer {token}"))],
         ),
         (
+            "the key in Proxy-Authorization (addressed to the proxy)",
+            String::new(),
+            vec![("proxy-authorization", format!("Bearer {key}")), tok()],
+        ),
+        (
             "E2B's traffic token header",
             String::new(),
             vec![("e2b-traffic-access-token", "e2b-secret-123".into()), tok()],

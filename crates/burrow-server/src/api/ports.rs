@@ -286,8 +286,14 @@ fn is_burrow_credential(control: &Control, id: &str, value: &str) -> bool {
         )
 }
 
-/// Headers that only ever carry burrow's (or E2B's) credentials: never forwarded.
-const CREDENTIAL_HEADERS: &[&str] = &["x-api-key", TOKEN_HEADER, "e2b-traffic-access-token"];
+/// Headers that only ever carry burrow's (or E2B's) credentials, or are addressed to the proxy
+/// itself (`Proxy-Authorization`, RFC 9110 §11.7.2: burrow is that proxy): never forwarded.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "x-api-key",
+    TOKEN_HEADER,
+    "e2b-traffic-access-token",
+    "proxy-authorization",
+];
 
 /// Splits a path-and-query into the path and its query pairs, without burrow's own parameters.
 fn split_query(pq: &str) -> (String, BTreeMap<String, String>, String) {
