@@ -225,14 +225,23 @@ async fn traffic_without_rights_does_not_keep_a_sandbox_alive() {
     };
     let to_pause = alice.create(&idle(OnTimeout::Pause)).await.unwrap();
     let to_destroy = alice.create(&idle(OnTimeout::Destroy)).await.unwrap();
-    let kept = alice.create(&idle(OnTimeout::Pause)).await.unwrap();
+    // The twin: a longer timeout, so a loaded machine's slow requests cannot let it lapse; it is
+    // checked only once it would have paused without its traffic.
+    let kept = alice
+        .create(&CreateSandbox {
+            timeout_s: Some(8),
+            on_timeout: Some(OnTimeout::Pause),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let kept_since = std::time::Instant::now();
     let bob_key = new_user(&alice, "bob").await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let hammer = {
         let (stop, url) = (stop.clone(), srv.url.clone());
         let ids = [to_pause.id.clone(), to_destroy.id.clone()];
-        let kept = (kept.id.clone(), kept.access_token.clone().unwrap());
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 for id in &ids {
@@ -243,9 +252,18 @@ async fn traffic_without_rights_does_not_keep_a_sandbox_alive() {
                     ask(&url, &path, None, &[("x-api-key", bob_key.clone())]).await;
                     ask(&url, "/health", None, &[("e2b-sandbox-id", id.clone())]).await;
                 }
-                // The twin: the same request with its token counts as activity.
-                let path = format!("/v1/sandboxes/{}/ports/8000/", kept.0);
-                ask(&url, &path, None, &[("x-access-token", kept.1.clone())]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    // The same request with the sandbox's token counts as activity.
+    let keeper = {
+        let (stop, url) = (stop.clone(), srv.url.clone());
+        let path = format!("/v1/sandboxes/{}/ports/8000/", kept.id);
+        let token = kept.access_token.clone().unwrap();
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                ask(&url, &path, None, &[("x-access-token", token.clone())]).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         })
@@ -258,9 +276,12 @@ async fn traffic_without_rights_does_not_keep_a_sandbox_alive() {
         destroyed = alice.get(&to_destroy.id).await.is_err();
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    let settled = kept_since + Duration::from_secs(12);
+    tokio::time::sleep(settled.saturating_duration_since(std::time::Instant::now())).await;
     let kept_state = alice.get(&kept.id).await.unwrap().state;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     hammer.await.unwrap();
+    keeper.await.unwrap();
     assert!(paused, "traffic without rights kept a sandbox from pausing");
     assert!(
         destroyed,
