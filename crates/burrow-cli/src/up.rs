@@ -40,6 +40,18 @@ pub struct UpArgs {
     /// filesystem's size (default 20: 5,000 disks of 1 GiB on 256 GiB).
     #[arg(long, env = "BURROW_DISK_OVERCOMMIT", value_parser = positive_ratio)]
     disk_overcommit: Option<f64>,
+    /// A range run callbacks may reach although the callback rules refuse it (loopback, private
+    /// ranges, link-local, the server's own addresses), as a CIDR (`127.0.0.0/8`, `fd00::/8`;
+    /// repeatable). The sandboxes' range can never be opened.
+    #[arg(
+        long = "callback-allow",
+        env = "BURROW_CALLBACK_ALLOW",
+        value_delimiter = ','
+    )]
+    callback_allow: Vec<ipnet::IpNet>,
+    /// A PEM file of CA certificates trusted for `https://` callbacks besides the system's roots.
+    #[arg(long, env = "BURROW_CALLBACK_CA")]
+    callback_ca: Option<PathBuf>,
 }
 
 fn positive_ratio(s: &str) -> std::result::Result<f64, String> {
@@ -68,6 +80,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
             "burrow up must run as root: it creates namespaces, cgroups and loop devices"
         );
     }
+    // The binary owns the process's metrics recorder; the libraries only count into it.
+    let exporter = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    burrow_server::api::pools::serve_exporter(exporter);
     let admin_key = std::env::var("BURROW_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty());
@@ -93,6 +110,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         hibernate_below_mib: args.hibernate_below_mib,
         min_free_mib: args.min_free_mib,
         disk_overcommit: args.disk_overcommit,
+        callback_allow: args.callback_allow.clone(),
+        callback_ca: match &args.callback_ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        },
     })
     .await
     .context("starting the server")?;
