@@ -152,9 +152,9 @@ async fn assert_host_intact(
 
 // ---------------------------------------------------------------- F7
 
-/// ATTACKS.md F7: a sandbox replaces every file and directory the host used to write or chown
-/// (`/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`, `/var`, image directories, the run file)
-/// with links to host sentinels: a file in the data directory, the server's `secret`, another
+/// Attack list row F7: a sandbox replaces every file and directory the host used to write or
+/// chown (`/etc/hostname`, `/etc/hosts`, `/etc/resolv.conf`, `/var`, image directories, the run
+/// file) with links to host sentinels: a file in the data directory, the server's `secret`, another
 /// sandbox's `disk.img`, directories of the data directory and a `/proc/sys` file. Pause and
 /// resume, hibernate and cold resume (twice), a warm claim and a delete leave every sentinel
 /// byte for byte, owner and time as it was. Runs with networking, so `resolv.conf` is written.
@@ -311,6 +311,8 @@ const EXHAUST: &str = r#"
 import ctypes, json, os, signal, time
 libc = ctypes.CDLL(None, use_errno=True)
 res = {}
+# Opened first: exhausting the fd table must not keep the result from being written.
+out = open("/tmp/k12.json.tmp", "w")
 def until_fail(f, cap):
     n = 0
     while n < cap:
@@ -341,11 +343,20 @@ attr = MqAttr(0, 10, 8192, 0)
 libc.mq_open.restype = ctypes.c_int
 res["posix_mqueue_bytes"] = until_fail(lambda n: libc.mq_open(b"/k12-%d" % n, os.O_CREAT | os.O_RDWR, 0o600, ctypes.byref(attr)), 10000)
 res["sysv_msg_queues"] = until_fail(lambda n: libc.msgget(0, 0o1000 | 0o600), 100000)
+ptys = []
+def pty(n):
+    try:
+        ptys.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+        return 0
+    except OSError as e:
+        ctypes.set_errno(e.errno)
+        return -1
+res["ptys"] = until_fail(pty, 100000)
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
 me = os.getpid()
 res["pending_signals"] = until_fail(lambda n: libc.sigqueue(me, signal.SIGRTMIN, ctypes.c_void_p(0)), 1000000)
-with open("/tmp/k12.json.tmp", "w") as f:
-    json.dump(res, f)
+json.dump(res, out)
+out.close()
 os.rename("/tmp/k12.json.tmp", "/tmp/k12.json")
 time.sleep(3600)
 "#;
@@ -371,6 +382,11 @@ q = libc.msgget(0, 0o1000 | 0o600)
 res["sysv_msg_queues"] = rc(q)
 if q >= 0:
     libc.msgctl(q, 0, None)
+try:
+    os.close(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+    res["ptys"] = 0
+except OSError as e:
+    res["ptys"] = e.errno
 signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])
 res["pending_signals"] = rc(libc.sigqueue(os.getpid(), signal.SIGRTMIN, ctypes.c_void_p(0)))
 signal.sigtimedwait([signal.SIGRTMIN], 0)
@@ -384,10 +400,12 @@ const COUNTERS: &[(&str, i64)] = &[
     ("posix_mqueue_bytes", 24), // EMFILE at RLIMIT_MSGQUEUE
     ("sysv_msg_queues", 28),    // ENOSPC at kernel.msgmni (per IPC namespace)
     ("pending_signals", 11),    // EAGAIN at RLIMIT_SIGPENDING
+    ("ptys", 28), // ENOSPC at the sandbox's devpts `max` (kernel.pty.max is host-wide)
 ];
 
-/// ATTACKS.md K12: one sandbox exhausts every per-user kernel counter it can reach; another
-/// sandbox and host root still get one of each. Keys are not here: `add_key`, `keyctl` and
+/// Attack list row K12: one sandbox exhausts every per-user kernel counter it can reach (and the
+/// host-wide terminal pool, as far as its devpts lets it); another sandbox and host root still
+/// get one of each. Keys are not here: `add_key`, `keyctl` and
 /// `request_key` are refused by seccomp (`attacks::k1_k2_k3_k4_k10_dangerous_syscalls_fail`), so
 /// no sandbox can take a key or its quota.
 #[tokio::test(flavor = "multi_thread")]
@@ -495,7 +513,7 @@ for d, dirs, files in os.walk("/sys", followlinks=False):
 print("\n".join(out))
 "#;
 
-/// ATTACKS.md K13: from inside, nothing names another sandbox, the data directory, or where the
+/// Attack list row K13: from inside, nothing names another sandbox, the data directory, or where the
 /// host keeps burrow (the guest binary's path): not mountinfo (overlay layers, bind sources), not
 /// the loop devices' backing files under `/sys`, not cgroup paths, not the host's kernel command
 /// line.
@@ -534,7 +552,7 @@ async fn k13_no_other_sandbox_and_no_host_path_is_visible_inside() {
 
 // ---------------------------------------------------------------- R4
 
-/// ATTACKS.md R4: a sandbox spins every core and hammers its disk with synchronous writes. Its
+/// Attack list row R4: a sandbox spins every core and hammers its disk with synchronous writes. Its
 /// own cgroup's CPU accounting stays within its quota, its synchronous writes within its plan's
 /// write bandwidth, and another sandbox still answers. (How much the load moves the neighbour's
 /// latency is a `burrow bench` row, not an assertion.)
@@ -657,9 +675,9 @@ fn after(text: &str, marker: &str) -> Option<String> {
     (!v.is_empty()).then_some(v)
 }
 
-/// ATTACKS.md K11, through the real terminal API: a program in one terminal pushes a command into
-/// its own terminal, `/dev/tty` and a second terminal's PTY with TIOCSTI. Each is refused, and the
-/// command runs nowhere: not in either shell, not on the host.
+/// Attack list row K11, through the real terminal API: a program in one terminal pushes a command
+/// into its own terminal, `/dev/tty` and a second terminal's PTY with TIOCSTI. Each is refused,
+/// and the command runs nowhere: not in either shell, not on the host.
 #[tokio::test(flavor = "multi_thread")]
 async fn k11_tiocsti_pushes_nothing_into_any_terminal() {
     if !require_root("starting sandboxes") {

@@ -81,6 +81,9 @@ const GUEST_FD: i32 = 3;
 const ERR_FD: i32 = 4;
 /// The guest agent's executable (close-on-exec), until PID 1 executes it.
 const EXE_FD: i32 = 5;
+/// The sandbox's own devpts. Terminals come from one host-wide pool (`kernel.pty.max`, less the
+/// `kernel.pty.reserve` kept for the host's own devpts): `max` keeps one sandbox from taking it all.
+const PTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=620,gid=5,max=128";
 /// What `argv[0]` of the guest says (no file of that name needs to exist).
 const GUEST_ARGV0: &str = "/run/burrow/guest";
 
@@ -775,7 +778,7 @@ fn inner_mounts(req: &InitRequest, root: &OwnedFd) -> Result<()> {
         &at("dev/pts")?,
         "devpts",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+        Some(PTS_OPTIONS),
     )?;
     let shm_size = format!("mode=1777,size={}m", (req.limits.memory_mib / 4).max(16));
     on(
