@@ -767,7 +767,7 @@ fn inner_mounts(req: &InitRequest, root: &OwnedFd) -> Result<()> {
             Mode::from_raw_mode(0o666),
         )
         .ctx(|| format!("creating /dev/{name}"))?;
-        bind(&Path::new("/dev").join(name), &OwnedFd::from(f))?;
+        bind(&Path::new("/dev").join(name), &f)?;
     }
     for d in ["pts", "shm", "mqueue"] {
         rustix::fs::mkdirat(&dev, d, Mode::from_raw_mode(0o755))
@@ -843,7 +843,7 @@ fn inner_mounts(req: &InitRequest, root: &OwnedFd) -> Result<()> {
         "sys/dev/block",
         "sys/devices/virtual/block",
     ] {
-        if let Some(t) = open_in_root(root, rel, OFlags::PATH | OFlags::DIRECTORY).ok() {
+        if let Ok(t) = open_in_root(root, rel, OFlags::PATH | OFlags::DIRECTORY) {
             empty(&t)?;
         }
     }
