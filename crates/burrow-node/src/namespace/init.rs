@@ -200,8 +200,8 @@ pub(crate) fn io_limits(l: &Limits) -> IoLimits {
     }
 }
 
-/// One end of a pipe; what the other process writes, or EOF once every copy of the write end is
-/// closed (a process that died).
+/// Reads exactly `buf.len()` bytes from a pipe; false on EOF (every copy of the write end closed:
+/// the process on the other side died or gave up) or an error.
 fn read_exact_or_eof(fd: &OwnedFd, buf: &mut [u8]) -> bool {
     let mut got = 0;
     while got < buf.len() {
@@ -324,70 +324,105 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     }
     drop((go_r, err_w, up_w, mapped_r, listener, guest));
     let mut go = Some(go_w);
+    // The helper until it is reaped (after that its pid may belong to anyone), then PID 1 (which
+    // cannot exit on its own before it is released or its go pipe closes).
+    let mut helper_pid = Some(Pid::from_raw(helper));
     let mut pid1: Option<i32> = None;
-    // On any failure: release whatever waits on us (PID 1 aborts on EOF), end both, and report what
-    // they said.
-    let fail = |msg: String, go: &mut Option<OwnedFd>, pid1: Option<i32>| -> String {
-        drop(go.take());
-        if let Some(p) = pid1 {
-            let _ = proc::kill9(p as u32);
-        }
-        let _ = proc::kill9(helper as u32);
+    // On any failure: release whatever waits on us (PID 1 aborts on EOF), end both, and report.
+    let fail =
+        |msg: String, go: &mut Option<OwnedFd>, helper: Option<Pid>, pid1: Option<i32>| -> String {
+            drop(go.take());
+            if let Some(p) = pid1 {
+                let _ = proc::kill9(p as u32);
+            }
+            if let Some(h) = helper {
+                let _ = proc::kill9(h.as_raw() as u32);
+                let _ = nix::sys::wait::waitpid(h, None);
+            }
+            msg
+        };
+    // The helper died: reap it, let anything it started go, and say what it wrote.
+    let helper_died = |go: &mut Option<OwnedFd>, err_r: OwnedFd| -> String {
         let _ = nix::sys::wait::waitpid(Pid::from_raw(helper), None);
-        msg
+        drop(go.take());
+        format!("the helper failed: {}", drain(err_r))
     };
     let mut b = [0u8; 1];
     if !read_exact_or_eof(&up_r, &mut b) || b != *b"u" {
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(helper), None);
-        drop(go.take());
-        return Err(format!("the helper failed: {}", drain(err_r)));
+        return Err(helper_died(&mut go, err_r));
     }
     let userns = match sys::write_id_maps(helper, base, ID_RANGE)
         .and_then(|_| std::fs::File::open(format!("/proc/{helper}/ns/user")))
     {
         Ok(f) => OwnedFd::from(f),
-        Err(e) => return Err(fail(format!("writing id maps: {e}"), &mut go, pid1)),
+        Err(e) => {
+            return Err(fail(
+                format!("writing id maps: {e}"),
+                &mut go,
+                helper_pid,
+                pid1,
+            ))
+        }
     };
     if let Err(e) = mount_root(req, &userns) {
-        return Err(fail(e, &mut go, pid1));
+        return Err(fail(e, &mut go, helper_pid, pid1));
     }
     drop(userns);
     if let Err(e) = nix::unistd::write(&mapped_w, b"m") {
-        return Err(fail(format!("releasing the helper: {e}"), &mut go, pid1));
+        return Err(fail(
+            format!("releasing the helper: {e}"),
+            &mut go,
+            helper_pid,
+            pid1,
+        ));
     }
     let mut pid_bytes = [0u8; 4];
     if !read_exact_or_eof(&up_r, &mut pid_bytes) {
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(helper), None);
-        drop(go.take());
-        return Err(format!("the helper failed: {}", drain(err_r)));
+        return Err(helper_died(&mut go, err_r));
     }
     let pid = i32::from_ne_bytes(pid_bytes);
-    pid1 = Some(pid);
-    match nix::sys::wait::waitpid(Pid::from_raw(helper), None) {
-        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => {}
+    if pid > 0 {
+        pid1 = Some(pid);
+    }
+    let reaped = nix::sys::wait::waitpid(Pid::from_raw(helper), None);
+    helper_pid = None;
+    match reaped {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) if pid > 0 => {}
         other => {
-            return Err(fail(
-                format!("the helper ended with {other:?}"),
-                &mut go,
-                pid1,
-            ))
+            let msg = format!("the helper ended with {other:?} (PID 1: {pid})");
+            return Err(fail(msg, &mut go, helper_pid, pid1));
         }
     }
     // The network is wired before the sandbox runs anything of its own.
     if let Some(net) = &req.net {
         if let Err(e) = wire_network(pid as u32, net) {
-            return Err(fail(format!("wiring the network: {e}"), &mut go, pid1));
+            return Err(fail(
+                format!("wiring the network: {e}"),
+                &mut go,
+                helper_pid,
+                pid1,
+            ));
         }
     }
     if let Some(go_w) = &go {
         if let Err(e) = nix::unistd::write(go_w, b"g") {
-            return Err(fail(format!("releasing the sandbox: {e}"), &mut go, pid1));
+            return Err(fail(
+                format!("releasing the sandbox: {e}"),
+                &mut go,
+                helper_pid,
+                pid1,
+            ));
         }
     }
     // EOF with nothing read means the exec succeeded (the pipe is close-on-exec).
     let msg = drain(err_r);
     if !msg.is_empty() {
-        return Err(fail(format!("sandbox setup: {msg}"), &mut go, pid1));
+        return Err(fail(
+            format!("sandbox setup: {msg}"),
+            &mut go,
+            helper_pid,
+            pid1,
+        ));
     }
     let pid_start =
         proc::start_time(pid as u32).ok_or_else(|| "the sandbox exited at once".to_string())?;
