@@ -118,6 +118,18 @@ impl Drop for RestoreDomainname {
     }
 }
 
+/// A server with two sandboxes, or `None` (and why) without root.
+async fn two_sandboxes() -> Option<(TestServer, Client, String, String)> {
+    if !require_root("starting sandboxes") {
+        return None;
+    }
+    let srv = TestServer::start().await;
+    let c = srv.client();
+    let a = c.create(&CreateSandbox::default()).await.unwrap().id;
+    let b = c.create(&CreateSandbox::default()).await.unwrap().id;
+    Some((srv, c, a, b))
+}
+
 async fn ok(c: &Client, id: &str, script: &str) -> String {
     let r = run(c, id, script).await;
     assert_eq!(r.exit_code, Some(0), "{script}: {r:?}");
@@ -410,13 +422,9 @@ const COUNTERS: &[(&str, i64)] = &[
 /// no sandbox can take a key or its quota.
 #[tokio::test(flavor = "multi_thread")]
 async fn k12_one_sandbox_exhausting_per_user_counters_leaves_others_and_the_host_theirs() {
-    if !require_root("starting sandboxes") {
+    let Some((_srv, c, a, b)) = two_sandboxes().await else {
         return;
-    }
-    let srv = TestServer::start().await;
-    let c = srv.client();
-    let a = c.create(&CreateSandbox::default()).await.unwrap().id;
-    let b = c.create(&CreateSandbox::default()).await.unwrap().id;
+    };
     let hog = c
         .start_process(
             &a,
@@ -519,13 +527,9 @@ print("\n".join(out))
 /// line.
 #[tokio::test(flavor = "multi_thread")]
 async fn k13_no_other_sandbox_and_no_host_path_is_visible_inside() {
-    if !require_root("starting sandboxes") {
+    let Some((srv, c, a, b)) = two_sandboxes().await else {
         return;
-    }
-    let srv = TestServer::start().await;
-    let c = srv.client();
-    let a = c.create(&CreateSandbox::default()).await.unwrap().id;
-    let b = c.create(&CreateSandbox::default()).await.unwrap().id;
+    };
     let seen = py(&c, &a, LOOK_AROUND).await;
     assert_eq!(seen.exit_code, Some(0), "{seen:?}");
     assert!(

@@ -314,7 +314,12 @@ fn build(req: &InitRequest) -> Result<InitReply> {
             up: up_w,
             mapped: mapped_r,
         };
-        if let Err(e) = h.run(req, listener, go_r, &err_w, guest) {
+        let pid1 = Inherited {
+            listener,
+            go: go_r,
+            guest,
+        };
+        if let Err(e) = h.run(req, pid1, &err_w) {
             let _ = nix::unistd::write(&err_w, e.as_bytes());
             // SAFETY: _exit ends the helper without running the parent's destructors.
             unsafe { libc::_exit(127) };
@@ -446,13 +451,16 @@ fn mount_root(req: &InitRequest, userns: &OwnedFd) -> Result<()> {
         Some(userns),
     )
     .ctx(|| "idmapping the image".into())?;
-    let lower = rustix::fs::open(
-        "lower",
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )
-    .ctx(|| "opening the lower mount point".into())?;
-    dmount::attach(&image, &lower).ctx(|| "mounting the image".into())?;
+    // Directories of the sandbox's directory (the cwd): the host's, not the sandbox's.
+    let own_dir = |name: &str| {
+        rustix::fs::open(
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .ctx(|| format!("opening {name}"))
+    };
+    dmount::attach(&image, own_dir("lower")?).ctx(|| "mounting the image".into())?;
     mount(
         Some("overlay"),
         "root",
@@ -461,12 +469,7 @@ fn mount_root(req: &InitRequest, userns: &OwnedFd) -> Result<()> {
         Some("lowerdir=lower,upperdir=disk/upper,workdir=disk/work"),
     )
     .ctx(|| "mounting the overlay root".into())?;
-    let root = rustix::fs::open(
-        "root",
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )
-    .ctx(|| "opening the root".into())?;
+    let root = own_dir("root")?;
     let at = |rel: &str| mount_point(&root, rel).ctx(|| format!("mount point /{rel}"));
 
     // The host's /usr, read-only; idmapped so its files are root's inside, plain where the
@@ -501,15 +504,18 @@ struct Helper {
     mapped: OwnedFd,
 }
 
+/// What PID 1 inherits from `__init` through the helper.
+struct Inherited {
+    /// The guest's listening socket.
+    listener: UnixListener,
+    /// Where `__init` releases PID 1 (or closes: abort).
+    go: OwnedFd,
+    /// The sealed guest agent.
+    guest: std::fs::File,
+}
+
 impl Helper {
-    fn run(
-        self,
-        req: &InitRequest,
-        listener: UnixListener,
-        go: OwnedFd,
-        err: &OwnedFd,
-        guest: std::fs::File,
-    ) -> Result<()> {
+    fn run(self, req: &InitRequest, pid1: Inherited, err: &OwnedFd) -> Result<()> {
         let (uid, gid) = (Uid::from_raw(self.base), Gid::from_raw(self.base));
         nix::unistd::setgroups(&[]).ctx(|| "setgroups".into())?;
         nix::unistd::setresgid(gid, gid, gid).ctx(|| "setresgid".into())?;
@@ -536,7 +542,7 @@ impl Helper {
         if pid == 0 {
             drop((self.up, self.mapped));
             // Errors after the fd shuffle were already written to the pipe; they come back empty.
-            if let Err(e) = sandbox_half(req, listener, go, err, guest) {
+            if let Err(e) = sandbox_half(req, pid1, err) {
                 if !e.is_empty() {
                     let _ = nix::unistd::write(err, e.as_bytes());
                 }
@@ -609,13 +615,12 @@ fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
 }
 
 /// Sandbox half: PID 1 of the new namespaces, until it executes the guest. Returns only on error.
-fn sandbox_half(
-    req: &InitRequest,
-    listener: UnixListener,
-    go: OwnedFd,
-    err: &OwnedFd,
-    guest: std::fs::File,
-) -> Result<()> {
+fn sandbox_half(req: &InitRequest, inherited: Inherited, err: &OwnedFd) -> Result<()> {
+    let Inherited {
+        listener,
+        go,
+        guest,
+    } = inherited;
     // Anything but the go byte (EOF: `__init` died or gave up) aborts.
     let mut b = [0u8; 1];
     if !read_exact_or_eof(&go, &mut b) || b != *b"g" {
