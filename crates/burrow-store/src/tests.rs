@@ -236,3 +236,22 @@ fn tool_calls_count_up_and_a_new_run_starts_at_zero() {
     let r = s.sandbox("a").unwrap().unwrap();
     assert_eq!((r.tool_calls, r.run), (0, Some(run)));
 }
+
+#[test]
+fn no_slot_past_the_top_of_the_uid_ranges_is_handed_out() {
+    let top = burrow_types::limits::UID_SLOTS;
+    let mut used: BTreeSet<u32> = (0..top).filter(|s| *s != top - 1).collect();
+    assert_eq!(
+        free_slot(&used, top),
+        Some(top - 1),
+        "the top slot is usable"
+    );
+    used.insert(top - 1);
+    assert_eq!(
+        free_slot(&used, top),
+        None,
+        "a slot past the top was handed out"
+    );
+    used.remove(&7);
+    assert_eq!(free_slot(&used, top), Some(7));
+}
