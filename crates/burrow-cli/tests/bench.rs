@@ -17,6 +17,8 @@ const BURROW_ROWS: &[&str] = &[
     "hibernate",
     "cold resume → first command",
     "destroy",
+    "exec round trip, neighbour idle",
+    "exec round trip, neighbour noisy",
     "create throughput (2 concurrent)",
     "idle density: host MemAvailable drop",
     "idle density: sandboxes' memory cgroup",

@@ -303,9 +303,8 @@ impl Store {
             let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
             rows.collect::<Result<_, _>>()?
         };
-        let slot = (0..u32::from(u16::MAX))
-            .find(|s| !used.contains(s))
-            .ok_or(StoreError::NoFreeSlot)?;
+        let slot =
+            free_slot(&used, burrow_types::limits::UID_SLOTS).ok_or(StoreError::NoFreeSlot)?;
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}, updated_at) \
@@ -832,6 +831,12 @@ impl RawSandbox {
                 .transpose()?,
         })
     }
+}
+
+/// The lowest slot below `top` that `used` does not hold: each slot is a range of host uids, and
+/// one past the last would wrap around into uids below the base (host users, root).
+fn free_slot(used: &BTreeSet<u32>, top: u32) -> Option<u32> {
+    (0..top).find(|s| !used.contains(s))
 }
 
 #[cfg(test)]

@@ -312,3 +312,22 @@ fn warm_sandboxes_of_pools_that_are_gone_are_found() {
         .collect();
     assert_eq!(ids, ["w2"]);
 }
+
+#[test]
+fn no_slot_past_the_top_of_the_uid_ranges_is_handed_out() {
+    let top = burrow_types::limits::UID_SLOTS;
+    let mut used: BTreeSet<u32> = (0..top).filter(|s| *s != top - 1).collect();
+    assert_eq!(
+        free_slot(&used, top),
+        Some(top - 1),
+        "the top slot is usable"
+    );
+    used.insert(top - 1);
+    assert_eq!(
+        free_slot(&used, top),
+        None,
+        "a slot past the top was handed out"
+    );
+    used.remove(&7);
+    assert_eq!(free_slot(&used, top), Some(7));
+}

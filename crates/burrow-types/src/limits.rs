@@ -22,6 +22,20 @@ pub struct Limits {
     /// Tool calls (exec and file operations) per run; past it the run ends.
     #[serde(default = "default_tool_calls")]
     pub tool_calls: u32,
+    /// Reads from the sandbox's disk, bytes per second (0: no limit). Like the three below, it
+    /// bounds I/O the sandbox's processes submit themselves (direct I/O, page-cache misses, the
+    /// flush an `fsync` does); see `docs/threat-model.md` for what cgroup v1 leaves out.
+    #[serde(default = "default_disk_bps")]
+    pub disk_read_bps: u64,
+    /// Writes to the sandbox's disk, bytes per second (0: no limit).
+    #[serde(default = "default_disk_bps")]
+    pub disk_write_bps: u64,
+    /// Read operations on the sandbox's disk per second (0: no limit).
+    #[serde(default = "default_disk_iops")]
+    pub disk_read_iops: u64,
+    /// Write operations on the sandbox's disk per second (0: no limit).
+    #[serde(default = "default_disk_iops")]
+    pub disk_write_iops: u64,
 }
 
 impl Limits {
@@ -39,7 +53,13 @@ impl Limits {
             output_bytes,
             max_duration_s,
             tool_calls,
+            disk_read_bps,
+            disk_write_bps,
+            disk_read_iops,
+            disk_write_iops,
         } = self;
+        // For the disk throttle 0 means no limit: more than any number.
+        let throttle = |mine: u64, theirs: u64| theirs == 0 || (mine != 0 && mine <= theirs);
         *cpu_millis <= other.cpu_millis
             && *memory_mib <= other.memory_mib
             && *pids <= other.pids
@@ -48,6 +68,10 @@ impl Limits {
             && *output_bytes <= other.output_bytes
             && *max_duration_s <= other.max_duration_s
             && *tool_calls <= other.tool_calls
+            && throttle(*disk_read_bps, other.disk_read_bps)
+            && throttle(*disk_write_bps, other.disk_write_bps)
+            && throttle(*disk_read_iops, other.disk_read_iops)
+            && throttle(*disk_write_iops, other.disk_write_iops)
     }
 }
 
@@ -56,6 +80,24 @@ pub const DEFAULT_TOOL_CALLS: u32 = 20;
 fn default_tool_calls() -> u32 {
     DEFAULT_TOOL_CALLS
 }
+
+/// Disk bandwidth of the smallest plan, and of plans that do not name one.
+pub const DEFAULT_DISK_BPS: u64 = 64 * MIB;
+/// Disk operations per second of the smallest plan, and of plans that do not name them.
+pub const DEFAULT_DISK_IOPS: u64 = 1000;
+
+fn default_disk_bps() -> u64 {
+    DEFAULT_DISK_BPS
+}
+
+fn default_disk_iops() -> u64 {
+    DEFAULT_DISK_IOPS
+}
+
+/// How many sandboxes one host can give distinct uid ranges: each takes 65,536 host uids from
+/// 0x1000_0000 up, and the last range must end below `u32::MAX` (which is no uid: `(uid_t)-1`).
+/// Slots are `0..UID_SLOTS`; the store hands out none past the top.
+pub const UID_SLOTS: u32 = (u32::MAX - 0x1000_0000) / 65536;
 
 /// A named bundle of limits.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,7 +111,9 @@ pub const MIB: u64 = 1024 * 1024;
 pub const DEFAULT_OUTPUT_BYTES: u64 = 10 * MIB;
 
 impl Plan {
+    /// A plan; disk throughput scales with its CPU (the smallest plan gets the defaults).
     fn with(name: &str, cpu_millis: u32, memory_mib: u64, max_duration_s: u64) -> Plan {
+        let scale = u64::from(cpu_millis.max(500) / 500);
         Plan {
             name: name.to_string(),
             limits: Limits {
@@ -81,6 +125,10 @@ impl Plan {
                 output_bytes: DEFAULT_OUTPUT_BYTES,
                 max_duration_s,
                 tool_calls: DEFAULT_TOOL_CALLS,
+                disk_read_bps: DEFAULT_DISK_BPS * scale,
+                disk_write_bps: DEFAULT_DISK_BPS * scale,
+                disk_read_iops: DEFAULT_DISK_IOPS * scale,
+                disk_write_iops: DEFAULT_DISK_IOPS * scale,
             },
         }
     }
@@ -112,5 +160,38 @@ mod tests {
         assert!(!odd.within(&pro.limits));
         odd.pids = 512;
         assert!(odd.within(&free.limits));
+        // No disk throttle (0) is more than any throttle.
+        odd.disk_write_bps = 0;
+        assert!(!odd.within(&scale.limits));
+        let mut open = scale.limits.clone();
+        open.disk_write_bps = 0;
+        assert!(scale.limits.within(&open) && !open.within(&scale.limits));
+    }
+
+    #[test]
+    fn plans_without_disk_limits_get_the_defaults() {
+        let l: Limits = serde_json::from_str(
+            r#"{"cpu_millis": 500, "memory_mib": 256, "pids": 128, "disk_mib": 64, "nofile": 1024,
+                "output_bytes": 1048576, "max_duration_s": 60}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (l.disk_read_bps, l.disk_write_bps),
+            (DEFAULT_DISK_BPS, DEFAULT_DISK_BPS)
+        );
+        assert_eq!(
+            (l.disk_read_iops, l.disk_write_iops),
+            (DEFAULT_DISK_IOPS, DEFAULT_DISK_IOPS)
+        );
+        let plans = Plan::defaults();
+        assert_eq!(plans[0].limits.disk_write_bps, DEFAULT_DISK_BPS);
+        assert_eq!(plans[2].limits.disk_write_iops, 4 * DEFAULT_DISK_IOPS);
+    }
+
+    #[test]
+    fn the_last_uid_slot_ends_below_the_invalid_uid() {
+        let end = |slot: u32| 0x1000_0000u64 + (u64::from(slot) + 1) * 65536 - 1;
+        assert!(end(UID_SLOTS - 1) < u64::from(u32::MAX));
+        assert!(end(UID_SLOTS) >= u64::from(u32::MAX));
     }
 }

@@ -1,6 +1,6 @@
 //! burrow's own figures, measured through the public API exactly as an agent platform would call
 //! it: create → first command (cold, and warm from a pool), exec, pause, resume, hibernate, cold
-//! resume, destroy, create throughput and idle density.
+//! resume, destroy, a quiet sandbox's exec next to a noisy one, create throughput and idle density.
 
 use std::time::{Duration, Instant};
 
@@ -154,6 +154,64 @@ pub async fn lifecycle(ctx: &Ctx<'_>) -> Result<Lifecycle> {
         Row::new("destroy", latency(&destroy)),
     ];
     Ok(Lifecycle { cold, rows })
+}
+
+pub const NEIGHBOUR_IDLE: &str = "exec round trip, neighbour idle";
+pub const NEIGHBOUR_LOADED: &str = "exec round trip, neighbour noisy";
+/// What the noisy neighbour runs: a busy loop per core and a stream of synchronous 4 KiB writes,
+/// each flushed to its disk (`oflag=dsync`), until it is killed.
+const NOISE: &str = "for i in $(seq $(nproc)); do (while :; do :; done) & done; \
+    while :; do dd if=/dev/zero of=/workspace/.bench-noise bs=4k count=1 oflag=dsync \
+    conv=notrunc status=none; done";
+/// Samples of each phase taken back to back before switching.
+const NEIGHBOUR_BLOCK: usize = 5;
+
+/// The exec round trip of a quiet sandbox while another sandbox of the same plan sits idle, and
+/// while it spins every core and flushes its disk in a loop: its quota, its disk throttle and the
+/// host's share of the work its I/O causes decide the difference. Quiet and loaded samples
+/// alternate in blocks, so a change in the host's own load moves both alike.
+pub async fn noisy_neighbour(ctx: &Ctx<'_>) -> Result<Vec<Row>> {
+    let quiet = ctx.create().await?;
+    let noisy = ctx.create().await?;
+    let n = ctx.iterations.max(2 * NEIGHBOUR_BLOCK);
+    let (mut idle, mut loaded) = (Vec::new(), Vec::new());
+    while idle.len() < n || loaded.len() < n {
+        for _ in 0..NEIGHBOUR_BLOCK {
+            let t = Instant::now();
+            ctx.run_true(&quiet.id).await?;
+            idle.push(t.elapsed());
+        }
+        ctx.cleanup.check()?;
+        let req = ExecRequest {
+            cmd: vec!["/bin/sh".into(), "-c".into(), NOISE.into()],
+            background: true,
+            ..Default::default()
+        };
+        let pid = ctx.client.start_process(&noisy.id, &req).await?;
+        // Let the load reach its steady state (every core busy, the disk queue full).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut block = Ok(());
+        for _ in 0..NEIGHBOUR_BLOCK {
+            let t = Instant::now();
+            block = ctx.run_true(&quiet.id).await;
+            if block.is_err() {
+                break;
+            }
+            loaded.push(t.elapsed());
+        }
+        ctx.client.kill(&noisy.id, pid).await?;
+        block?;
+        // The killed load's last writes drain before the next quiet block.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ctx.destroy(&quiet.id).await?;
+    ctx.destroy(&noisy.id).await?;
+    let note = "a sandbox of the same plan spins every core and flushes 4 KiB writes to its disk \
+                in a loop; quiet and loaded samples alternate in blocks of 5";
+    Ok(vec![
+        Row::new(NEIGHBOUR_IDLE, latency(&idle)),
+        Row::new(NEIGHBOUR_LOADED, latency(&loaded)).note(note),
+    ])
 }
 
 /// The networking rows (`bench_net.rs`: create with a network, a `curl` round trip); none on a

@@ -3,7 +3,8 @@
 //! Benchmarks are not tests: nothing here asserts a number. Whatever the bench creates, it removes,
 //! also on an error or Ctrl-C.
 //!
-//! - `burrow.rs`: burrow's rows (lifecycle latencies, warm pool, throughput, density)
+//! - `burrow.rs`: burrow's rows (lifecycle latencies, warm pool, noisy neighbour, throughput,
+//!   density)
 //! - `peers.rs`, `oci.rs`: the peers and the OCI config given to `crun`
 //! - `stats.rs`, `table.rs`: percentiles and the printed tables
 //! - `cleanup.rs`: what to remove at the end
@@ -112,6 +113,8 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
     let mut rows = life.rows;
     progress("warm create (pool)");
     rows.insert(1, burrow::warm(&ctx).await?);
+    progress("exec next to a noisy neighbour");
+    rows.extend(burrow::noisy_neighbour(&ctx).await?);
     // Density before throughput, though printed after it: its host reading is the more fragile.
     let mut density_rows = Vec::new();
     if args.density > 0 {

@@ -1,13 +1,19 @@
 //! The built-in `system` image: a small generated root (`/etc`, empty mount points, the merged-`/usr`
 //! symlinks) that every sandbox overlays, with the host's `/usr` bound read-only on top. Nothing is
 //! downloaded; the host's harmless `/etc` files are copied once, secrets never.
+//!
+//! Files are owned as they should be seen inside a sandbox (root, and `user` for `/home/user`):
+//! every sandbox mounts the image idmapped to its own user namespace, so nothing is chowned per
+//! sandbox. The image's directory is private to host root (0700), since host uid 1000 owns
+//! `home/user` on disk.
 
 use std::io;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Bump when the generated content changes, so existing data directories rebuild it.
-const VERSION: &str = "1";
+/// Bump when the generated content changes: each version is built in a directory of its own, so
+/// sandboxes still running on an older one keep their lower layer.
+const VERSION: &str = "2";
 
 /// Entries of the host's `/etc` that programs need and that hold no secrets.
 const HOST_ETC: &[&str] = &[
@@ -88,22 +94,17 @@ pub const USER_UID: u32 = 1000;
 /// Returns the image's root directory, building it on first use.
 pub fn ensure_system_image(data_dir: &Path) -> io::Result<PathBuf> {
     let base = data_dir.join("images").join("system");
-    let root = base.join("root");
-    if std::fs::read_to_string(base.join("version"))
-        .ok()
-        .as_deref()
-        == Some(VERSION)
-        && root.is_dir()
-    {
+    let root = base.join(format!("root.v{VERSION}"));
+    std::fs::create_dir_all(&base)?;
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o700))?;
+    if root.is_dir() {
         return Ok(root);
     }
     let tmp = base.join(format!("root.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     build(&tmp)?;
-    let _ = std::fs::remove_dir_all(&root);
     std::fs::rename(&tmp, &root)?;
-    std::fs::write(base.join("version"), VERSION)?;
     Ok(root)
 }
 
@@ -119,8 +120,11 @@ fn build(root: &Path) -> io::Result<()> {
             symlink(target, root.join(link))?;
         }
     }
-    // Mount point for the guest agent's binary.
-    std::fs::write(root.join("run/burrow/guest"), b"")?;
+    // Only root can give a file away (the server runs as root; unit tests may not).
+    match std::os::unix::fs::chown(root.join("home/user"), Some(USER_UID), Some(USER_UID)) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+        r => r?,
+    }
     let etc = root.join("etc");
     std::fs::write(etc.join("passwd"), PASSWD)?;
     std::fs::write(etc.join("group"), GROUP)?;
@@ -162,6 +166,11 @@ fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn rustix_is_root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
 
     #[test]
     fn image_has_users_mount_points_and_no_secrets() {
@@ -177,7 +186,7 @@ mod tests {
             "workspace",
             "usr",
             "home/user",
-            "run/burrow/guest",
+            "run/burrow",
         ] {
             assert!(root.join(p).symlink_metadata().is_ok(), "{p} missing");
         }
@@ -186,6 +195,11 @@ mod tests {
                 root.join("etc").join(secret).symlink_metadata().is_err(),
                 "{secret} copied"
             );
+        }
+        if rustix_is_root() {
+            let md = std::fs::metadata(root.join("home/user")).unwrap();
+            assert_eq!((md.uid(), md.gid()), (USER_UID, USER_UID));
+            assert_eq!(std::fs::metadata(root.join("etc")).unwrap().uid(), 0);
         }
         // A second call reuses the image.
         std::fs::write(root.join("marker"), b"").unwrap();

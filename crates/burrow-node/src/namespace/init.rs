@@ -1,27 +1,50 @@
 //! `burrow __init`: builds one sandbox. Runs in a fresh process (a re-exec of the `burrow` binary,
-//! single-threaded, no async runtime), because it forks into new namespaces.
+//! single-threaded, no async runtime), because it forks into new namespaces. Three processes take
+//! part, each with only what it needs:
 //!
-//! The host half (this process, host root) prepares what needs host privileges: the ext4 disk on a
-//! loop device, the overlay root, bind mounts, cgroups and the guest's listening socket, all inside
-//! a private mount namespace, so nothing is mounted on the host and everything disappears with the
-//! sandbox's last process. It then clones the sandbox's PID 1 into new user, mount, pid, uts, ipc,
-//! net and cgroup namespaces, writes its id maps, and exits once PID 1 has exec'd the guest agent.
-//! The sandbox half (the clone) finishes the mounts that must be made inside (proc, sys, dev, tmp),
-//! pivots into the root, drops capabilities, installs seccomp, and execs `/run/burrow/guest`.
+//! - **`__init`** (host root) prepares what needs host privileges, in a private mount namespace
+//!   (nothing is mounted on the host; everything disappears with the sandbox's last process): the
+//!   ext4 disk on a loop device, the cgroups (with the disk's I/O throttle), the guest's listening
+//!   socket, and the root: an overlay of the image, idmapped to the sandbox's user namespace (its
+//!   files belong to root inside without a single chown), over the sandbox's own upper layer; the
+//!   host's `/usr` (idmapped, read-only), `/workspace` and an empty read-only `/run/burrow` are
+//!   attached onto mount points found inside the root. It writes the id maps and wires the network.
+//! - **a helper** drops to the sandbox's first host uid and creates the sandbox's user namespace,
+//!   which that uid then owns: per-user kernel counters (inotify instances and watches, fanotify
+//!   groups, POSIX message queue bytes, pending signals) are charged to the sandbox's own uid,
+//!   never to host root. It clones PID 1 into new mount, pid, uts, ipc, net and cgroup namespaces
+//!   and exits.
+//! - **PID 1** (the sandbox half) makes the mounts only its namespaces can make (proc, sys, dev,
+//!   tmp, the masks), pivots into the root, writes `/etc/hostname`, `hosts` and `resolv.conf` as the
+//!   sandbox's own root, drops capabilities, installs seccomp and executes the guest agent from the
+//!   sealed memfd the server shares with every sandbox. `__init` exits once it has.
+//!
+//! **The host never follows a path under the sandbox's root.** Everything there may be a link a
+//! previous run of the sandbox planted. `__init` touches the root only through mount points it
+//! opens with `openat2(RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)` (`burrow_linux::fs`) and attaches
+//! onto by file descriptor; files inside are written by PID 1 after `pivot_root`, when the host's
+//! tree is no longer reachable at all. The disk's own top directories (`upper`, `work`,
+//! `workspace`) are outside the sandbox's reach and are made through a descriptor of the disk.
+//! Overlay layers are named relative to the sandbox's directory, so `/proc/self/mountinfo` inside
+//! shows neither a host path nor a sandbox id.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{chown, lchown, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burrow_linux::cgroup::Cgroups;
-use burrow_linux::{caps, loopdev, proc, seccomp, sys};
+use burrow_linux::cgroup::{Cgroups, IoLimits};
+use burrow_linux::fs::{fd_path, mount_point, open_in_root, replace_file};
+use burrow_linux::{caps, loopdev, mount as dmount, proc, seccomp, sys};
 use burrow_types::Limits;
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::unistd::{Gid, Pid, Uid};
+use rustix::fs::{Mode, OFlags, CWD};
 use serde::{Deserialize, Serialize};
 
 use super::image::USER_UID;
@@ -36,7 +59,8 @@ pub(crate) struct InitRequest {
     pub env: BTreeMap<String, String>,
     pub sandbox_dir: PathBuf,
     pub image_root: PathBuf,
-    pub guest_exe: PathBuf,
+    /// Where to open the server's sealed copy of the guest agent (`/proc/<server>/fd/<n>`).
+    pub guest_fd: PathBuf,
     /// The sandbox's veth, address and resolvers; `None`: loopback only.
     #[serde(default)]
     pub net: Option<crate::network::NetSpec>,
@@ -55,6 +79,13 @@ pub const ID_RANGE: u32 = 65536;
 const GUEST_FD: i32 = 3;
 /// The pipe PID 1 reports setup errors on, until exec closes it.
 const ERR_FD: i32 = 4;
+/// The guest agent's executable (close-on-exec), until PID 1 executes it.
+const EXE_FD: i32 = 5;
+/// The sandbox's own devpts. Terminals come from one host-wide pool (`kernel.pty.max`, less the
+/// `kernel.pty.reserve` kept for the host's own devpts): `max` keeps one sandbox from taking it all.
+const PTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=620,gid=5,max=128";
+/// What `argv[0]` of the guest says (no file of that name needs to exist).
+const GUEST_ARGV0: &str = "/run/burrow/guest";
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -96,21 +127,6 @@ pub fn main() -> ! {
     }
 }
 
-fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .ctx(|| format!("bind {} on {}", src.display(), dst.display()))?;
-    if readonly {
-        let flags = MsFlags::MS_BIND
-            | MsFlags::MS_REMOUNT
-            | MsFlags::MS_RDONLY
-            | MsFlags::MS_NOSUID
-            | MsFlags::MS_NODEV;
-        mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
-            .ctx(|| format!("read-only {}", dst.display()))?;
-    }
-    Ok(())
-}
-
 fn make_disk(req: &InitRequest, img: &Path) -> Result<()> {
     let f = std::fs::File::create(img).ctx(|| format!("creating {}", img.display()))?;
     f.set_len(req.limits.disk_mib * 1024 * 1024)
@@ -138,16 +154,93 @@ fn make_disk(req: &InitRequest, img: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The disk's top directories: `upper` (the root's writable layer, owned by the sandbox's root),
+/// `work` (overlayfs's) and `workspace` (owned by `user`). Made once, on a fresh disk; the
+/// sandbox never sees the disk's top, so nothing here can be its link, and they are made through
+/// a descriptor of it anyway.
+fn prepare_disk(disk: &Path, base: u32, user: u32) -> Result<()> {
+    let top = rustix::fs::open(
+        disk,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        Mode::empty(),
+    )
+    .ctx(|| format!("opening {}", disk.display()))?;
+    for (sub, owner, mode) in [
+        ("upper", base, 0o755),
+        ("work", 0, 0o700),
+        ("workspace", user, 0o755),
+    ] {
+        match rustix::fs::mkdirat(&top, sub, Mode::from_raw_mode(mode)) {
+            Err(rustix::io::Errno::EXIST) => continue,
+            r => r.ctx(|| format!("creating the disk's {sub}"))?,
+        }
+        let fd = rustix::fs::openat(
+            &top,
+            sub,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx(|| format!("opening the disk's {sub}"))?;
+        let id = Some(rustix::fs::Uid::from_raw(owner));
+        rustix::fs::fchown(&fd, id, Some(rustix::fs::Gid::from_raw(owner)))
+            .ctx(|| format!("chown the disk's {sub}"))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
+            .ctx(|| format!("chmod the disk's {sub}"))?;
+    }
+    Ok(())
+}
+
+/// The disk's throttle, from the plan.
+pub(crate) fn io_limits(l: &Limits) -> IoLimits {
+    IoLimits {
+        read_bps: l.disk_read_bps,
+        write_bps: l.disk_write_bps,
+        read_iops: l.disk_read_iops,
+        write_iops: l.disk_write_iops,
+    }
+}
+
+/// Reads exactly `buf.len()` bytes from a pipe; false on EOF (every copy of the write end closed:
+/// the process on the other side died or gave up) or an error.
+fn read_exact_or_eof(fd: &OwnedFd, buf: &mut [u8]) -> bool {
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf[got..]) {
+            Ok(0) => return false,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+/// Everything the error pipe holds until every writer is gone.
+fn drain(fd: OwnedFd) -> String {
+    let mut msg = String::new();
+    let _ = std::fs::File::from(fd).read_to_string(&mut msg);
+    msg
+}
+
 /// Host half. Everything it mounts lives in a private mount namespace of this process, which the
 /// sandbox's mount namespace copies; the host's own mount table never changes.
 fn build(req: &InitRequest) -> Result<InitReply> {
     let dir = &req.sandbox_dir;
-    let (base, user) = (req.uid_base, req.uid_base + USER_UID);
+    let base = req.uid_base;
+    let user = base
+        .checked_add(USER_UID)
+        .ok_or_else(|| format!("uid base {base} leaves no room for the sandbox's user"))?;
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
-    // Traversable but not listable: the sandbox's root user (an unprivileged uid here) must walk
-    // through it to its root while setting up; nobody else needs to see what is in it.
+    // Traversable but not listable: the helper (running as the sandbox's first uid) starts here
+    // and walks into the root; nobody else needs to see what is in it.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
         .ctx(|| "chmod sandbox dir".into())?;
+    // The guest agent, as the server's sealed copy: nothing of the host's file is mounted inside.
+    let guest = std::fs::File::open(&req.guest_fd)
+        .ctx(|| format!("opening the guest agent at {}", req.guest_fd.display()))?;
+    if !burrow_linux::fs::is_sealed(&guest) {
+        return Err("the guest agent's copy is not sealed".into());
+    }
     let img = dir.join("disk.img");
     // A sandbox whose disk exists keeps it (a cold start after a host reboot reuses its files).
     if !img.exists() {
@@ -166,9 +259,9 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     .ctx(|| "making / private".into())?;
 
     let disk = dir.join("disk");
-    let root = dir.join("root");
-    for d in [&disk, &root] {
-        std::fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
+    for d in ["disk", "root", "lower"] {
+        std::fs::create_dir_all(dir.join(d))
+            .ctx(|| format!("creating {d} in {}", dir.display()))?;
     }
     let lo = loopdev::attach(&img).ctx(|| "attaching the disk to a loop device".into())?;
     mount(
@@ -179,55 +272,19 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         None::<&str>,
     )
     .ctx(|| format!("mounting {}", lo.path.display()))?;
+    let dev = std::fs::metadata(&lo.path)
+        .map(|m| (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev())))
+        .ctx(|| format!("reading the device number of {}", lo.path.display()))?;
     drop(lo);
-    for (sub, owner, mode) in [
-        ("upper", base, 0o755),
-        ("work", 0, 0o700),
-        ("workspace", user, 0o755),
-    ] {
-        let p = disk.join(sub);
-        if !p.exists() {
-            std::fs::create_dir(&p).ctx(|| format!("creating {}", p.display()))?;
-            chown(&p, Some(owner), Some(owner)).ctx(|| format!("chown {}", p.display()))?;
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
-                .ctx(|| "chmod".into())?;
-        }
-    }
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        req.image_root.display(),
-        disk.join("upper").display(),
-        disk.join("work").display()
-    );
-    mount(
-        Some("overlay"),
-        &root,
-        Some("overlay"),
-        MsFlags::MS_NODEV,
-        Some(opts.as_str()),
-    )
-    .ctx(|| "mounting the overlay root".into())?;
-    own_image_dirs(&req.image_root, &root, base, user)?;
-    let mut etc = vec![
-        ("etc/hostname", format!("{}\n", req.hostname)),
-        ("etc/hosts", crate::backend::etc_hosts(&req.hostname)),
-    ];
-    if let Some(net) = &req.net {
-        etc.push(("etc/resolv.conf", resolv_conf(net)));
-    }
-    for (name, body) in etc {
-        let p = root.join(name);
-        std::fs::write(&p, body).ctx(|| format!("writing {name}"))?;
-        chown(&p, Some(base), Some(base)).ctx(|| format!("chown {name}"))?;
-    }
-    bind(Path::new("/usr"), &root.join("usr"), true)?;
-    bind(&disk.join("workspace"), &root.join("workspace"), false)?;
-    bind(&req.guest_exe, &root.join("run/burrow/guest"), true)?;
+    prepare_disk(&disk, base, user)?;
 
     let cgroups = Cgroups::host();
     cgroups
         .create(&req.id, super::cgroup_limits(&req.limits))
         .ctx(|| "creating cgroups".into())?;
+    cgroups
+        .set_io(&req.id, dev, io_limits(&req.limits))
+        .ctx(|| "throttling the disk".into())?;
     // Join first, so the sandbox's cgroup namespace is rooted at its own cgroup.
     cgroups
         .join(&req.id, std::process::id())
@@ -237,54 +294,140 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).ctx(|| format!("binding {}", sock.display()))?;
 
-    let (go_r, go_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
-    let flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWCGROUP;
+    // From here on paths are relative to the sandbox's directory: the overlay's layer names (what
+    // mountinfo shows inside), and where the helper starts.
+    std::env::set_current_dir(dir).ctx(|| format!("chdir {}", dir.display()))?;
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into());
+    // go: __init releases PID 1. err: the helper and PID 1 report failures, until exec.
+    // up: the helper says its user namespace exists, then sends PID 1's pid. mapped: __init says
+    // the maps are written and the root is mounted.
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (up_r, up_w) = pipe()?;
+    let (mapped_r, mapped_w) = pipe()?;
     // SAFETY: `burrow __init` is single-threaded (dispatched in main before any runtime or thread).
-    let pid = unsafe { sys::clone_fork(flags) }.ctx(|| "clone into new namespaces".into())?;
-    if pid == 0 {
-        drop(go_w);
-        drop(err_r);
-        // Errors after the fd shuffle were already written to the pipe; they come back empty here.
-        if let Err(err) = sandbox_half(req, &root, listener, go_r, &err_w) {
-            if !err.is_empty() {
-                let _ = nix::unistd::write(&err_w, err.as_bytes());
-            }
+    let helper = unsafe { sys::clone_fork(0) }.ctx(|| "forking the helper".into())?;
+    if helper == 0 {
+        drop((go_w, err_r, up_r, mapped_w));
+        let h = Helper {
+            base,
+            up: up_w,
+            mapped: mapped_r,
+        };
+        let pid1 = Inherited {
+            listener,
+            go: go_r,
+            guest,
+        };
+        if let Err(e) = h.run(req, pid1, &err_w) {
+            let _ = nix::unistd::write(&err_w, e.as_bytes());
+            // SAFETY: _exit ends the helper without running the parent's destructors.
+            unsafe { libc::_exit(127) };
         }
-        // SAFETY: _exit ends the child without running the parent's atexit handlers or destructors.
-        unsafe { libc::_exit(127) };
+        // SAFETY: as above.
+        unsafe { libc::_exit(0) };
     }
-    drop(go_r);
-    drop(err_w);
-    drop(listener);
-    let fail = |msg: String| -> Result<InitReply> {
-        let _ = proc::kill9(pid as u32);
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-        Err(msg)
+    drop((go_r, err_w, up_w, mapped_r, listener, guest));
+    let mut go = Some(go_w);
+    // The helper until it is reaped (after that its pid may belong to anyone), then PID 1 (which
+    // cannot exit on its own before it is released or its go pipe closes).
+    let mut helper_pid = Some(Pid::from_raw(helper));
+    let mut pid1: Option<i32> = None;
+    // On any failure: release whatever waits on us (PID 1 aborts on EOF), end both, and report.
+    let fail =
+        |msg: String, go: &mut Option<OwnedFd>, helper: Option<Pid>, pid1: Option<i32>| -> String {
+            drop(go.take());
+            if let Some(p) = pid1 {
+                let _ = proc::kill9(p as u32);
+            }
+            if let Some(h) = helper {
+                let _ = proc::kill9(h.as_raw() as u32);
+                let _ = nix::sys::wait::waitpid(h, None);
+            }
+            msg
+        };
+    // The helper died: reap it, let anything it started go, and say what it wrote.
+    let helper_died = |go: &mut Option<OwnedFd>, err_r: OwnedFd| -> String {
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(helper), None);
+        drop(go.take());
+        format!("the helper failed: {}", drain(err_r))
     };
-    if let Err(e) = sys::write_id_maps(pid, base, ID_RANGE) {
-        return fail(format!("writing id maps: {e}"));
+    let mut b = [0u8; 1];
+    if !read_exact_or_eof(&up_r, &mut b) || b != *b"u" {
+        return Err(helper_died(&mut go, err_r));
+    }
+    let userns = match sys::write_id_maps(helper, base, ID_RANGE)
+        .and_then(|_| std::fs::File::open(format!("/proc/{helper}/ns/user")))
+    {
+        Ok(f) => OwnedFd::from(f),
+        Err(e) => {
+            return Err(fail(
+                format!("writing id maps: {e}"),
+                &mut go,
+                helper_pid,
+                pid1,
+            ))
+        }
+    };
+    if let Err(e) = mount_root(req, &userns) {
+        return Err(fail(e, &mut go, helper_pid, pid1));
+    }
+    drop(userns);
+    if let Err(e) = nix::unistd::write(&mapped_w, b"m") {
+        return Err(fail(
+            format!("releasing the helper: {e}"),
+            &mut go,
+            helper_pid,
+            pid1,
+        ));
+    }
+    let mut pid_bytes = [0u8; 4];
+    if !read_exact_or_eof(&up_r, &mut pid_bytes) {
+        return Err(helper_died(&mut go, err_r));
+    }
+    let pid = i32::from_ne_bytes(pid_bytes);
+    if pid > 0 {
+        pid1 = Some(pid);
+    }
+    let reaped = nix::sys::wait::waitpid(Pid::from_raw(helper), None);
+    helper_pid = None;
+    match reaped {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) if pid > 0 => {}
+        other => {
+            let msg = format!("the helper ended with {other:?} (PID 1: {pid})");
+            return Err(fail(msg, &mut go, helper_pid, pid1));
+        }
     }
     // The network is wired before the sandbox runs anything of its own.
     if let Some(net) = &req.net {
         if let Err(e) = wire_network(pid as u32, net) {
-            return fail(format!("wiring the network: {e}"));
+            return Err(fail(
+                format!("wiring the network: {e}"),
+                &mut go,
+                helper_pid,
+                pid1,
+            ));
         }
     }
-    if let Err(e) = nix::unistd::write(&go_w, b"g") {
-        return fail(format!("releasing the sandbox: {e}"));
+    if let Some(go_w) = &go {
+        if let Err(e) = nix::unistd::write(go_w, b"g") {
+            return Err(fail(
+                format!("releasing the sandbox: {e}"),
+                &mut go,
+                helper_pid,
+                pid1,
+            ));
+        }
     }
     // EOF with nothing read means the exec succeeded (the pipe is close-on-exec).
-    let mut msg = String::new();
-    let _ = std::fs::File::from(err_r).read_to_string(&mut msg);
+    let msg = drain(err_r);
     if !msg.is_empty() {
-        return fail(format!("sandbox setup: {msg}"));
+        return Err(fail(
+            format!("sandbox setup: {msg}"),
+            &mut go,
+            helper_pid,
+            pid1,
+        ));
     }
     let pid_start =
         proc::start_time(pid as u32).ok_or_else(|| "the sandbox exited at once".to_string())?;
@@ -293,6 +436,123 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         pid: pid as u32,
         pid_start,
     })
+}
+
+/// The root, mounted in `__init`'s namespace (the cwd is the sandbox's directory): the overlay,
+/// then `/usr`, `/workspace` and `/run/burrow` attached onto mount points opened inside it.
+fn mount_root(req: &InitRequest, userns: &OwnedFd) -> Result<()> {
+    // The image, idmapped to the sandbox's user namespace: its files (owned by host uid 0, and
+    // `home/user` by 1000) are root's (and user's) inside, and copy-up keeps those owners.
+    let image = dmount::clone_tree(CWD, req.image_root.to_str().unwrap_or_default())
+        .ctx(|| format!("cloning the image at {}", req.image_root.display()))?;
+    dmount::set_attrs(
+        &image,
+        dmount::ATTR_RDONLY | dmount::ATTR_NOSUID | dmount::ATTR_NODEV | dmount::ATTR_IDMAP,
+        Some(userns),
+    )
+    .ctx(|| "idmapping the image".into())?;
+    // Directories of the sandbox's directory (the cwd): the host's, not the sandbox's.
+    let own_dir = |name: &str| {
+        rustix::fs::open(
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
+        .ctx(|| format!("opening {name}"))
+    };
+    dmount::attach(&image, own_dir("lower")?).ctx(|| "mounting the image".into())?;
+    mount(
+        Some("overlay"),
+        "root",
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some("lowerdir=lower,upperdir=disk/upper,workdir=disk/work"),
+    )
+    .ctx(|| "mounting the overlay root".into())?;
+    let root = own_dir("root")?;
+    let at = |rel: &str| mount_point(&root, rel).ctx(|| format!("mount point /{rel}"));
+
+    // The host's /usr, read-only; idmapped so its files are root's inside, plain where the
+    // filesystem cannot be idmapped.
+    let usr = dmount::clone_tree(CWD, "/usr").ctx(|| "cloning /usr".into())?;
+    let ro = dmount::ATTR_RDONLY | dmount::ATTR_NOSUID | dmount::ATTR_NODEV;
+    if dmount::set_attrs(&usr, ro | dmount::ATTR_IDMAP, Some(userns)).is_err() {
+        dmount::set_attrs(&usr, ro, None).ctx(|| "making /usr read-only".into())?;
+    }
+    dmount::attach(&usr, at("usr")?).ctx(|| "mounting /usr".into())?;
+
+    let ws = dmount::clone_tree(CWD, "disk/workspace").ctx(|| "cloning the workspace".into())?;
+    dmount::attach(&ws, at("workspace")?).ctx(|| "mounting /workspace".into())?;
+
+    // burrow's own directory: empty and read-only, so nothing there can pass for burrow's.
+    mount(
+        Some("tmpfs"),
+        &fd_path(&at("run/burrow")?),
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=755"),
+    )
+    .ctx(|| "mounting /run/burrow".into())?;
+    Ok(())
+}
+
+/// The helper: becomes the sandbox's first host uid, creates the sandbox's user namespace (so that
+/// uid owns it), and clones PID 1 into the other namespaces from inside it.
+struct Helper {
+    base: u32,
+    up: OwnedFd,
+    mapped: OwnedFd,
+}
+
+/// What PID 1 inherits from `__init` through the helper.
+struct Inherited {
+    /// The guest's listening socket.
+    listener: UnixListener,
+    /// Where `__init` releases PID 1 (or closes: abort).
+    go: OwnedFd,
+    /// The sealed guest agent.
+    guest: std::fs::File,
+}
+
+impl Helper {
+    fn run(self, req: &InitRequest, pid1: Inherited, err: &OwnedFd) -> Result<()> {
+        let (uid, gid) = (Uid::from_raw(self.base), Gid::from_raw(self.base));
+        nix::unistd::setgroups(&[]).ctx(|| "setgroups".into())?;
+        nix::unistd::setresgid(gid, gid, gid).ctx(|| "setresgid".into())?;
+        nix::unistd::setresuid(uid, uid, uid).ctx(|| "setresuid".into())?;
+        // A credential change clears the parent-death signal: set it again.
+        sys::die_with_parent().ctx(|| "PR_SET_PDEATHSIG".into())?;
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+            .ctx(|| "creating the user namespace".into())?;
+        nix::unistd::write(&self.up, b"u").ctx(|| "reporting the user namespace".into())?;
+        let mut b = [0u8; 1];
+        if !read_exact_or_eof(&self.mapped, &mut b) || b != *b"m" {
+            return Err("the host half went away".into());
+        }
+        // PID 1 starts in the root (a clone's new mount namespace keeps its cwd, on its own copy).
+        std::env::set_current_dir("root").ctx(|| "entering the root".into())?;
+        let flags = libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWCGROUP;
+        // SAFETY: the helper is single-threaded (a fork of the single-threaded `__init`).
+        let pid = unsafe { sys::clone_fork(flags) }.ctx(|| "clone into new namespaces".into())?;
+        if pid == 0 {
+            drop((self.up, self.mapped));
+            // Errors after the fd shuffle were already written to the pipe; they come back empty.
+            if let Err(e) = sandbox_half(req, pid1, err) {
+                if !e.is_empty() {
+                    let _ = nix::unistd::write(err, e.as_bytes());
+                }
+            }
+            // SAFETY: _exit ends PID 1 without running the helper's destructors.
+            unsafe { libc::_exit(127) };
+        }
+        nix::unistd::write(&self.up, &pid.to_ne_bytes()).ctx(|| "reporting PID 1".into())?;
+        Ok(())
+    }
 }
 
 /// `/etc/resolv.conf` of a sandbox with a network.
@@ -354,75 +614,48 @@ fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
     .ctx(|| "configuring eth0 inside".into())
 }
 
-/// Directories of the image, owned by root inside (and `/home/user` by `user`), so the sandbox can
-/// create files in them; copied up to the sandbox's own layer, the shared image is untouched.
-fn own_image_dirs(image: &Path, root: &Path, base: u32, user: u32) -> Result<()> {
-    fn walk(image: &Path, rel: &Path, root: &Path, base: u32, user: u32) -> Result<()> {
-        let rd = std::fs::read_dir(image.join(rel))
-            .ctx(|| format!("reading image {}", rel.display()))?;
-        for entry in rd {
-            let entry = entry.ctx(|| "reading image".into())?;
-            let ft = entry.file_type().ctx(|| "reading image".into())?;
-            if !ft.is_dir() {
-                continue;
-            }
-            let rel = rel.join(entry.file_name());
-            // Mount points get their owners from what is mounted on them.
-            if ["usr", "proc", "sys", "dev", "tmp", "workspace"]
-                .iter()
-                .any(|m| rel == Path::new(m))
-            {
-                continue;
-            }
-            let owner = if rel.starts_with("home/user") {
-                user
-            } else {
-                base
-            };
-            lchown(root.join(&rel), Some(owner), Some(owner))
-                .ctx(|| format!("chown /{}", rel.display()))?;
-            walk(image, &rel, root, base, user)?;
-        }
-        Ok(())
-    }
-    lchown(root, Some(base), Some(base)).ctx(|| "chown /".into())?;
-    walk(image, Path::new(""), root, base, user)
-}
-
-/// Sandbox half: PID 1 of the new namespaces, until it execs the guest. Returns only on error.
-fn sandbox_half(
-    req: &InitRequest,
-    root: &Path,
-    listener: UnixListener,
-    go: OwnedFd,
-    err: &OwnedFd,
-) -> Result<()> {
+/// Sandbox half: PID 1 of the new namespaces, until it executes the guest. Returns only on error.
+fn sandbox_half(req: &InitRequest, inherited: Inherited, err: &OwnedFd) -> Result<()> {
+    let Inherited {
+        listener,
+        go,
+        guest,
+    } = inherited;
+    // Anything but the go byte (EOF: `__init` died or gave up) aborts.
     let mut b = [0u8; 1];
-    nix::unistd::read(go.as_raw_fd(), &mut b).ctx(|| "waiting for id maps".into())?;
+    if !read_exact_or_eof(&go, &mut b) || b != *b"g" {
+        return Err("the host half went away before releasing the sandbox".into());
+    }
     drop(go);
-    let zero = nix::unistd::Gid::from_raw(0);
+    let zero = Gid::from_raw(0);
     nix::unistd::setresgid(zero, zero, zero).ctx(|| "setresgid".into())?;
     nix::unistd::setgroups(&[]).ctx(|| "setgroups".into())?;
-    let zero = nix::unistd::Uid::from_raw(0);
+    let zero = Uid::from_raw(0);
     nix::unistd::setresuid(zero, zero, zero).ctx(|| "setresuid".into())?;
     nix::unistd::sethostname(&req.hostname).ctx(|| "sethostname".into())?;
 
-    // The root and its submounts came from the host half's namespace, so they are locked here and
-    // pivot_root refuses a locked new root: a recursive bind onto itself makes an unlocked copy.
+    // The cwd is the root, as the helper left it, on this namespace's copy. That copy is locked
+    // (it came from a more privileged namespace) and pivot_root refuses a locked root: stack an
+    // unlocked recursive copy on it, and step onto that through the sandbox's directory.
     mount(
-        Some(root),
-        root,
+        Some("."),
+        ".",
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
     .ctx(|| "re-binding the root".into())?;
-    inner_mounts(req, root)?;
+    std::env::set_current_dir("../root").ctx(|| "entering the root".into())?;
+    let root = rustix::fs::open(".", OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
+        .ctx(|| "opening the root".into())?;
+    inner_mounts(req, &root)?;
+    drop(root);
 
-    std::env::set_current_dir(root).ctx(|| "chdir root".into())?;
     nix::unistd::pivot_root(".", ".").ctx(|| "pivot_root".into())?;
     umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
     std::env::set_current_dir("/").ctx(|| "chdir /".into())?;
+    // From here on no host path is reachable: "/" is the sandbox's.
+    write_etc(req);
 
     sys::loopback_up().ctx(|| "bringing lo up".into())?;
     sys::limit(
@@ -431,12 +664,17 @@ fn sandbox_half(
     )
     .ctx(|| "RLIMIT_NOFILE".into())?;
 
-    // Descriptors: 0-2 /dev/null, 3 the guest socket, 4 the error pipe (close-on-exec), no others.
-    // Both are first moved above any fd number they could collide with.
+    // Descriptors: 0-2 /dev/null, 3 the guest socket, 4 the error pipe and 5 the guest's
+    // executable (both close-on-exec), no others. Each is first moved above any fd number it
+    // could collide with.
     let high = |fd: i32| {
         nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(100)).ctx(|| "dup fd".into())
     };
-    let (listen_hi, err_hi) = (high(listener.as_raw_fd())?, high(err.as_raw_fd())?);
+    let (listen_hi, err_hi, exe_hi) = (
+        high(listener.as_raw_fd())?,
+        high(err.as_raw_fd())?,
+        high(guest.as_raw_fd())?,
+    );
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -447,19 +685,26 @@ fn sandbox_half(
     }
     nix::unistd::dup2(listen_hi, GUEST_FD).ctx(|| "dup2 guest socket".into())?;
     nix::unistd::dup2(err_hi, ERR_FD).ctx(|| "dup2 error pipe".into())?;
-    // SAFETY: ERR_FD and GUEST_FD were just made by dup2; nothing else owns them.
-    let (err4, guest_fd) =
-        unsafe { (OwnedFd::from_raw_fd(ERR_FD), OwnedFd::from_raw_fd(GUEST_FD)) };
-    nix::fcntl::fcntl(
-        err4.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .ctx(|| "cloexec error pipe".into())?;
+    nix::unistd::dup2(exe_hi, EXE_FD).ctx(|| "dup2 guest executable".into())?;
+    // SAFETY: these fds were just made by dup2; nothing else owns them.
+    let (err4, guest_fd, exe) = unsafe {
+        (
+            OwnedFd::from_raw_fd(ERR_FD),
+            OwnedFd::from_raw_fd(GUEST_FD),
+            OwnedFd::from_raw_fd(EXE_FD),
+        )
+    };
+    for fd in [&err4, &exe] {
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )
+        .ctx(|| "close-on-exec".into())?;
+    }
     sys::keep_on_exec(&guest_fd).ctx(|| "keeping the guest socket".into())?;
     // Everything else goes; the Rust owners of those fds are never used again (exec or _exit follow).
-    std::mem::forget(null);
-    std::mem::forget(listener);
-    sys::close_from(ERR_FD + 1).ctx(|| "closing inherited fds".into())?;
+    std::mem::forget((null, listener, guest));
+    sys::close_from(EXE_FD + 1).ctx(|| "closing inherited fds".into())?;
     let report = |msg: String| -> Result<()> {
         let _ = nix::unistd::write(&err4, msg.as_bytes());
         Err(String::new())
@@ -479,7 +724,7 @@ fn sandbox_half(
     ] {
         env.push(CString::new(var).unwrap_or_default());
     }
-    let guest = CString::new("/run/burrow/guest").unwrap_or_default();
+    let argv0 = CString::new(GUEST_ARGV0).unwrap_or_default();
     if let Err(e) = caps::restrict_to(caps::SANDBOX) {
         return report(format!("dropping capabilities: {e}"));
     }
@@ -489,59 +734,101 @@ fn sandbox_half(
     if let Err(e) = seccomp::install() {
         return report(format!("installing seccomp: {e}"));
     }
-    let e = nix::unistd::execve(&guest, &[&guest], &env).unwrap_err();
-    report(format!("exec /run/burrow/guest: {e}"))
+    let e = nix::unistd::fexecve(exe.as_raw_fd(), &[&argv0], &env).unwrap_err();
+    report(format!("exec the guest agent: {e}"))
+}
+
+/// `/etc/hostname`, `/etc/hosts` and (with a network) `/etc/resolv.conf`, written by PID 1 after
+/// `pivot_root`, as the sandbox's own root: whatever links the sandbox left there are its own and
+/// resolve inside it, and each file is replaced rather than written through a link. A sandbox
+/// that broke its own `/etc` (made it a file, or a link into read-only `/usr`) still starts,
+/// without these files.
+fn write_etc(req: &InitRequest) {
+    let mut files = vec![
+        ("hostname", format!("{}\n", req.hostname)),
+        ("hosts", crate::backend::etc_hosts(&req.hostname)),
+    ];
+    if let Some(net) = &req.net {
+        files.push(("resolv.conf", resolv_conf(net)));
+    }
+    let _ = std::fs::create_dir("/etc");
+    let Ok(etc) = rustix::fs::open("/etc", OFlags::PATH | OFlags::DIRECTORY, Mode::empty()) else {
+        return;
+    };
+    for (name, body) in files {
+        let _ = replace_file(&etc, name, body.as_bytes(), 0o644);
+    }
 }
 
 /// Mounts that must be made by the sandbox's own namespaces: a proc for its pid namespace, a sysfs
-/// for its network namespace, a minimal /dev, a fresh /tmp; then the masks over /proc.
-fn inner_mounts(req: &InitRequest, root: &Path) -> Result<()> {
-    let m = |src: &str, dst: &Path, fstype: &str, flags: MsFlags, data: Option<&str>| {
-        mount(Some(src), dst, Some(fstype), flags, data)
-            .ctx(|| format!("mounting {fstype} on {}", dst.display()))
+/// for its network namespace, a minimal /dev, a fresh /tmp; then the masks over /proc and /sys.
+/// Every target is opened inside `root` (the sandbox's links resolve inside it) and mounted on by
+/// descriptor.
+fn inner_mounts(req: &InitRequest, root: &OwnedFd) -> Result<()> {
+    let at = |rel: &str| mount_point(root, rel).ctx(|| format!("mount point /{rel}"));
+    let on = |src: &str, target: &OwnedFd, fstype: &str, flags: MsFlags, data: Option<&str>| {
+        mount(Some(src), &fd_path(target), Some(fstype), flags, data)
+            .ctx(|| format!("mounting {fstype} ({src})"))
+    };
+    let bind = |src: &Path, target: &OwnedFd| {
+        mount(
+            Some(src),
+            &fd_path(target),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .ctx(|| format!("binding {}", src.display()))
     };
     let hardened = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    m("proc", &root.join("proc"), "proc", hardened, None)?;
-    m(
+    on("proc", &at("proc")?, "proc", hardened, None)?;
+    on(
         "sysfs",
-        &root.join("sys"),
+        &at("sys")?,
         "sysfs",
         hardened | MsFlags::MS_RDONLY,
         None,
     )?;
 
-    let dev = root.join("dev");
-    m(
+    on(
         "tmpfs",
-        &dev,
+        &at("dev")?,
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("mode=755,size=1m"),
     )?;
+    // The fresh tmpfs: nothing of the sandbox's is in it.
+    let dev = at("dev")?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let p = dev.join(name);
-        std::fs::write(&p, b"").ctx(|| format!("creating /dev/{name}"))?;
-        bind(&Path::new("/dev").join(name), &p, false)?;
+        let f = rustix::fs::openat(
+            &dev,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o666),
+        )
+        .ctx(|| format!("creating /dev/{name}"))?;
+        bind(&Path::new("/dev").join(name), &f)?;
     }
     for d in ["pts", "shm", "mqueue"] {
-        std::fs::create_dir(dev.join(d)).ctx(|| format!("creating /dev/{d}"))?;
+        rustix::fs::mkdirat(&dev, d, Mode::from_raw_mode(0o755))
+            .ctx(|| format!("creating /dev/{d}"))?;
     }
-    m(
+    on(
         "devpts",
-        &dev.join("pts"),
+        &at("dev/pts")?,
         "devpts",
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
-        Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
+        Some(PTS_OPTIONS),
     )?;
     let shm_size = format!("mode=1777,size={}m", (req.limits.memory_mib / 4).max(16));
-    m(
+    on(
         "tmpfs",
-        &dev.join("shm"),
+        &at("dev/shm")?,
         "tmpfs",
         hardened,
         Some(shm_size.as_str()),
     )?;
-    m("mqueue", &dev.join("mqueue"), "mqueue", hardened, None)?;
+    on("mqueue", &at("dev/mqueue")?, "mqueue", hardened, None)?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -549,19 +836,21 @@ fn inner_mounts(req: &InitRequest, root: &Path) -> Result<()> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        std::os::unix::fs::symlink(target, dev.join(link)).ctx(|| format!("/dev/{link}"))?;
+        rustix::fs::symlinkat(target, &dev, link).ctx(|| format!("/dev/{link}"))?;
     }
     let tmp_size = format!("mode=1777,size={}m", (req.limits.memory_mib / 2).max(16));
-    m(
+    on(
         "tmpfs",
-        &root.join("tmp"),
+        &at("tmp")?,
         "tmpfs",
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(tmp_size.as_str()),
     )?;
 
-    // /proc: hide what leaks host information, freeze what could change host settings (K8).
-    let procdir = root.join("proc");
+    // /proc and /sys: hide what leaks host information (the host's kernel command line; the
+    // loop devices, whose backing files name every sandbox and the data directory), freeze what
+    // could change host settings (K8).
+    let existing = |rel: &str| open_in_root(root, rel, OFlags::PATH).ok();
     for name in [
         "kcore",
         "keys",
@@ -570,43 +859,55 @@ fn inner_mounts(req: &InitRequest, root: &Path) -> Result<()> {
         "latency_stats",
         "kallsyms",
         "kmsg",
+        "cmdline",
     ] {
-        let p = procdir.join(name);
-        if p.exists() {
-            bind(&dev.join("null"), &p, false)?;
+        if let Some(t) = existing(&format!("proc/{name}")) {
+            bind(Path::new("/dev/null"), &t)?;
         }
     }
-    for name in ["acpi", "scsi", "asound"] {
-        let p = procdir.join(name);
-        if p.is_dir() {
-            m(
-                "tmpfs",
-                &p,
-                "tmpfs",
-                hardened | MsFlags::MS_RDONLY,
-                Some("size=0"),
-            )?;
+    let empty = |t: &OwnedFd| {
+        on(
+            "tmpfs",
+            t,
+            "tmpfs",
+            hardened | MsFlags::MS_RDONLY,
+            Some("mode=555"),
+        )
+    };
+    for rel in [
+        "proc/acpi",
+        "proc/scsi",
+        "proc/asound",
+        "sys/block",
+        "sys/class/block",
+        "sys/dev/block",
+        "sys/devices/virtual/block",
+    ] {
+        if let Ok(t) = open_in_root(root, rel, OFlags::PATH | OFlags::DIRECTORY) {
+            empty(&t)?;
         }
     }
     for name in ["sys", "sysrq-trigger", "irq", "bus", "fs"] {
-        let p = procdir.join(name);
-        if p.exists() {
+        let rel = format!("proc/{name}");
+        if let Some(t) = existing(&rel) {
             mount(
-                Some(&p),
-                &p,
+                Some(&fd_path(&t)),
+                &fd_path(&t),
                 None::<&str>,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None::<&str>,
             )
-            .ctx(|| format!("bind /proc/{name}"))?;
+            .ctx(|| format!("bind /{rel}"))?;
+            // The bind now sits on top: open it again to remount it, not what is under it.
+            let top = open_in_root(root, &rel, OFlags::PATH).ctx(|| format!("/{rel}"))?;
             mount(
                 None::<&str>,
-                &p,
+                &fd_path(&top),
                 None::<&str>,
                 MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | hardened,
                 None::<&str>,
             )
-            .ctx(|| format!("read-only /proc/{name}"))?;
+            .ctx(|| format!("read-only /{rel}"))?;
         }
     }
     Ok(())

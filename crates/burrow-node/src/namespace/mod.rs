@@ -5,8 +5,14 @@
 //! guest to answer; nothing of a sandbox is mounted on the host, and its PID 1 is not our child, so
 //! a server that dies or restarts leaves sandboxes running. Everything needed to find a sandbox
 //! again is in [`RuntimeInfo`] and in its directory `<data_dir>/sandboxes/<id>/`.
+//!
+//! Host-side operations here touch only host paths (the sandbox's directory, its cgroups, the
+//! loop device list): never a path under a sandbox's root, which the sandbox owns (see [`init`]
+//! and `burrow_linux::fs` for how `__init` reaches into it).
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,6 +32,8 @@ pub use image::ensure_system_image;
 
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
 const UID_BASE: u32 = 0x1000_0000;
+/// How many sandboxes get distinct uid ranges (slots `0..UID_SLOTS`).
+pub use burrow_types::limits::UID_SLOTS;
 /// How long a new sandbox's guest may take to answer its first ping.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long destroy waits for a sandbox's processes to die.
@@ -40,9 +48,16 @@ fn cgroup_limits(l: &Limits) -> CgroupLimits {
     }
 }
 
-/// Host uid (and gid) that root inside sandbox slot `slot` runs as.
-pub fn uid_base(slot: u32) -> u32 {
-    UID_BASE + slot * init::ID_RANGE
+/// Host uid (and gid) that root inside sandbox slot `slot` runs as; `None` past the last slot,
+/// whose range would run into `u32::MAX` (no uid) or wrap around to host uids below the base.
+pub fn uid_base(slot: u32) -> Option<u32> {
+    if slot >= UID_SLOTS {
+        return None;
+    }
+    let base = slot.checked_mul(init::ID_RANGE)?.checked_add(UID_BASE)?;
+    // The whole range must fit below u32::MAX.
+    base.checked_add(init::ID_RANGE)?;
+    Some(base)
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +65,8 @@ pub struct NamespaceConfig {
     pub data_dir: PathBuf,
     /// The `burrow` binary, re-executed as `burrow __init`.
     pub init_exe: PathBuf,
-    /// The guest agent, bound read-only into every sandbox as `/run/burrow/guest`.
+    /// The guest agent. The backend keeps one sealed in-memory copy of it, which every
+    /// sandbox's PID 1 executes (no host path of it is visible inside).
     pub guest_exe: PathBuf,
 }
 
@@ -73,6 +89,8 @@ pub struct NamespaceBackend {
     cfg: NamespaceConfig,
     image_root: PathBuf,
     cgroups: Cgroups,
+    /// The sealed copy of the guest agent; `__init` opens it through `/proc/<our pid>/fd`.
+    guest: File,
 }
 
 fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -100,10 +118,14 @@ impl NamespaceBackend {
             .map_err(host_err("creating burrow's cgroups"))?;
         let image_root = image::ensure_system_image(&cfg.data_dir)
             .map_err(host_err("building the system image"))?;
+        let guest = burrow_linux::fs::sealed_copy(&cfg.guest_exe, "burrow-guest").map_err(
+            host_err(format!("copying {} into memory", cfg.guest_exe.display())),
+        )?;
         Ok(NamespaceBackend {
             cfg,
             image_root,
             cgroups,
+            guest,
         })
     }
 
@@ -175,15 +197,25 @@ impl NamespaceBackend {
     }
 
     fn run_init(&self, spec: &SandboxSpec) -> Result<init::InitReply, NodeError> {
+        let base = uid_base(spec.uid_slot).ok_or_else(|| {
+            NodeError::Setup(format!(
+                "uid slot {} is past the last of {UID_SLOTS}",
+                spec.uid_slot
+            ))
+        })?;
         let req = init::InitRequest {
             id: spec.id.clone(),
             hostname: spec.hostname.clone(),
-            uid_base: uid_base(spec.uid_slot),
+            uid_base: base,
             limits: spec.limits.clone(),
             env: spec.env.clone(),
             sandbox_dir: self.sandbox_dir(&spec.id),
             image_root: self.image_root.clone(),
-            guest_exe: self.cfg.guest_exe.clone(),
+            guest_fd: PathBuf::from(format!(
+                "/proc/{}/fd/{}",
+                std::process::id(),
+                self.guest.as_raw_fd()
+            )),
             net: spec.net.clone(),
         };
         let body = serde_json::to_vec(&req)
@@ -226,6 +258,17 @@ impl NamespaceBackend {
             ))
         })
     }
+}
+
+/// Device number (major, minor) of the loop device holding sandbox `id`'s disk, read from the
+/// host's `/sys/block`.
+fn disk_device(id: &str) -> Option<(u32, u32)> {
+    let name = loopdev::devices_backed_by(&format!("/sandboxes/{id}/"))
+        .into_iter()
+        .next()?;
+    let dev = std::fs::read_to_string(format!("/sys/block/{name}/dev")).ok()?;
+    let (major, minor) = dev.trim().split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
 }
 
 /// One blocking ping over the guest protocol: the guest is up when it answers.
@@ -356,7 +399,12 @@ impl Backend for NamespaceBackend {
     fn set_limits(&self, id: &str, limits: &Limits) -> Result<(), NodeError> {
         self.cgroups
             .set_limits(id, cgroup_limits(limits))
-            .map_err(host_err("rewriting the sandbox's cgroup limits"))
+            .map_err(host_err("rewriting the sandbox's cgroup limits"))?;
+        let dev = disk_device(id)
+            .ok_or_else(|| NodeError::Setup(format!("the disk of sandbox {id} is not attached")))?;
+        self.cgroups
+            .set_io(id, dev, init::io_limits(limits))
+            .map_err(host_err("rewriting the sandbox's disk throttle"))
     }
 
     fn set_hostname(&self, id: &str, info: &RuntimeInfo, hostname: &str) -> Result<(), NodeError> {
@@ -390,5 +438,33 @@ impl Backend for NamespaceBackend {
             }
         }
         Ok(ids.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uid_slots_never_wrap_below_the_base_or_reach_the_invalid_uid() {
+        assert_eq!(uid_base(0), Some(UID_BASE));
+        assert_eq!(uid_base(1), Some(UID_BASE + init::ID_RANGE));
+        let top = uid_base(UID_SLOTS - 1).unwrap();
+        assert!(top > UID_BASE);
+        // The top range ends below u32::MAX (no uid); one more range would include it.
+        let end = |base: u32| u64::from(base) + u64::from(init::ID_RANGE) - 1;
+        assert!(end(top) < u64::from(u32::MAX));
+        assert!(end(top) + u64::from(init::ID_RANGE) >= u64::from(u32::MAX));
+        for slot in [
+            UID_SLOTS,
+            UID_SLOTS + 1,
+            61440,
+            65535,
+            u32::MAX / init::ID_RANGE,
+            u32::MAX,
+        ] {
+            assert_eq!(uid_base(slot), None, "slot {slot}");
+        }
+        assert_eq!(UID_SLOTS, (u32::MAX - UID_BASE) / init::ID_RANGE);
     }
 }
