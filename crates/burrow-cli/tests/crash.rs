@@ -559,6 +559,13 @@ impl SmallFs {
         SmallFs { dir, mnt }
     }
 
+    /// Whether the mount point is another filesystem than its parent (the mount took).
+    fn is_mounted(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+        dev(&self.mnt).is_some() && dev(&self.mnt) != dev(self.dir.path())
+    }
+
     fn free_mib(&self) -> u64 {
         let st = nix_statvfs(&self.mnt);
         st / (1 << 20)
@@ -648,7 +655,9 @@ async fn a_full_data_filesystem_gives_507s_visible_write_errors_and_loses_nothin
     // Someone else takes most of the host's disk; then both sandboxes write more than is left.
     let filler = fs.mnt.join("filler");
     let leave = 120;
-    let take = fs.free_mib().saturating_sub(leave);
+    // Never the host's own disk: the filler goes only on the test's small filesystem.
+    assert!(fs.is_mounted(), "the small filesystem is not mounted");
+    let take = fs.free_mib().saturating_sub(leave).min(300);
     assert_ok(
         &std::process::Command::new("fallocate")
             .args(["-l", &format!("{take}M")])
