@@ -567,12 +567,12 @@ impl SmallFs {
     }
 
     fn free_mib(&self) -> u64 {
-        let st = nix_statvfs(&self.mnt);
-        st / (1 << 20)
+        free_bytes(&self.mnt) / (1 << 20)
     }
 }
 
-fn nix_statvfs(p: &Path) -> u64 {
+/// Free bytes of the filesystem holding `p`, as `stat -f` reports them.
+fn free_bytes(p: &Path) -> u64 {
     let out = std::process::Command::new("stat")
         .args(["-f", "-c", "%a %S"])
         .arg(p)
@@ -590,7 +590,6 @@ impl Drop for SmallFs {
             .arg("-l")
             .arg(&self.mnt)
             .status();
-        let _ = self.dir.path();
     }
 }
 
