@@ -44,10 +44,10 @@ pub enum ControlError {
         action: &'static str,
         needs: &'static str,
     },
-    #[error("unknown plan {0:?}")]
-    UnknownPlan(String),
-    #[error("unknown image {0:?}")]
-    UnknownImage(String),
+    #[error("unknown plan {name:?}; {}", choices("plans", known))]
+    UnknownPlan { name: String, known: Vec<String> },
+    #[error("unknown image {name:?}; {}", choices("images", known))]
+    UnknownImage { name: String, known: Vec<String> },
     #[error("{0}")]
     BadRequest(String),
     #[error("{}", .0.message)]
@@ -58,8 +58,8 @@ pub enum ControlError {
     RunEnded,
     #[error("the sandbox has no active run")]
     NoActiveRun,
-    #[error("unknown pool {0:?}")]
-    UnknownPool(String),
+    #[error("unknown pool {name:?}; {}", choices("pools", known))]
+    UnknownPool { name: String, known: Vec<String> },
     #[error("guest agent")]
     Guest(#[from] GuestError),
     #[error("node")]
@@ -72,6 +72,23 @@ pub enum ControlError {
     Network(#[source] burrow_node::network::NetError),
     #[error("this server gives sandboxes no network (start it with `burrow up --network`)")]
     NoNetwork,
+}
+
+/// The error for an image this server does not have (only the built-in one, for now).
+pub fn unknown_image(name: String) -> ControlError {
+    ControlError::UnknownImage {
+        name,
+        known: vec![DEFAULT_IMAGE.to_string()],
+    }
+}
+
+/// The valid names, for an error about an unknown one: a user should not have to guess.
+pub fn choices(what: &str, known: &[String]) -> String {
+    if known.is_empty() {
+        return format!("this server has no {what}");
+    }
+    let list: Vec<String> = known.iter().map(|k| format!("{k:?}")).collect();
+    format!("this server has {what} {}", list.join(", "))
 }
 
 /// Serialises lifecycle operations on one sandbox (a delete waits for a create in flight).
@@ -215,6 +232,14 @@ impl Control {
         self.plans.contains_key(name)
     }
 
+    /// The error for a plan this server does not have, naming the ones it has.
+    pub fn unknown_plan(&self, name: &str) -> ControlError {
+        ControlError::UnknownPlan {
+            name: name.to_string(),
+            known: self.plans.keys().cloned().collect(),
+        }
+    }
+
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
     }
@@ -265,14 +290,14 @@ impl Control {
         let plan = self
             .plans
             .get(&plan_name)
-            .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?
+            .ok_or_else(|| self.unknown_plan(&plan_name))?
             .clone();
         let image = req
             .image
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if image != DEFAULT_IMAGE {
-            return Err(ControlError::UnknownImage(image));
+            return Err(unknown_image(image));
         }
         validate_map("env", &req.env, MAX_ENV_ENTRIES, true)?;
         validate_map("metadata", &req.metadata, MAX_METADATA_ENTRIES, false)?;

@@ -106,11 +106,11 @@ impl Control {
         }
         let image = spec.image.unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if image != DEFAULT_IMAGE {
-            return Err(ControlError::UnknownImage(image));
+            return Err(crate::control::unknown_image(image));
         }
         let plan = spec.plan.unwrap_or_else(|| "free".to_string());
         if self.plan(&plan).is_none() {
-            return Err(ControlError::UnknownPlan(plan));
+            return Err(self.unknown_plan(&plan));
         }
         if spec.size > MAX_POOL_SIZE {
             return Err(ControlError::BadRequest(format!(
@@ -123,18 +123,29 @@ impl Control {
         self.pools()?
             .into_iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| ControlError::UnknownPool(name.to_string()))
+            .ok_or_else(|| self.unknown_pool(name))
     }
 
     /// Forgets a pool and destroys its warm sandboxes (claimed ones are their users' now).
     pub async fn delete_pool(&self, name: &str) -> Result<(), ControlError> {
         if !self.store().delete_pool(name)? {
-            return Err(ControlError::UnknownPool(name.to_string()));
+            return Err(self.unknown_pool(name));
         }
         for rec in self.store().warm_sandboxes(name)? {
             self.destroy_warm(&rec).await;
         }
         Ok(())
+    }
+
+    /// The error for a pool that does not exist, naming the ones that do.
+    fn unknown_pool(&self, name: &str) -> ControlError {
+        ControlError::UnknownPool {
+            name: name.to_string(),
+            known: self
+                .pools()
+                .map(|ps| ps.into_iter().map(|p| p.name).collect())
+                .unwrap_or_default(),
+        }
     }
 
     pub fn pools(&self) -> Result<Vec<PoolStatus>, ControlError> {
