@@ -1,5 +1,6 @@
 //! The `burrow` binary: server (`up`), client commands, and the hidden `__init` entry that sets up
-//! a sandbox in a fresh process before any async runtime exists (CONVENTIONS.md, "Processes").
+//! a sandbox in a fresh process before any async runtime exists: forking into namespaces from a
+//! multi-threaded process is unsafe (docs/adr/0001).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

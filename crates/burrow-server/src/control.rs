@@ -112,7 +112,7 @@ pub struct Control {
     /// Last API activity per sandbox, for idle timeouts. Kept in memory: a database write per exec
     /// would cost more than the exec; after a restart every idle clock starts again.
     activity: Mutex<HashMap<String, std::time::Instant>>,
-    /// How long a paused sandbox keeps its processes before it hibernates (DESIGN.md §3).
+    /// How long a paused sandbox keeps its processes before it hibernates (8 h by default).
     hot_window: std::time::Duration,
     /// Sandbox networking (veth, firewall); `None`: sandboxes have loopback only.
     network: Option<Arc<burrow_node::network::Network>>,
@@ -516,7 +516,7 @@ impl Control {
     }
 
     /// The caller's sandbox, or `NotFound` — the same answer for another tenant's id as for an id
-    /// that never existed (ATTACKS.md A1).
+    /// that never existed (attack A1 in docs/threat-model.md).
     pub fn record(&self, user: &User, id: &str) -> Result<SandboxRecord, ControlError> {
         match self.store.sandbox(id)? {
             Some(r) if r.owner_id == user.id && r.state != SandboxState::Destroyed => Ok(r),
@@ -942,7 +942,7 @@ impl Control {
         Ok(())
     }
 
-    /// Makes the store and the host agree after a start (DESIGN.md §3, crash safety): running
+    /// Makes the store and the host agree after a start (docs/architecture.md, crash safety): running
     /// sandboxes whose computer still answers are adopted, interrupted creates and lost sandboxes
     /// are cleaned and marked `error`, and anything on the host without a live row is removed.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ControlError> {
@@ -963,7 +963,7 @@ impl Control {
                         continue;
                     }
                     // The processes are gone (a host reboot, a crash) but the disk is not: the
-                    // sandbox comes back cold on the next resume (DESIGN.md §3).
+                    // sandbox comes back cold on the next resume, its files kept.
                     let backend = self.backend.clone();
                     let (id, runtime) = (rec.id.clone(), runtime_of(&rec));
                     match tokio::task::spawn_blocking(move || backend.stop(&id, runtime.as_ref()))

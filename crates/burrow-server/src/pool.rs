@@ -1,4 +1,4 @@
-//! Warm pools (DESIGN.md §4): sandboxes built ahead of time, owned by the internal pool user, and
+//! Warm pools (docs/adr/0007): sandboxes built ahead of time, owned by the internal pool user, and
 //! handed to a create in one SQL statement. The replenisher keeps each pool at its target size.
 
 use burrow_store::{now_rfc3339, now_unix, Claim, PoolRecord, SandboxRecord, POOL_OWNER};
@@ -297,7 +297,7 @@ impl Control {
     }
 
     /// Under memory pressure, paused sandboxes hibernate before their hot window ends, the
-    /// longest-paused first, one per call (DESIGN.md §3).
+    /// longest-paused first, one per call: hibernating keeps their files and frees their memory.
     pub(crate) async fn relieve_memory_pressure(&self) {
         let Some(avail) = meminfo("MemAvailable:").map(|kib| kib / 1024) else {
             return;
