@@ -41,7 +41,11 @@ enum Command {
     /// Create a sandbox and print its id.
     Create(CreateArgs),
     /// List your sandboxes.
-    Ls,
+    Ls {
+        /// Only the ids, one a line (`burrow rm $(burrow ls -q)`).
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Show one sandbox.
     Get { id: String },
     /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
@@ -319,9 +323,13 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Ls => {
+        Command::Ls { quiet } => {
             let list = config::client()?.list().await?;
-            if json {
+            if quiet {
+                for s in list {
+                    println!("{}", s.id);
+                }
+            } else if json {
                 print_json(&list)?;
             } else {
                 println!(

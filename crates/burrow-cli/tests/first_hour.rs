@@ -216,6 +216,76 @@ async fn a_killed_test_process_leaves_no_server_or_helper_behind() {
     assert!(!Path::new(dir).exists(), "{dir} left behind");
 }
 
+#[tokio::test]
+async fn nextest_ends_a_hung_test_and_the_servers_it_started_go_with_it() {
+    if !require_root("a networked burrow up") {
+        return;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let has_nextest = Command::new(&cargo)
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_nextest {
+        eprintln!("skipping: cargo-nextest is not installed (scripts/test falls back to cargo test)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let config = std::fs::read_to_string(root.join(".config/nextest.toml")).unwrap();
+    assert!(
+        config.contains("[profile.default]") && config.contains("terminate-after"),
+        "the default profile ends hung tests:\n{config}"
+    );
+    // The same mechanism with a short limit, on the helper above, which hangs once its server runs.
+    let tmp = tempfile::tempdir().unwrap();
+    let tool = tmp.path().join("hang.toml");
+    std::fs::write(
+        &tool,
+        "[profile.hangcheck]\nslow-timeout = { period = \"20s\", terminate-after = 3, grace-period = \"5s\" }\n",
+    )
+    .unwrap();
+    let report = tmp.path().join("report.json");
+    let out = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["nextest", "run", "--tool-config-file"])
+        .arg(format!("burrow-hangcheck:{}", tool.display()))
+        .args([
+            "--profile",
+            "hangcheck",
+            "-p",
+            "burrow-cli",
+            "--test",
+            "first_hour",
+            "--run-ignored",
+            "only",
+            "-E",
+            "test(=helper_a_test_process_that_gets_killed)",
+        ])
+        .env(KILLED_REPORT, &report)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "a hung test passed:\n{text}");
+    assert!(text.contains("TIMEOUT"), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let same = |v: &serde_json::Value| {
+        let pid = v[0].as_u64().unwrap() as u32;
+        start_time(pid).is_some() && start_time(pid) == v[1].as_u64()
+    };
+    assert!(
+        eventually(30, || !same(&r["server"]) && !same(&r["fake_internet"])).await,
+        "the hung test's server or fake internet outlived it"
+    );
+    sweep_dead_runs();
+    let data = PathBuf::from(r["data"].as_str().unwrap());
+    assert!(host_leftovers_in(&data, r["sandbox"].as_str().unwrap()).is_empty());
+}
+
 // ------------------------------------------------------------------ profiles
 
 /// The CLI as a user on the machine runs it: HOME only, no BURROW_* variables.
