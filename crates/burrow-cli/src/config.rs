@@ -142,7 +142,8 @@ pub fn client() -> Result<burrow_client::Client> {
     let url = env("BURROW_URL")
         .or_else(|| picked.as_ref().map(|(_, p)| p.url.clone()))
         .unwrap_or_else(|| DEFAULT_URL.into());
-    let Some(key) = env("BURROW_API_KEY").or_else(|| picked.as_ref().and_then(|(_, p)| p.api_key.clone()))
+    let Some(key) =
+        env("BURROW_API_KEY").or_else(|| picked.as_ref().and_then(|(_, p)| p.api_key.clone()))
     else {
         match picked {
             Some((name, _)) => bail!(
@@ -189,10 +190,13 @@ pub fn save_server(
         None => {
             // This server's own: saved for its data directory, or (a config from before
             // profiles) saved with no directory for its URL.
-            let mine = cfg.profiles.iter().find(|(_, p)| match p.data_dir.as_deref() {
-                Some(d) => same_dir(d, data_dir),
-                None => p.url == url,
-            });
+            let mine = cfg
+                .profiles
+                .iter()
+                .find(|(_, p)| match p.data_dir.as_deref() {
+                    Some(d) => same_dir(d, data_dir),
+                    None => p.url == url,
+                });
             match mine {
                 Some((n, _)) => n.clone(),
                 None => {
@@ -208,16 +212,14 @@ pub fn save_server(
         }
     };
     let previous = cfg.profiles.remove(&name);
-    let same_server = previous.as_ref().is_some_and(|p| match p.data_dir.as_deref() {
-        Some(d) => same_dir(d, data_dir),
-        None => p.url == url,
-    });
+    let same_server = previous
+        .as_ref()
+        .is_some_and(|p| match p.data_dir.as_deref() {
+            Some(d) => same_dir(d, data_dir),
+            None => p.url == url,
+        });
     // A restart makes no new key: keep the one saved for this server.
-    let api_key = key.or_else(|| {
-        previous
-            .filter(|_| same_server)
-            .and_then(|p| p.api_key)
-    });
+    let api_key = key.or_else(|| previous.filter(|_| same_server).and_then(|p| p.api_key));
     let has_key = api_key.is_some();
     cfg.profiles.insert(
         name.clone(),
@@ -248,7 +250,11 @@ pub fn save_server(
 pub fn use_profile(name: &str) -> Result<()> {
     let mut cfg = load();
     if !cfg.profiles.contains_key(name) {
-        bail!("no profile {name:?} in {}: {}", config_display(), names(&cfg));
+        bail!(
+            "no profile {name:?} in {}: {}",
+            config_display(),
+            names(&cfg)
+        );
     }
     cfg.current = Some(name.to_string());
     save(&cfg)?;
@@ -259,7 +265,11 @@ pub fn use_profile(name: &str) -> Result<()> {
 pub fn remove_profile(name: &str) -> Result<()> {
     let mut cfg = load();
     if cfg.profiles.remove(name).is_none() {
-        bail!("no profile {name:?} in {}: {}", config_display(), names(&cfg));
+        bail!(
+            "no profile {name:?} in {}: {}",
+            config_display(),
+            names(&cfg)
+        );
     }
     if cfg.current.as_deref() == Some(name) {
         cfg.current = None;

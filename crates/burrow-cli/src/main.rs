@@ -277,7 +277,11 @@ fn commands_here() -> String {
         .filter(|s| !s.is_hide_set())
         .map(|s| s.get_name())
         .collect();
-    format!("the commands of `{}` are: {}", path.join(" "), names.join(", "))
+    format!(
+        "the commands of `{}` are: {}",
+        path.join(" "),
+        names.join(", ")
+    )
 }
 
 fn fail(e: anyhow::Error) -> ! {
@@ -494,7 +498,11 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 println!("  {:<16} {:<28} {:<4} DATA", "NAME", "URL", "KEY");
                 for (name, p) in &cfg.profiles {
-                    let mark = if cfg.current.as_deref() == Some(name) { "*" } else { " " };
+                    let mark = if cfg.current.as_deref() == Some(name) {
+                        "*"
+                    } else {
+                        " "
+                    };
                     println!(
                         "{mark} {:<16} {:<28} {:<4} {}",
                         name,

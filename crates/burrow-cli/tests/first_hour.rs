@@ -16,9 +16,7 @@ use common::*;
 /// Fetches a URL the CLI printed through the test's relay: the relay stands in for the server's
 /// address, and a Host-routed URL keeps its Host.
 async fn fetch(srv: &TestServer, printed: &str) -> Option<(u16, String)> {
-    let rest = printed
-        .strip_prefix("http://")
-        .expect("an http URL");
+    let rest = printed.strip_prefix("http://").expect("an http URL");
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
     let r = reqwest::Client::new()
         .get(format!("{}/{path}", srv.url))
@@ -55,7 +53,14 @@ async fn the_readme_port_example_answers_through_its_signed_url() {
         "--deny-out",
         "203.0.113.0/24",
     ]));
-    let out = srv.cli(&["exec", &id, "--", "sh", "-c", "python3 -m http.server 8000 &"]);
+    let out = srv.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "python3 -m http.server 8000 &",
+    ]);
     assert_ok(&out);
     let out = srv.cli(&["port", &id, "8000", "--signed", "600"]);
     assert_ok(&out);
@@ -180,7 +185,10 @@ async fn a_killed_test_process_leaves_no_server_or_helper_behind() {
         if let Some(st) = child.try_wait().unwrap() {
             panic!("the helper test ended by itself: {st}");
         }
-        assert!(Instant::now() < deadline, "the helper never started its server");
+        assert!(
+            Instant::now() < deadline,
+            "the helper never started its server"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     // The harshest end a test runner gives: SIGKILL to the test process alone.
@@ -227,7 +235,9 @@ async fn nextest_ends_a_hung_test_and_the_servers_it_started_go_with_it() {
         .output()
         .is_ok_and(|o| o.status.success());
     if !has_nextest {
-        eprintln!("skipping: cargo-nextest is not installed (scripts/test falls back to cargo test)");
+        eprintln!(
+            "skipping: cargo-nextest is not installed (scripts/test falls back to cargo test)"
+        );
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -380,12 +390,17 @@ async fn a_second_server_gets_its_own_profile_and_replaces_nothing() {
     assert!(ids(&cli_at(&home, &["ls"], &[])).contains(&sb_b));
     a.restart().await;
     assert!(
-        a.log().contains("as profile \"default\"; the current profile is still"),
+        a.log()
+            .contains("as profile \"default\"; the current profile is still"),
         "{}",
         a.log()
     );
     let listing = ids(&cli_at(&home, &["profile", "ls"], &[]));
-    assert_eq!(listing.lines().count(), 3, "a restart adds no profile:\n{listing}");
+    assert_eq!(
+        listing.lines().count(),
+        3,
+        "a restart adds no profile:\n{listing}"
+    );
     assert!(ids(&cli_at(&home, &["--profile", "default", "ls"], &[])).contains(&sb_a));
     assert!(ids(&cli_at(&home, &["ls"], &[])).contains(&sb_b));
 }
@@ -432,7 +447,10 @@ async fn server_logs_written_to_a_file_carry_no_colour_codes() {
     let log = srv.log();
     assert!(log.contains("INFO"), "the log has lines: {log}");
     assert!(log.contains("burrow is up at"), "{log}");
-    assert!(!log.contains('\u{1b}'), "colour codes in a log file:\n{log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log:?}"
+    );
 }
 
 fn api_message(e: ClientError) -> (u16, String, String) {
@@ -487,7 +505,10 @@ async fn unknown_names_are_answered_with_the_valid_ones() {
     assert!(err.contains("\"small\""), "{err}");
     let out = srv.cli(&["pool", "set", "other", "--size", "0", "--plan", "huge"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("\"free\"") && err.contains("\"scale\""), "{err}");
+    assert!(
+        err.contains("\"free\"") && err.contains("\"scale\""),
+        "{err}"
+    );
 
     // Users' plans, through the CLI.
     let out = srv.cli(&["admin", "create-user", "carol", "--plan", "gold"]);
@@ -512,7 +533,10 @@ async fn unknown_names_are_answered_with_the_valid_ones() {
     let out = srv.cli(&["exec", &sb.id, "--user", "alice", "--", "true"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("\"root\"") && err.contains("\"user\""), "{err}");
+    assert!(
+        err.contains("\"root\"") && err.contains("\"user\""),
+        "{err}"
+    );
 
     // Commands of the CLI itself.
     let out = srv.cli(&["craete"]);
@@ -576,11 +600,25 @@ async fn the_readme_describes_what_a_networked_server_shows_and_how_to_remove_it
     assert_eq!(stdout(&out), "t\nw\n");
     assert_ok(&srv.cli(&["hibernate", &id]));
     assert_ok(&srv.cli(&["resume", &id]));
-    let out = srv.cli(&["exec", &id, "--", "sh", "-c", "ls -A /tmp; cat /workspace/w"]);
+    let out = srv.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "ls -A /tmp; cat /workspace/w",
+    ]);
     assert_eq!(stdout(&out), "w\n");
 
     // Sandboxes outlive the server: its processes keep running while it is down.
-    let out = srv.cli(&["exec", &id, "--", "sh", "-c", "sleep 1000 >/dev/null 2>&1 & echo $!"]);
+    let out = srv.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "sleep 1000 >/dev/null 2>&1 & echo $!",
+    ]);
     assert_ok(&out);
     let marker = format!("burrow/{id}");
     let sleeping = || {
@@ -590,8 +628,7 @@ async fn the_readme_describes_what_a_networked_server_shows_and_how_to_remove_it
             .filter(|e| {
                 let p = e.path();
                 std::fs::read_to_string(p.join("cmdline")).is_ok_and(|c| c == "sleep\u{0}1000\u{0}")
-                    && std::fs::read_to_string(p.join("cgroup"))
-                        .is_ok_and(|c| c.contains(&marker))
+                    && std::fs::read_to_string(p.join("cgroup")).is_ok_and(|c| c.contains(&marker))
             })
             .count()
     };
@@ -619,7 +656,9 @@ async fn the_readme_describes_what_a_networked_server_shows_and_how_to_remove_it
     // A sandbox's veth goes with its network namespace, which the kernel tears down a moment
     // after the last process is gone.
     assert!(
-        eventually(10, || !in_server_ns(&srv, &["ip", "-o", "link"]).contains(": bw")).await,
+        eventually(10, || !in_server_ns(&srv, &["ip", "-o", "link"])
+            .contains(": bw"))
+        .await,
         "a sandbox link is left: {}",
         in_server_ns(&srv, &["ip", "-o", "link"])
     );

@@ -496,7 +496,8 @@ impl Table {
             .filter_map(stat_of)
             .filter(|st| st.state != 'Z')
             .collect();
-        let mut holders: Vec<&ProcStat> = candidates.iter().filter(|st| st.sid == from.sid).collect();
+        let mut holders: Vec<&ProcStat> =
+            candidates.iter().filter(|st| st.sid == from.sid).collect();
         if holders.is_empty() {
             // It left the session (setsid): look for the pipes among open files we may read.
             holders = candidates
@@ -924,7 +925,10 @@ fn holds_any(pid: u32, inodes: &[u64]) -> bool {
     rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter_map(|l| {
             let l = l.to_str()?;
-            l.strip_prefix("pipe:[")?.strip_suffix(']')?.parse::<u64>().ok()
+            l.strip_prefix("pipe:[")?
+                .strip_suffix(']')?
+                .parse::<u64>()
+                .ok()
         })
         .any(|ino| inodes.contains(&ino))
 }

@@ -24,11 +24,7 @@ while :; do
 done
 "#;
 
-async fn wait_listed(
-    g: &Guest,
-    what: &str,
-    pred: impl Fn(&ProcessInfo) -> bool,
-) -> ProcessInfo {
+async fn wait_listed(g: &Guest, what: &str, pred: impl Fn(&ProcessInfo) -> bool) -> ProcessInfo {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let list = g.client.list_processes().await.unwrap();
@@ -108,7 +104,10 @@ async fn the_readme_http_server_answers_after_the_command_that_started_it_ended(
         l.local_addr().unwrap().port()
     };
     // The README's example, on the host's loopback (the guest runs unsandboxed here).
-    let script = format!("cd {} && python3 -m http.server {port} --bind 127.0.0.1 &", g.path(""));
+    let script = format!(
+        "cd {} && python3 -m http.server {port} --bind 127.0.0.1 &",
+        g.path("")
+    );
     let r = g.client.exec_buffered(sh(&script), None, 1 << 20).await;
     assert_eq!(r.unwrap().exit_code, Some(0));
     std::fs::write(g.root().join("index.html"), "served\n").unwrap();
