@@ -154,6 +154,36 @@ async fn helper_a_test_process_that_gets_killed() {
     std::future::pending::<()>().await;
 }
 
+/// After the helper test was ended: its server and fake internet are gone at once, and the next
+/// run's sweep (which runs at every server start) removes what is left by design: the sandbox
+/// outlives its server, the namespaces and the directory belong to the dead test.
+async fn assert_nothing_left(r: &serde_json::Value) {
+    let same = |v: &serde_json::Value| {
+        let pid = v[0].as_u64().unwrap() as u32;
+        pid != 0 && start_time(pid).is_some() && start_time(pid) == v[1].as_u64()
+    };
+    let (server, fake) = (&r["server"], &r["fake_internet"]);
+    assert!(
+        eventually(30, || !same(server) && !same(fake)).await,
+        "still running after the test process was killed: server {} fake internet {}",
+        same(server),
+        same(fake)
+    );
+    sweep_dead_runs();
+    for ns in r["namespaces"].as_array().unwrap() {
+        let ns = ns.as_str().unwrap();
+        assert!(
+            !Path::new("/run/netns").join(ns).exists(),
+            "namespace {ns} left behind"
+        );
+    }
+    let data = PathBuf::from(r["data"].as_str().unwrap());
+    let left = host_leftovers_in(&data, r["sandbox"].as_str().unwrap());
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let dir = r["dir"].as_str().unwrap();
+    assert!(!Path::new(dir).exists(), "{dir} left behind");
+}
+
 #[tokio::test]
 async fn a_killed_test_process_leaves_no_server_or_helper_behind() {
     if !require_root("a networked burrow up") {
@@ -195,33 +225,7 @@ async fn a_killed_test_process_leaves_no_server_or_helper_behind() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let same = |v: &serde_json::Value| {
-        let pid = v[0].as_u64().unwrap() as u32;
-        pid != 0 && start_time(pid).is_some() && start_time(pid) == v[1].as_u64()
-    };
-    let (server, fake) = (&r["server"], &r["fake_internet"]);
-    assert!(
-        eventually(30, || !same(server) && !same(fake)).await,
-        "still running after the test process was killed: server {} fake internet {}",
-        same(server),
-        same(fake)
-    );
-
-    // What is left by design (the sandbox outlives its server, the namespaces and directory
-    // belong to the dead test) goes at the next run's sweep, which runs at every server start.
-    sweep_dead_runs();
-    for ns in r["namespaces"].as_array().unwrap() {
-        let ns = ns.as_str().unwrap();
-        assert!(
-            !Path::new("/run/netns").join(ns).exists(),
-            "namespace {ns} left behind"
-        );
-    }
-    let data = PathBuf::from(r["data"].as_str().unwrap());
-    let left = host_leftovers_in(&data, r["sandbox"].as_str().unwrap());
-    assert!(left.is_empty(), "left behind: {left:?}");
-    let dir = r["dir"].as_str().unwrap();
-    assert!(!Path::new(dir).exists(), "{dir} left behind");
+    assert_nothing_left(&r).await;
 }
 
 #[tokio::test]
@@ -283,17 +287,7 @@ async fn nextest_ends_a_hung_test_and_the_servers_it_started_go_with_it() {
     assert!(!out.status.success(), "a hung test passed:\n{text}");
     assert!(text.contains("TIMEOUT"), "{text}");
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    let same = |v: &serde_json::Value| {
-        let pid = v[0].as_u64().unwrap() as u32;
-        start_time(pid).is_some() && start_time(pid) == v[1].as_u64()
-    };
-    assert!(
-        eventually(30, || !same(&r["server"]) && !same(&r["fake_internet"])).await,
-        "the hung test's server or fake internet outlived it"
-    );
-    sweep_dead_runs();
-    let data = PathBuf::from(r["data"].as_str().unwrap());
-    assert!(host_leftovers_in(&data, r["sandbox"].as_str().unwrap()).is_empty());
+    assert_nothing_left(&r).await;
 }
 
 // ------------------------------------------------------------------ profiles
@@ -453,6 +447,12 @@ async fn server_logs_written_to_a_file_carry_no_colour_codes() {
     );
 }
 
+/// The CLI's error text, after checking that it failed.
+fn refused_saying(out: Output) -> String {
+    assert!(!out.status.success(), "{}", stdout(&out));
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn api_message(e: ClientError) -> (u16, String, String) {
     match e {
         ClientError::Api {
@@ -471,27 +471,25 @@ async fn unknown_names_are_answered_with_the_valid_ones() {
     }
     let srv = TestServer::start().await;
     let c = srv.client();
-    let e = c
-        .create(&CreateSandbox {
-            plan: Some("huge".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    let (status, code, msg) = api_message(e);
+    let refused = |req: CreateSandbox| {
+        let c = c.clone();
+        async move { api_message(c.create(&req).await.unwrap_err()) }
+    };
+    let (status, code, msg) = refused(CreateSandbox {
+        plan: Some("huge".into()),
+        ..Default::default()
+    })
+    .await;
     assert_eq!((status, code.as_str()), (400, "unknown_plan"));
     for p in ["\"free\"", "\"pro\"", "\"scale\"", "\"huge\""] {
         assert!(msg.contains(p), "{msg}");
     }
-    let e = c
-        .create(&CreateSandbox {
-            image: Some("ubuntu".into()),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    let (status, _, msg) = api_message(e);
-    assert_eq!(status, 400);
+    let (status, code, msg) = refused(CreateSandbox {
+        image: Some("ubuntu".into()),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!((status, code.as_str()), (400, "unknown_image"));
     assert!(msg.contains("\"system\""), "{msg}");
 
     // Pools: with none, and with one.
@@ -499,21 +497,16 @@ async fn unknown_names_are_answered_with_the_valid_ones() {
     assert_eq!(code, "unknown_pool");
     assert!(msg.contains("no pools"), "{msg}");
     assert_ok(&srv.cli(&["pool", "set", "small", "--size", "0"]));
-    let out = srv.cli(&["pool", "rm", "nope"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_saying(srv.cli(&["pool", "rm", "nope"]));
     assert!(err.contains("\"small\""), "{err}");
-    let out = srv.cli(&["pool", "set", "other", "--size", "0", "--plan", "huge"]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_saying(srv.cli(&["pool", "set", "other", "--size", "0", "--plan", "huge"]));
     assert!(
         err.contains("\"free\"") && err.contains("\"scale\""),
         "{err}"
     );
 
     // Users' plans, through the CLI.
-    let out = srv.cli(&["admin", "create-user", "carol", "--plan", "gold"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_saying(srv.cli(&["admin", "create-user", "carol", "--plan", "gold"]));
     assert!(err.contains("\"gold\"") && err.contains("\"pro\""), "{err}");
 
     // E2B templates.
@@ -530,9 +523,7 @@ async fn unknown_names_are_answered_with_the_valid_ones() {
 
     // Users inside a sandbox.
     let sb = c.create(&CreateSandbox::default()).await.unwrap();
-    let out = srv.cli(&["exec", &sb.id, "--user", "alice", "--", "true"]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_saying(srv.cli(&["exec", &sb.id, "--user", "alice", "--", "true"]));
     assert!(
         err.contains("\"root\"") && err.contains("\"user\""),
         "{err}"
@@ -546,8 +537,7 @@ async fn unknown_names_are_answered_with_the_valid_ones() {
         err.contains("create") && err.contains("exec") && err.contains("profile"),
         "{err}"
     );
-    let out = srv.cli(&["pool", "list"]);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_saying(srv.cli(&["pool", "list"]));
     assert!(err.contains("`burrow pool` are: ls, set, rm"), "{err}");
 }
 

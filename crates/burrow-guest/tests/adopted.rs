@@ -153,46 +153,46 @@ async fn the_readme_http_server_answers_after_the_command_that_started_it_ended(
     read_until(&mut output, &mut acc, |_| false).await;
 }
 
-#[tokio::test]
-async fn when_the_adopted_process_ends_the_next_holder_takes_the_output_over() {
-    let g = Guest::start();
+/// Runs `script` (in which `LOOP` names the loop script and `DIR` the guest's directory), then
+/// attaches to the loop it leaves behind and reads until its output has gone on well past the
+/// command's end without a broken pipe.
+async fn left_behind_loop(
+    g: &Guest,
+    script: &str,
+) -> (u32, burrow_node::guest::ExecOutput, Vec<u8>) {
     std::fs::write(g.root().join("loop.sh"), LOOP).unwrap();
-    // Two processes left behind on the same pipes: a short one (the lower pid, adopted first)
-    // and the loop, which must keep its output when the first one ends.
-    let script = format!(
-        "(sleep 0.3; echo first-done) & sleep 0.05; sh {} {} & echo started",
-        g.path("loop.sh"),
-        g.path("")
-    );
+    let script = script
+        .replace("LOOP", &g.path("loop.sh"))
+        .replace("DIR", &g.path(""));
     let r = g.client.exec_buffered(sh(&script), None, 1 << 20).await;
     assert_eq!(r.unwrap().exit_code, Some(0));
-    let p = wait_listed(&g, "the loop", |p| is_loop(p) && p.running).await;
-    let (_input, mut output) = g.client.attach(p.pid).await.unwrap();
+    let p = wait_listed(g, "the loop", |p| is_loop(p) && p.running).await;
+    // No input for it: a half-closed attach keeps streaming until the host fully hangs up.
+    let (_, mut output) = g.client.attach(p.pid).await.unwrap();
     let mut acc = Vec::new();
     read_until(&mut output, &mut acc, |s| s.contains("out30")).await;
     assert!(!g.root().join("broken").exists());
-    g.client.signal(p.pid, libc::SIGKILL).await.unwrap();
+    (p.pid, output, acc)
+}
+
+#[tokio::test]
+async fn when_the_adopted_process_ends_the_next_holder_takes_the_output_over() {
+    let g = Guest::start();
+    // Two processes left behind on the same pipes: a short one (the lower pid, adopted first)
+    // and the loop, which must keep its output when the first one ends.
+    let script = "(sleep 0.3; echo first-done) & sleep 0.05; sh LOOP DIR & echo started";
+    let (pid, mut output, mut acc) = left_behind_loop(&g, script).await;
+    g.client.signal(pid, libc::SIGKILL).await.unwrap();
     read_until(&mut output, &mut acc, |_| false).await;
 }
 
 #[tokio::test]
 async fn a_process_that_left_the_session_is_still_found_by_its_pipes() {
     let g = Guest::start();
-    std::fs::write(g.root().join("loop.sh"), LOOP).unwrap();
-    let script = format!(
-        "setsid sh {} {} & echo started",
-        g.path("loop.sh"),
-        g.path("")
-    );
-    let r = g.client.exec_buffered(sh(&script), None, 1 << 20).await;
-    assert_eq!(r.unwrap().exit_code, Some(0));
-    let p = wait_listed(&g, "the loop", |p| is_loop(p) && p.running).await;
-    let (_input, mut output) = g.client.attach(p.pid).await.unwrap();
-    let mut acc = Vec::new();
-    read_until(&mut output, &mut acc, |s| s.contains("out30")).await;
-    assert!(!g.root().join("broken").exists());
+    let (pid, mut output, mut acc) =
+        left_behind_loop(&g, "setsid sh LOOP DIR & echo started").await;
     // It leads its own group now: the signal reaches it.
-    g.client.signal(p.pid, libc::SIGKILL).await.unwrap();
+    g.client.signal(pid, libc::SIGKILL).await.unwrap();
     let ev = read_until(&mut output, &mut acc, |_| false).await;
     assert!(matches!(
         ev,
