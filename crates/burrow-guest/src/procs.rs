@@ -267,7 +267,8 @@ impl Proc {
         let Some(start) = self.foreign_start else {
             return;
         };
-        if self.exit().is_none() && stat_of(self.pid).is_none_or(|st| st.start != start) {
+        let gone = stat_of(self.pid).is_none_or(|st| st.start != start || st.state == 'Z');
+        if self.exit().is_none() && gone {
             self.set_exit(ExitStatus {
                 code: None,
                 signal: None,
@@ -496,16 +497,26 @@ impl Table {
             .filter_map(stat_of)
             .filter(|st| st.state != 'Z')
             .collect();
-        let mut holders: Vec<&ProcStat> =
-            candidates.iter().filter(|st| st.sid == from.sid).collect();
+        // Session members, except those whose open files we can see and which lack the pipes
+        // (a job that redirected its output); failing that, anyone seen holding them (a process
+        // that left the session with `setsid`).
+        let mut holders: Vec<(&ProcStat, Option<bool>)> = candidates
+            .iter()
+            .filter(|st| st.sid == from.sid)
+            .map(|st| (st, holds_any(st.pid, &inodes)))
+            .filter(|(_, holds)| *holds != Some(false))
+            .collect();
         if holders.is_empty() {
-            // It left the session (setsid): look for the pipes among open files we may read.
             holders = candidates
                 .iter()
-                .filter(|st| holds_any(st.pid, &inodes))
+                .map(|st| (st, holds_any(st.pid, &inodes)))
+                .filter(|(_, holds)| *holds == Some(true))
                 .collect();
         }
-        let Some(st) = holders.into_iter().min_by_key(|st| (st.ppid != me, st.pid)) else {
+        let best = holders
+            .into_iter()
+            .min_by_key(|(st, holds)| (*holds != Some(true), st.ppid != me, st.pid));
+        let Some((st, _)) = best else {
             for fd in fds.into_iter().flatten() {
                 if let Ok(afd) = sys::register(fd) {
                     tokio::spawn(discard(afd));
@@ -916,21 +927,21 @@ fn pipe_inode(fd: &OwnedFd) -> Option<u64> {
         .map(|st| st.st_ino)
 }
 
-/// Whether `pid` has one of the pipes open (only where we may read its fds: the guest lacks
-/// CAP_SYS_PTRACE, so another user's processes are skipped).
-fn holds_any(pid: u32, inodes: &[u64]) -> bool {
-    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_str()?;
-            l.strip_prefix("pipe:[")?
-                .strip_suffix(']')?
-                .parse::<u64>()
-                .ok()
-        })
-        .any(|ino| inodes.contains(&ino))
+/// Whether `pid` has one of the pipes open; `None` where we may not look (the guest lacks
+/// CAP_SYS_PTRACE, so another user's processes cannot be inspected).
+fn holds_any(pid: u32, inodes: &[u64]) -> Option<bool> {
+    let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(
+        rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_str()?;
+                l.strip_prefix("pipe:[")?
+                    .strip_suffix(']')?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .any(|ino| inodes.contains(&ino)),
+    )
 }
 
 async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {

@@ -202,3 +202,18 @@ async fn a_process_that_left_the_session_is_still_found_by_its_pipes() {
         })
     ));
 }
+
+#[tokio::test]
+async fn a_job_that_redirected_its_output_is_not_taken_for_the_holder() {
+    let g = Guest::start();
+    // The sleep (the lower pid, in the same session) holds none of the command's pipes.
+    let script = "sleep 25 >/dev/null 2>&1 & sh LOOP DIR & echo started";
+    let (pid, mut output, mut acc) = left_behind_loop(&g, script).await;
+    let listed = g.client.list_processes().await.unwrap();
+    assert!(
+        !listed.iter().any(|p| p.cmd.first().is_some_and(|c| c == "sleep")),
+        "{listed:?}"
+    );
+    g.client.signal(pid, libc::SIGKILL).await.unwrap();
+    read_until(&mut output, &mut acc, |_| false).await;
+}
