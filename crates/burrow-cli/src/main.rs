@@ -400,7 +400,22 @@ async fn run(cli: Cli) -> Result<i32> {
                     } else {
                         format!("exit {}", p.exit_code.map_or("-".into(), |c| c.to_string()))
                     };
-                    println!("{:<8} {:<8} {:<5} {}", p.pid, state, p.pty, p.cmd.join(" "));
+                    // A command line is the sandbox's to choose: no newline or terminal escape
+                    // of it reaches this terminal as such.
+                    let cmd: String = p
+                        .cmd
+                        .join(" ")
+                        .chars()
+                        .flat_map(|c| {
+                            let esc: Vec<char> = if c.is_control() {
+                                c.escape_default().collect()
+                            } else {
+                                vec![c]
+                            };
+                            esc
+                        })
+                        .collect();
+                    println!("{:<8} {:<8} {:<5} {}", p.pid, state, p.pty, cmd);
                 }
             }
             Ok(0)

@@ -111,6 +111,38 @@ async fn the_readme_port_example_answers_through_its_signed_url() {
         "every request is in the kept output:\n{log}"
     );
     assert!(log.contains("ended by signal 15"), "{log}");
+
+    // The same for a command run as the unprivileged `user` (as E2B's SDKs run every command):
+    // the guest cannot look into that user's open files, and still finds the process.
+    let script =
+        "python3 -u -c 'import time\nfor i in range(600): print(\"tick\", i); time.sleep(0.1)' &";
+    let out = srv.cli(&["exec", &id, "--user", "user", "--", "sh", "-c", script]);
+    assert_ok(&out);
+    let mut line = None;
+    assert!(
+        eventually(20, || {
+            let ps = stdout(&srv.cli(&["ps", &id]));
+            line = ps
+                .lines()
+                // One line: `burrow ps` shows the newline in that command line as `\n`.
+                .find(|l| l.contains("import time\\nfor") && l.contains("running"))
+                .map(str::to_string);
+            line.is_some()
+        })
+        .await,
+        "a user's process left running is not listed: {}",
+        stdout(&srv.cli(&["ps", &id]))
+    );
+    let pid = line.unwrap().split_whitespace().next().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_ok(&srv.cli(&["kill", &id, &pid]));
+    let out = srv.cli(&["logs", &id, &pid]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("tick 0\n") && text.contains("tick 10\n"),
+        "{text}"
+    );
 }
 
 // ------------------------------------------------------------------ a killed test run

@@ -160,7 +160,10 @@ impl OutState {
 /// held that command's output.
 pub struct Proc {
     pub pid: u32,
-    pub cmd: Vec<String>,
+    /// The command line; an adopted process's is read again while it runs (it may have been
+    /// adopted between its fork and its exec, still looking like the shell that forked it).
+    cmd: Mutex<Vec<String>>,
+    adopted: bool,
     pub pty: bool,
     pub background: bool,
     /// The session whose members may inherit this process's output pipes: a spawned process
@@ -294,12 +297,26 @@ impl Proc {
         lock(&self.stdin).clone()
     }
 
+    /// The command line, refreshed for an adopted process that is still `running` (its pid
+    /// cannot belong to anyone else until it is reaped, or for a foreign one, until
+    /// `check_foreign` says it ended).
+    fn cmd(&self, running: bool) -> Vec<String> {
+        let mut cmd = lock(&self.cmd);
+        if self.adopted && running {
+            let now = cmdline(self.pid);
+            if !now.is_empty() {
+                *cmd = now;
+            }
+        }
+        cmd.clone()
+    }
+
     pub fn info(&self) -> ProcessInfo {
         self.check_foreign();
         let exit = self.exit();
         ProcessInfo {
             pid: self.pid,
-            cmd: self.cmd.clone(),
+            cmd: self.cmd(exit.is_none()),
             pty: self.pty,
             running: exit.is_none(),
             exit_code: exit.and_then(|e| e.code),
@@ -531,7 +548,8 @@ impl Table {
         let (tx, _) = watch::channel(0u64);
         let proc = Arc::new(Proc {
             pid: st.pid,
-            cmd: cmdline(st.pid),
+            cmd: Mutex::new(cmdline(st.pid)),
+            adopted: true,
             pty: from.pty,
             background: true,
             sid: st.sid,
@@ -708,7 +726,8 @@ impl Table {
         let (stdin_tx, stdin_rx) = mpsc::channel(4);
         let proc = Arc::new(Proc {
             pid,
-            cmd: spec.argv.clone(),
+            cmd: Mutex::new(spec.argv.clone()),
+            adopted: false,
             pty: with_tty,
             background: spec.background,
             sid: pid,
@@ -927,21 +946,27 @@ fn pipe_inode(fd: &OwnedFd) -> Option<u64> {
         .map(|st| st.st_ino)
 }
 
-/// Whether `pid` has one of the pipes open; `None` where we may not look (the guest lacks
-/// CAP_SYS_PTRACE, so another user's processes cannot be inspected).
+/// Whether `pid` has one of the pipes open; `None` where we may not look: the guest lacks
+/// CAP_SYS_PTRACE, so another user's `/proc/<pid>/fd` lists its entries but will not show where
+/// they point.
 fn holds_any(pid: u32, inodes: &[u64]) -> Option<bool> {
     let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    Some(
-        rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter_map(|l| {
-                let l = l.to_str()?;
-                l.strip_prefix("pipe:[")?
-                    .strip_suffix(']')?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .any(|ino| inodes.contains(&ino)),
-    )
+    let mut seen = 0usize;
+    for entry in rd {
+        let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+        seen += 1;
+        let ino = link.to_str().and_then(|l| {
+            l.strip_prefix("pipe:[")?
+                .strip_suffix(']')?
+                .parse::<u64>()
+                .ok()
+        });
+        if ino.is_some_and(|ino| inodes.contains(&ino)) {
+            return Some(true);
+        }
+    }
+    // An empty listing says nothing (a process mid-exec, or one we were not shown).
+    (seen > 0).then_some(false)
 }
 
 async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {

@@ -211,7 +211,9 @@ async fn a_job_that_redirected_its_output_is_not_taken_for_the_holder() {
     let (pid, mut output, mut acc) = left_behind_loop(&g, script).await;
     let listed = g.client.list_processes().await.unwrap();
     assert!(
-        !listed.iter().any(|p| p.cmd.first().is_some_and(|c| c == "sleep")),
+        !listed
+            .iter()
+            .any(|p| p.cmd.first().is_some_and(|c| c == "sleep")),
         "{listed:?}"
     );
     g.client.signal(pid, libc::SIGKILL).await.unwrap();
