@@ -112,10 +112,11 @@ async fn the_readme_port_example_answers_through_its_signed_url() {
     );
     assert!(log.contains("ended by signal 15"), "{log}");
 
-    // The same for a command run as the unprivileged `user` (as E2B's SDKs run every command):
-    // the guest cannot look into that user's open files, and still finds the process.
-    let script =
-        "python3 -u -c 'import time\nfor i in range(600): print(\"tick\", i); time.sleep(0.1)' &";
+    // The same for a command run as the unprivileged `user` (as E2B's SDKs run every command),
+    // next to a job of the same command that redirected its output: that one is not taken for
+    // the holder of the command's pipes, though the guest may not ptrace the user's processes.
+    let script = "sleep 600 >/dev/null 2>&1 & \
+        python3 -u -c 'import time\nfor i in range(600): print(\"tick\", i); time.sleep(0.1)' &";
     let out = srv.cli(&["exec", &id, "--user", "user", "--", "sh", "-c", script]);
     assert_ok(&out);
     let mut line = None;
@@ -133,6 +134,8 @@ async fn the_readme_port_example_answers_through_its_signed_url() {
         "a user's process left running is not listed: {}",
         stdout(&srv.cli(&["ps", &id]))
     );
+    let ps = stdout(&srv.cli(&["ps", &id]));
+    assert!(!ps.contains("sleep 600"), "{ps}");
     let pid = line.unwrap().split_whitespace().next().unwrap().to_string();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_ok(&srv.cli(&["kill", &id, &pid]));

@@ -42,6 +42,10 @@ const POST_EXIT_DRAIN: usize = 4 << 20;
 /// Exited background processes stay listed (and attachable) this long, at most this many.
 const EXITED_TTL: Duration = Duration::from_secs(600);
 const EXITED_KEEP: usize = 64;
+/// How often, and how far apart, the guest looks again for the holder of pipes a command left
+/// when the best candidate is still a fork of that command before its exec (docs/adr/0050).
+const SETTLE_TRIES: u32 = 5;
+const SETTLE_WAIT: Duration = Duration::from_millis(20);
 /// Between SIGTERM and SIGKILL on timeout.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
@@ -500,12 +504,40 @@ impl Table {
     }
 
     /// Hands the output pipes `from` left behind (still held by others after it exited) to the
-    /// process that holds them: a member of `from`'s session, preferring the guest's own
-    /// children (orphans reparented to it), else any process whose open files show the pipes.
-    /// It becomes a background entry, listed and attachable like one, with the last
-    /// [`OUT_CAP`] of each stream kept. With no holder to be found, the pipes are still read to
-    /// their end, so no writer ever meets a broken pipe.
+    /// process that holds them: a member of `from`'s session, those seen holding the pipes and
+    /// the guest's own children (orphans reparented to it) first, else any process whose open
+    /// files show the pipes. It becomes a background entry, listed and attachable like one, with
+    /// the last [`OUT_CAP`] of each stream kept. With no holder to be found, the pipes are still
+    /// read to their end, so no writer ever meets a broken pipe (docs/adr/0050).
     fn adopt(self: &Arc<Self>, from: &Proc, fds: [Option<OwnedFd>; 2]) {
+        let leaver = Leaver {
+            sid: from.sid,
+            pty: from.pty,
+            cmd: from.cmd(false),
+        };
+        let table = self.clone();
+        tokio::spawn(async move {
+            let mut fds = fds;
+            for attempt in 0.. {
+                match table.try_adopt(&leaver, fds, attempt < SETTLE_TRIES) {
+                    Ok(()) => return,
+                    Err(back) => fds = back,
+                }
+                // Meanwhile the output waits in the pipes; a writer blocks, never fails.
+                tokio::time::sleep(SETTLE_WAIT).await;
+            }
+        });
+    }
+
+    /// One look for the holder. `Err` gives the pipes back when the best candidate still looks
+    /// like a fork of the leaver that has not exec'd (or redirected its output) yet and
+    /// `may_wait`: `sh -c 'a >log & b &'` exits before its children have settled.
+    fn try_adopt(
+        self: &Arc<Self>,
+        leaver: &Leaver,
+        fds: [Option<OwnedFd>; 2],
+        may_wait: bool,
+    ) -> Result<(), [Option<OwnedFd>; 2]> {
         let me = std::process::id();
         let inodes: Vec<u64> = fds.iter().flatten().filter_map(pipe_inode).collect();
         let taken: Vec<u32> = lock(&self.procs).keys().copied().collect();
@@ -519,7 +551,7 @@ impl Table {
         // that left the session with `setsid`).
         let mut holders: Vec<(&ProcStat, Option<bool>)> = candidates
             .iter()
-            .filter(|st| st.sid == from.sid)
+            .filter(|st| st.sid == leaver.sid)
             .map(|st| (st, holds_any(st.pid, &inodes)))
             .filter(|(_, holds)| *holds != Some(false))
             .collect();
@@ -539,8 +571,12 @@ impl Table {
                     tokio::spawn(discard(afd));
                 }
             }
-            return;
+            return Ok(());
         };
+        let cmd = cmdline(st.pid);
+        if may_wait && cmd == leaver.cmd {
+            return Err(fds);
+        }
         let mut out = OutState::default();
         for (s, fd) in fds.iter().enumerate() {
             out.done[s] = fd.is_none();
@@ -548,9 +584,9 @@ impl Table {
         let (tx, _) = watch::channel(0u64);
         let proc = Arc::new(Proc {
             pid: st.pid,
-            cmd: Mutex::new(cmdline(st.pid)),
+            cmd: Mutex::new(cmd),
             adopted: true,
-            pty: from.pty,
+            pty: leaver.pty,
             background: true,
             sid: st.sid,
             group: st.pgrp == st.pid,
@@ -569,6 +605,7 @@ impl Table {
                 spawn_pump(proc.clone(), s, fd);
             }
         }
+        Ok(())
     }
 
     /// Starts a process; returns it with a subscriber registered before any output exists.
@@ -898,6 +935,13 @@ async fn discard(fd: AsyncFd<OwnedFd>) {
     }
 }
 
+/// What adoption needs of the process that left its pipes behind.
+struct Leaver {
+    sid: u32,
+    pty: bool,
+    cmd: Vec<String>,
+}
+
 /// What the guest needs of `/proc/<pid>/stat`.
 struct ProcStat {
     pid: u32,
@@ -946,10 +990,11 @@ fn pipe_inode(fd: &OwnedFd) -> Option<u64> {
         .map(|st| st.st_ino)
 }
 
-/// Whether `pid` has one of the pipes open; `None` where we may not look: the guest lacks
-/// CAP_SYS_PTRACE, so another user's `/proc/<pid>/fd` lists its entries but will not show where
-/// they point.
+/// Whether `pid` has one of the pipes open; `None` where we may not look. The guest lacks
+/// CAP_SYS_PTRACE, so it reads another user's `/proc/<pid>/fd` links as that user: the kernel
+/// judges that access by the filesystem uid and gid, which are per thread and put back at once.
 fn holds_any(pid: u32, inodes: &[u64]) -> Option<bool> {
+    let _as = FsIdentity::of(pid)?;
     let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     let mut seen = 0usize;
     for entry in rd {
@@ -967,6 +1012,38 @@ fn holds_any(pid: u32, inodes: &[u64]) -> Option<bool> {
     }
     // An empty listing says nothing (a process mid-exec, or one we were not shown).
     (seen > 0).then_some(false)
+}
+
+/// This thread's filesystem uid and gid set to a process's owner while it lives, then restored.
+/// Only the calling thread changes (the raw syscalls, not the process-wide `setuid` family), and
+/// nothing else runs on it meanwhile: `adopt` does no `.await`.
+struct FsIdentity {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+impl FsIdentity {
+    fn of(pid: u32) -> Option<FsIdentity> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        // `Uid:` and `Gid:` list real, effective, saved and filesystem ids; take the effective.
+        let id = |key: &str| -> Option<u32> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line.split_whitespace().nth(2)?.parse().ok()
+        };
+        let (uid, gid) = (id("Uid:")?, id("Gid:")?);
+        // The group while still root, the user last; put back in the reverse order (a non-zero
+        // fsuid drops the filesystem capabilities, not CAP_SETUID or CAP_SETGID).
+        let gid = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+        let uid = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+        Some(FsIdentity { uid, gid })
+    }
+}
+
+impl Drop for FsIdentity {
+    fn drop(&mut self) {
+        nix::unistd::setfsuid(self.uid);
+        nix::unistd::setfsgid(self.gid);
+    }
 }
 
 async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {
