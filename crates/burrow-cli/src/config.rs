@@ -136,9 +136,13 @@ pub fn pick(cfg: &Config) -> Result<Option<(String, Profile)>> {
 
 /// The server URL and API key for client commands.
 pub fn client() -> Result<burrow_client::Client> {
+    let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+    if let (Some(url), Some(key)) = (env("BURROW_URL"), env("BURROW_API_KEY")) {
+        // Both given: no profile is needed, so none is looked up.
+        return Ok(burrow_client::Client::new(&url, &key));
+    }
     let cfg = load();
     let picked = pick(&cfg)?;
-    let env = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
     let url = env("BURROW_URL")
         .or_else(|| picked.as_ref().map(|(_, p)| p.url.clone()))
         .unwrap_or_else(|| DEFAULT_URL.into());

@@ -208,6 +208,7 @@ impl TestServer {
     pub fn cli_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BURROW);
         c.args(args)
+            .env_remove("BURROW_PROFILE")
             .env("BURROW_URL", &self.url)
             .env("BURROW_API_KEY", &self.key)
             .env("HOME", &self.home)
