@@ -40,6 +40,12 @@ pub struct ServerConfig {
     /// Paused sandboxes hibernate early while the host has less memory available than this
     /// (MiB); a twentieth of the host's memory when unset.
     pub hibernate_below_mib: Option<u64>,
+    /// Ranges run callbacks may reach although the callback rules refuse them (loopback, private
+    /// ranges, ...); never the sandboxes' range (`burrow up --callback-allow`).
+    pub callback_allow: Vec<ipnet::IpNet>,
+    /// PEM certificates trusted for `https://` callbacks besides the system's roots
+    /// (`burrow up --callback-ca`).
+    pub callback_ca: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +68,10 @@ pub enum ServerError {
     E2b(#[from] e2b::FacadeError),
     #[error("sandbox network")]
     Network(#[from] burrow_node::network::NetError),
+    #[error("--callback-ca is not a PEM bundle of certificates")]
+    CallbackCa(#[source] reqwest::Error),
+    #[error("run callbacks: {0}")]
+    Callbacks(String),
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -85,8 +95,8 @@ pub struct Server {
 }
 
 /// A key made once and kept in the data directory (0600), so what it signs survives restarts:
-/// `secret` (raw bytes) signs access tokens and port URLs; `callback.key` (hex, to configure
-/// receivers with) signs run callbacks.
+/// `secret` (raw bytes) signs access tokens and port URLs; `callback.key` (hex) is what each
+/// user's callback key is derived from (`callback.rs`).
 fn key_file(data_dir: &std::path::Path, name: &str, hex_text: bool) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(name);
@@ -132,9 +142,26 @@ impl Server {
         }
         let secret = key_file(&cfg.data_dir, "secret", false).map_err(dir_err)?;
         let callback_key = key_file(&cfg.data_dir, "callback.key", true).map_err(dir_err)?;
+        let sandbox_range = cfg.network.as_ref().and_then(|n| {
+            ipnet::Ipv4Net::new(n.range.network(), n.range.prefix)
+                .ok()
+                .map(ipnet::IpNet::V4)
+        });
+        let roots = match &cfg.callback_ca {
+            Some(pem) => {
+                reqwest::Certificate::from_pem_bundle(pem).map_err(ServerError::CallbackCa)?
+            }
+            None => Vec::new(),
+        };
+        let callbacks = callback::Callbacks::new(
+            callback_key,
+            callback::Targets::new(cfg.callback_allow.clone(), sandbox_range),
+            roots,
+        );
+        callbacks.ready().map_err(ServerError::Callbacks)?;
         let mut control = Control::new(store, Arc::new(backend), plans)
             .with_hot_window(cfg.hot_window)
-            .with_callback_key(callback_key)
+            .with_callbacks(callbacks)
             .with_secret(secret)
             .with_domain(cfg.domain.clone());
         if let Some(mib) = cfg.hibernate_below_mib {

@@ -34,3 +34,5 @@ pub const RUN_ENDED: &str = "run_ended";
 pub const NO_RUN: &str = "no_run";
 pub const UNKNOWN_POOL: &str = "unknown_pool";
 pub const SANDBOX_DESTROYED: &str = "sandbox_destroyed";
+pub const PLAN_NOT_ALLOWED: &str = "plan_not_allowed";
+pub const CALLBACK_NOT_ALLOWED: &str = "callback_not_allowed";
