@@ -1,5 +1,6 @@
 //! `burrow up`: the server, the local node and the embedded database in one process.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -54,10 +55,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str)
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
+    // Colour only for a person at a terminal: a log file or journal gets plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
     if !rustix::process::geteuid().is_root() {
@@ -102,14 +106,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
     .await
     .context("starting the server")?;
     let url = format!("http://{}", server.local_addr);
-    // The CLI on this machine talks to this server without further set-up.
+    // The CLI on this machine talks to this server without further set-up, through a profile
+    // of its own: a second server never silently replaces the first one's URL and key.
     let key = server.bootstrap.generated_admin_key.clone().or(admin_key);
-    let mut cfg = config::load();
-    cfg.url = Some(url.clone());
-    if key.is_some() {
-        cfg.api_key = key.clone();
-    }
-    let saved = config::save(&cfg);
+    let saved = config::save_server(
+        config::selected().as_deref(),
+        &url,
+        server.local_addr.port(),
+        key,
+        &args.data_dir,
+    );
     eprintln!(
         "burrow is up at {url} (data in {})",
         args.data_dir.display()
@@ -118,7 +124,21 @@ pub async fn run(args: UpArgs) -> Result<()> {
         eprintln!("admin API key (shown once): {k}");
     }
     match saved {
-        Ok(p) => eprintln!("the CLI on this machine is configured in {}", p.display()),
+        Ok(s) if s.current == s.name => eprintln!(
+            "the CLI on this machine is configured in {} (profile {:?}, the current one){}",
+            s.path.display(),
+            s.name,
+            if s.has_key { "" } else { "; it holds no API key: set BURROW_API_KEY" }
+        ),
+        Ok(s) => eprintln!(
+            "the CLI on this machine is configured in {} as profile {:?}; the current profile is still {:?}: use `burrow --profile {} ...` or `burrow profile use {}`{}",
+            s.path.display(),
+            s.name,
+            s.current,
+            s.name,
+            s.name,
+            if s.has_key { "" } else { "; it holds no API key: set BURROW_API_KEY" }
+        ),
         Err(e) => eprintln!("could not write the CLI config: {e:#}"),
     }
     server

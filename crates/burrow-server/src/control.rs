@@ -44,8 +44,8 @@ pub enum ControlError {
         action: &'static str,
         needs: &'static str,
     },
-    #[error("unknown plan {0:?}")]
-    UnknownPlan(String),
+    #[error("unknown plan {name:?}; {}", choices("plans", known))]
+    UnknownPlan { name: String, known: Vec<String> },
     #[error("plan {plan:?} is above this user's plan {user_plan:?}; allowed: {}", .allowed.join(", "))]
     PlanNotAllowed {
         plan: String,
@@ -54,8 +54,8 @@ pub enum ControlError {
     },
     #[error("{0}")]
     CallbackNotAllowed(String),
-    #[error("unknown image {0:?}")]
-    UnknownImage(String),
+    #[error("unknown image {name:?}; {}", choices("images", known))]
+    UnknownImage { name: String, known: Vec<String> },
     #[error("{0}")]
     BadRequest(String),
     #[error("{}", .0.message)]
@@ -66,8 +66,8 @@ pub enum ControlError {
     RunEnded,
     #[error("the sandbox has no active run")]
     NoActiveRun,
-    #[error("unknown pool {0:?}")]
-    UnknownPool(String),
+    #[error("unknown pool {name:?}; {}", choices("pools", known))]
+    UnknownPool { name: String, known: Vec<String> },
     #[error("guest agent")]
     Guest(#[from] GuestError),
     #[error("node")]
@@ -80,6 +80,23 @@ pub enum ControlError {
     Network(#[source] burrow_node::network::NetError),
     #[error("this server gives sandboxes no network (start it with `burrow up --network`)")]
     NoNetwork,
+}
+
+/// The error for an image this server does not have (only the built-in one, for now).
+pub fn unknown_image(name: String) -> ControlError {
+    ControlError::UnknownImage {
+        name,
+        known: vec![DEFAULT_IMAGE.to_string()],
+    }
+}
+
+/// The valid names, for an error about an unknown one: a user should not have to guess.
+pub fn choices(what: &str, known: &[String]) -> String {
+    if known.is_empty() {
+        return format!("this server has no {what}");
+    }
+    let list: Vec<String> = known.iter().map(|k| format!("{k:?}")).collect();
+    format!("this server has {what} {}", list.join(", "))
 }
 
 /// Serialises lifecycle operations on one sandbox (a delete waits for a create in flight).
@@ -103,7 +120,7 @@ pub struct Control {
     /// Last API activity per sandbox, for idle timeouts. Kept in memory: a database write per exec
     /// would cost more than the exec; after a restart every idle clock starts again.
     activity: Mutex<HashMap<String, std::time::Instant>>,
-    /// How long a paused sandbox keeps its processes before it hibernates (DESIGN.md §3).
+    /// How long a paused sandbox keeps its processes before it hibernates (8 h by default).
     hot_window: std::time::Duration,
     /// Sandbox networking (veth, firewall); `None`: sandboxes have loopback only.
     network: Option<Arc<burrow_node::network::Network>>,
@@ -269,6 +286,14 @@ impl Control {
         self.plans.contains_key(name)
     }
 
+    /// The error for a plan this server does not have, naming the ones it has.
+    pub fn unknown_plan(&self, name: &str) -> ControlError {
+        ControlError::UnknownPlan {
+            name: name.to_string(),
+            known: self.plan_names(),
+        }
+    }
+
     pub fn plan_names(&self) -> Vec<String> {
         self.plans.keys().cloned().collect()
     }
@@ -323,7 +348,7 @@ impl Control {
         let plan = self
             .plans
             .get(&plan_name)
-            .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?
+            .ok_or_else(|| self.unknown_plan(&plan_name))?
             .clone();
         self.check_plan(user, &plan)?;
         let image = req
@@ -331,7 +356,7 @@ impl Control {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if image != DEFAULT_IMAGE {
-            return Err(ControlError::UnknownImage(image));
+            return Err(unknown_image(image));
         }
         validate_map("env", &req.env, MAX_ENV_ENTRIES, true)?;
         validate_map("metadata", &req.metadata, MAX_METADATA_ENTRIES, false)?;
@@ -551,7 +576,7 @@ impl Control {
     }
 
     /// The caller's sandbox, or `NotFound` — the same answer for another tenant's id as for an id
-    /// that never existed (ATTACKS.md A1).
+    /// that never existed (attack A1 in docs/threat-model.md).
     pub fn record(&self, user: &User, id: &str) -> Result<SandboxRecord, ControlError> {
         match self.store.sandbox(id)? {
             Some(r) if r.owner_id == user.id && r.state != SandboxState::Destroyed => Ok(r),
@@ -978,7 +1003,7 @@ impl Control {
         Ok(())
     }
 
-    /// Makes the store and the host agree after a start (DESIGN.md §3, crash safety): running
+    /// Makes the store and the host agree after a start (docs/architecture.md, crash safety): running
     /// sandboxes whose computer still answers are adopted, interrupted creates and lost sandboxes
     /// are cleaned and marked `error`, and anything on the host without a live row is removed.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ControlError> {
@@ -999,7 +1024,7 @@ impl Control {
                         continue;
                     }
                     // The processes are gone (a host reboot, a crash) but the disk is not: the
-                    // sandbox comes back cold on the next resume (DESIGN.md §3).
+                    // sandbox comes back cold on the next resume, its files kept.
                     let backend = self.backend.clone();
                     let (id, runtime) = (rec.id.clone(), runtime_of(&rec));
                     match tokio::task::spawn_blocking(move || backend.stop(&id, runtime.as_ref()))

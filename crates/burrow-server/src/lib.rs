@@ -1,5 +1,5 @@
 //! The burrow server: REST + WebSocket API, the control layer, and the local node, in one process
-//! with an embedded SQLite database (DESIGN.md §9, embedded default).
+//! with an embedded SQLite database (the single-machine default; docs/adr/0005).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! Durable state: users, API keys and sandbox records, in an embedded SQLite database.
 //!
-//! Every sandbox gets its row *before* anything is built on the host (DESIGN.md §3, crash safety), and
+//! Every sandbox gets its row *before* anything is built on the host (docs/architecture.md, crash safety), and
 //! each state change is written before the server answers. Queries are short and local, so the
 //! connection sits behind a mutex and callers use it synchronously.
 

@@ -12,7 +12,7 @@ pub mod net;
 pub use limits::{Limits, Plan};
 pub use net::{NetworkPatch, NetworkPolicy, PortInfo, SandboxNetwork, SetPort};
 
-/// Where a sandbox is in its lifecycle (DESIGN.md §3).
+/// Where a sandbox is in its lifecycle (docs/architecture.md, "Lifecycle").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -138,7 +138,7 @@ pub struct SetTimeout {
 }
 
 /// Body of `POST /v1/sandboxes`. Unknown fields are refused: owner, limits and host paths are the
-/// server's to decide (ATTACKS.md A5).
+/// server's to decide (attack A5 in docs/threat-model.md).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -179,7 +179,7 @@ pub struct CreateSandbox {
     pub files: BTreeMap<String, String>,
 }
 
-/// One task given to a sandbox (DESIGN.md §1): what the agent is asked to do and what it needs.
+/// One task given to a sandbox: what the agent is asked to do and what it needs.
 /// Inside the sandbox it is readable at `/etc/burrow/run.json`; its `env` joins the sandbox's env.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -235,7 +235,7 @@ pub struct PoolSpec {
     pub size: u32,
 }
 
-/// A warm pool and how it is doing (DESIGN.md §4).
+/// A warm pool and how it is doing (docs/adr/0007).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolStatus {

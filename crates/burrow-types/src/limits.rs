@@ -1,4 +1,5 @@
-//! Plans and the limits they give a sandbox (DESIGN.md §6).
+//! Plans and the limits they give a sandbox: `free`, `pro` and `scale` by default, more or
+//! replaced with `burrow up --plans`.
 
 use serde::{Deserialize, Serialize};
 

@@ -109,16 +109,12 @@ impl From<ControlError> for HttpError {
             e @ ControlError::WrongState { .. } => {
                 HttpError::new(S::CONFLICT, codes::CONFLICT, e.to_string())
             }
-            ControlError::UnknownPlan(p) => HttpError::new(
-                S::BAD_REQUEST,
-                codes::UNKNOWN_PLAN,
-                format!("unknown plan {p:?}"),
-            ),
-            ControlError::UnknownImage(i) => HttpError::new(
-                S::BAD_REQUEST,
-                codes::UNKNOWN_IMAGE,
-                format!("unknown image {i:?}; this server has \"system\""),
-            ),
+            e @ ControlError::UnknownPlan { .. } => {
+                HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_PLAN, e.to_string())
+            }
+            e @ ControlError::UnknownImage { .. } => {
+                HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_IMAGE, e.to_string())
+            }
             ControlError::BadRequest(m) => HttpError::bad_request(m),
             ref e @ ControlError::PlanNotAllowed {
                 ref plan,
@@ -155,7 +151,7 @@ impl From<ControlError> for HttpError {
             e @ ControlError::NoActiveRun => {
                 HttpError::new(S::CONFLICT, codes::NO_RUN, e.to_string())
             }
-            e @ ControlError::UnknownPool(_) => {
+            e @ ControlError::UnknownPool { .. } => {
                 HttpError::new(S::NOT_FOUND, codes::UNKNOWN_POOL, e.to_string())
             }
             ControlError::Guest(g) => g.into(),

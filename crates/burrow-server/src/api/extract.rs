@@ -68,7 +68,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         // Query decoding replaces invalid UTF-8 with U+FFFD; a path must never silently become
-        // another path, so such a query is refused (ATTACKS.md F6).
+        // another path, so such a query is refused (attack F6 in docs/threat-model.md).
         let raw = parts.uri.query().unwrap_or_default();
         for pair in raw.split('&') {
             let value = pair
