@@ -9,7 +9,7 @@ pub mod codes;
 pub mod limits;
 pub mod net;
 
-pub use limits::{Limits, Plan};
+pub use limits::{Limits, Plan, Quota};
 pub use net::{NetworkPatch, NetworkPolicy, PortInfo, SandboxNetwork, SetPort};
 
 /// Where a sandbox is in its lifecycle (DESIGN.md §3).
