@@ -338,6 +338,25 @@ impl Client {
             .await
     }
 
+    /// A user's quota: plan, override, effective and usage (admin key required).
+    pub async fn quota(&self, user: &str) -> Result<serde_json::Value, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/admin/users/{user}/quota")))
+            .await
+    }
+
+    /// Sets a user's quota override, or with `None` removes it (admin key required).
+    pub async fn set_quota(
+        &self,
+        user: &str,
+        quota: Option<&burrow_types::Quota>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/v1/admin/users/{user}/quota");
+        match quota {
+            Some(q) => self.json(self.request(Method::PUT, &path).json(q)).await,
+            None => self.json(self.request(Method::DELETE, &path)).await,
+        }
+    }
+
     /// Sends any request and returns status and body, for callers that test the API's edges.
     pub async fn raw<B: Serialize>(
         &self,

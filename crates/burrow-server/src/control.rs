@@ -16,9 +16,10 @@ use burrow_types::{
 };
 use tracing::{info, warn};
 
-use crate::auth::new_id;
-
+pub mod admission;
 pub mod net;
+
+pub use admission::{Created, IdempotencyKey, PidBudget};
 
 pub const DEFAULT_IMAGE: &str = "system";
 pub const DEFAULT_HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
@@ -29,6 +30,9 @@ const MAX_FILES: usize = 64;
 const MAX_FILES_BYTES: usize = 1024 * 1024;
 const MAX_TASK_BYTES: usize = 64 * 1024;
 const MAX_MEMORY_TOKENS: usize = 64;
+/// The longest idle timeout a sandbox can have (a year): any longer is no timeout at all, and
+/// every stored number must fit SQLite's signed 64-bit integers.
+pub const MAX_TIMEOUT_S: u64 = 365 * 24 * 3600;
 /// Where a sandbox's run is readable inside it.
 pub const RUN_FILE: &str = "/etc/burrow/run.json";
 
@@ -72,6 +76,27 @@ pub enum ControlError {
     Network(#[source] burrow_node::network::NetError),
     #[error("this server gives sandboxes no network (start it with `burrow up --network`)")]
     NoNetwork,
+    /// A per-user quota would be exceeded; `details` names it (`quota`, `limit`, `observed`).
+    #[error("{}", details["message"].as_str().unwrap_or("quota exceeded"))]
+    QuotaExceeded {
+        details: serde_json::Value,
+        retry_after_s: u64,
+    },
+    /// The host's pid budget is promised to other sandboxes.
+    #[error("{}", .0["message"].as_str().unwrap_or("the host is full"))]
+    HostFull(serde_json::Value),
+    #[error(
+        "this Idempotency-Key was used with a different request; use a new key for a new request"
+    )]
+    IdempotencyKeyReused,
+    #[error("the first request with this Idempotency-Key is still being served; retry later")]
+    IdempotencyInProgress,
+    #[error("{field} must be between {min} and {max}")]
+    OutOfRange {
+        field: &'static str,
+        min: u64,
+        max: u64,
+    },
 }
 
 /// Serialises lifecycle operations on one sandbox (a delete waits for a create in flight).
@@ -116,6 +141,8 @@ pub struct Control {
     /// Ids of sandboxes that just stopped running (paused, hibernated, destroyed), so calls
     /// waiting on their guest answer at once instead of hanging on a frozen or dead agent.
     stopped: tokio::sync::broadcast::Sender<String>,
+    /// Quotas, the host's pid budget and creates in flight (`control/admission.rs`).
+    pub(crate) admission: admission::Admission,
 }
 
 impl Control {
@@ -137,7 +164,14 @@ impl Control {
             pool_yield_since: Mutex::new(None),
             callback_key: Arc::new(Vec::new()),
             stopped: tokio::sync::broadcast::channel(1024).0,
+            admission: admission::Admission::default(),
         }
+    }
+
+    /// The host's pid budget: `None` turns it off.
+    pub fn with_pid_budget(mut self, budget: Option<PidBudget>) -> Control {
+        self.admission = self.admission.with_pid_budget(budget);
+        self
     }
 
     /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause
@@ -228,8 +262,18 @@ impl Control {
         user: &User,
         req: CreateSandbox,
     ) -> Result<Sandbox, ControlError> {
+        Ok(self.create_with(user, req, None).await?.sandbox)
+    }
+
+    /// A create with an optional idempotency key (see `control/admission.rs`).
+    pub async fn create_with(
+        self: &Arc<Self>,
+        user: &User,
+        req: CreateSandbox,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Created, ControlError> {
         let (this, user) = (self.clone(), user.clone());
-        tokio::spawn(async move { this.create_now(&user, req).await }).await?
+        tokio::spawn(async move { this.create_once(&user, req, key).await }).await?
     }
 
     pub async fn destroy(self: &Arc<Self>, user: &User, id: &str) -> Result<(), ControlError> {
@@ -258,7 +302,12 @@ impl Control {
 
     /// A new sandbox for `user`: claimed from a warm pool when one matches (its context injected),
     /// otherwise built cold at once. Nothing waits for a pool.
-    async fn create_now(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
+    async fn create_now(
+        &self,
+        user: &User,
+        req: CreateSandbox,
+        id: String,
+    ) -> Result<Sandbox, ControlError> {
         // Counted while it runs: the replenisher yields to creates (see `pool::replenish`).
         let _in_flight = CreateInFlight::start(self);
         let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
@@ -283,11 +332,7 @@ impl Control {
             env.extend(run.env.clone());
         }
         let hostname = req.hostname.as_deref().map(validate_hostname).transpose()?;
-        if req.timeout_s == Some(0) {
-            return Err(ControlError::BadRequest(
-                "timeout_s must be positive (leave it out for no timeout)".into(),
-            ));
-        }
+        validate_timeout(req.timeout_s)?;
         let claim = Claim {
             owner_id: user.id.clone(),
             plan: plan.name.clone(),
@@ -306,11 +351,12 @@ impl Control {
         };
         // Checked before a warm sandbox is claimed: a bad policy must not cost one.
         let network = self.network_for_create(req.network)?;
+        // Quotas and the host's pid budget, last: nothing is made past them.
+        let _admitted = self.admit(user, &plan, &id).await?;
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
         }
-        let id = new_id(20);
         let rec = SandboxRecord {
             id: id.clone(),
             owner_id: claim.owner_id,
@@ -717,11 +763,7 @@ impl Control {
         req: SetTimeout,
     ) -> Result<Sandbox, ControlError> {
         let mut rec = self.record(user, id)?;
-        if req.timeout_s == Some(0) {
-            return Err(ControlError::BadRequest(
-                "timeout_s must be positive (null turns it off)".into(),
-            ));
-        }
+        validate_timeout(req.timeout_s)?;
         rec.timeout_s = req.timeout_s;
         rec.on_timeout = req.on_timeout.unwrap_or(rec.on_timeout);
         self.store.set_timeout(id, rec.timeout_s, rec.on_timeout)?;
@@ -1140,6 +1182,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// An idle timeout is 1 s to a year (`None`: no timeout).
+pub fn validate_timeout(t: Option<u64>) -> Result<(), ControlError> {
+    match t {
+        Some(t) if !(1..=MAX_TIMEOUT_S).contains(&t) => Err(ControlError::OutOfRange {
+            field: "timeout_s",
+            min: 1,
+            max: MAX_TIMEOUT_S,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn validate_hostname(h: &str) -> Result<String, ControlError> {

@@ -87,12 +87,12 @@ pub struct Quota {
     pub sandboxes: Option<u32>,
     /// Memory promised to live sandboxes (the sum of their memory limits), MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1099511627776))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1099511627776_i64))]
     pub memory_mib: Option<u64>,
     /// Disk promised to live sandboxes (the sum of their disk sizes: sparse disks are
     /// promises), MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1099511627776))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1099511627776_i64))]
     pub disk_mib: Option<u64>,
     /// Creates per second, with bursts of as many.
     #[serde(default, skip_serializing_if = "Option::is_none")]

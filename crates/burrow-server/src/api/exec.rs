@@ -29,9 +29,21 @@ fn start_error(e: burrow_node::guest::GuestError) -> HttpError {
 
 /// A buffered exec without `timeout_ms` is stopped after this, so no request waits forever.
 pub const DEFAULT_EXEC_TIMEOUT_MS: u64 = 60_000;
+/// The longest `timeout_ms` accepted (a week); a command never outlives its sandbox's maximum
+/// duration either way.
+pub const MAX_EXEC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 const SIGKILL: i32 = 9;
 
-fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<ExecSpec, HttpError> {
+/// A command's timeout never outlives its sandbox's maximum duration.
+fn cap_timeout(mut spec: ExecSpec, rec: &burrow_store::SandboxRecord) -> ExecSpec {
+    let max_ms = rec.limits.max_duration_s.saturating_mul(1000);
+    spec.timeout_ms = spec.timeout_ms.map(|t| t.min(max_ms));
+    spec
+}
+
+/// Checks an exec request (before the sandbox is looked up or a tool call counted) and makes it
+/// the guest's spec.
+fn spec_of(req: ExecRequest, default_ms: Option<u64>) -> Result<ExecSpec, HttpError> {
     if req.cmd.is_empty() || req.cmd[0].is_empty() {
         return Err(HttpError::bad_request("cmd must name a program"));
     }
@@ -46,12 +58,21 @@ fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<Exe
             "cmd and env must not contain NUL bytes",
         ));
     }
-    if req.timeout_ms == Some(0) {
-        return Err(HttpError::bad_request("timeout_ms must be positive"));
+    if let Some(t) = req.timeout_ms {
+        if !(1..=MAX_EXEC_TIMEOUT_MS).contains(&t) {
+            return Err(HttpError::out_of_range(
+                "timeout_ms",
+                1,
+                MAX_EXEC_TIMEOUT_MS,
+            ));
+        }
     }
     if let Some(p) = req.pty {
-        if p.cols == 0 || p.rows == 0 {
-            return Err(HttpError::bad_request("pty cols and rows must be positive"));
+        if p.cols == 0 {
+            return Err(HttpError::out_of_range("pty.cols", 1, u16::MAX.into()));
+        }
+        if p.rows == 0 {
+            return Err(HttpError::out_of_range("pty.rows", 1, u16::MAX.into()));
         }
     }
     Ok(ExecSpec {
@@ -61,7 +82,7 @@ fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<Exe
         user: req.user,
         pty: req.pty,
         stdin: req.stdin.is_some(),
-        timeout_ms: req.timeout_ms.or(default_ms).map(|t| t.min(max_ms)),
+        timeout_ms: req.timeout_ms.or(default_ms),
         background: req.background,
     })
 }
@@ -80,13 +101,10 @@ pub async fn exec(
             "background and pty commands use /processes or the exec WebSocket, not buffered exec",
         ));
     }
-    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     let stdin = req.stdin.clone().map(String::into_bytes);
-    let spec = spec_of(
-        req,
-        rec.limits.max_duration_s * 1000,
-        Some(DEFAULT_EXEC_TIMEOUT_MS),
-    )?;
+    let spec = spec_of(req, Some(DEFAULT_EXEC_TIMEOUT_MS))?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
+    let spec = cap_timeout(spec, &rec);
     let out = s
         .control
         .while_running(
@@ -140,8 +158,9 @@ pub async fn exec_ws(
                 return ws::fail(socket, codes::BAD_REQUEST, format!("bad ExecRequest: {e}")).await
             }
         };
-        let spec = match spec_of(req, rec.limits.max_duration_s * 1000, None) {
-            Ok(mut spec) => {
+        let spec = match spec_of(req, None) {
+            Ok(spec) => {
+                let mut spec = cap_timeout(spec, &rec);
                 // Streaming clients send stdin themselves.
                 spec.stdin = true;
                 spec
@@ -178,7 +197,6 @@ pub async fn terminal(
     ApiQuery(q): ApiQuery<TerminalQuery>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, HttpError> {
-    let (rec, guest) = s.control.guest(&user, &id)?;
     let req = ExecRequest {
         cmd: vec!["/bin/bash".into(), "-l".into()],
         user: q.user,
@@ -188,7 +206,9 @@ pub async fn terminal(
         }),
         ..Default::default()
     };
-    let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
+    let spec = spec_of(req, None)?;
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    let mut spec = cap_timeout(spec, &rec);
     spec.stdin = true;
     Ok(upgrade.on_upgrade(move |socket| async move {
         match guest.exec_stream(spec).await {
@@ -212,13 +232,14 @@ pub async fn start_process(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<(StatusCode, Json<Started>), HttpError> {
-    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     if req.stdin.is_some() {
         return Err(HttpError::bad_request(
             "a background process takes stdin through attach, not `stdin`",
         ));
     }
-    let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
+    let spec = spec_of(req, None)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
+    let mut spec = cap_timeout(spec, &rec);
     spec.background = true;
     spec.stdin = true;
     let (_input, mut output) = guest.exec_stream(spec).await.map_err(start_error)?;
@@ -257,7 +278,7 @@ pub async fn signal_process(
     ApiJson(req): ApiJson<SignalRequest>,
 ) -> Result<StatusCode, HttpError> {
     if !(1..=64).contains(&req.signal) {
-        return Err(HttpError::bad_request("signal must be between 1 and 64"));
+        return Err(HttpError::out_of_range("signal", 1, 64));
     }
     signal(&s, &user, &id, pid, req.signal).await
 }

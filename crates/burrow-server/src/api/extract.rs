@@ -1,6 +1,6 @@
 //! Extractors: authentication and JSON/query parsing whose rejections are our JSON errors.
 
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::Json;
@@ -40,11 +40,9 @@ impl FromRequestParts<AppState> for Caller {
         match state.control.store().user_by_key_hash(&hash_key(key)) {
             Ok(Some(user)) => Ok(Caller(user)),
             Ok(None) => Err(unauthorized("invalid API key")),
-            Err(e) => Err(HttpError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                codes::UNAVAILABLE,
-                e.to_string(),
-            )),
+            // Keys are read from a WAL reader, so only a database that cannot be read at all
+            // ends here: 503 with Retry-After, like every other store failure.
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -88,4 +86,61 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             Query::<T>::from_request_parts(parts, state).await?.0,
         ))
     }
+}
+
+/// `Path<T>` with JSON rejections (a path parameter of the wrong type is a 400 in our shape).
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ApiPath(
+            Path::<T>::from_request_parts(parts, state).await?.0,
+        ))
+    }
+}
+
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The optional `Idempotency-Key` header of a create: 1 to 255 visible ASCII characters.
+pub struct IdempotencyHeader(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyHeader {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all("idempotency-key").iter();
+        let Some(v) = values.next() else {
+            return Ok(IdempotencyHeader(None));
+        };
+        let bad = || {
+            HttpError::bad_request(format!(
+                "Idempotency-Key must be one header of 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+            ))
+        };
+        if values.next().is_some() {
+            return Err(bad());
+        }
+        let key = v.to_str().map_err(|_| bad())?;
+        if key.is_empty()
+            || key.len() > MAX_IDEMPOTENCY_KEY
+            || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(bad());
+        }
+        Ok(IdempotencyHeader(Some(key.to_string())))
+    }
+}
+
+/// A fingerprint of a request for idempotency keys: which API it came through and its parsed
+/// body, so whitespace and field order do not make "another request".
+pub fn fingerprint(api: &str, body: &impl serde::Serialize) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(api.as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(body).unwrap_or_default());
+    hex::encode(h.finalize())
 }

@@ -207,7 +207,10 @@ pub async fn list(
                 .map_err(|_| HttpError::bad_request("cursor is not one this server gave"))?,
         ),
     };
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(HttpError::out_of_range("limit", 1, MAX_PAGE.into()));
+    }
     let (_, guest) = s.control.tool_call(&user, &id).await?;
     let (entries, next) = s
         .control

@@ -1,26 +1,48 @@
 //! `/v1/sandboxes`: create, list, get, delete.
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use burrow_types::{ApiError, CreateSandbox, RunSpec, Sandbox, SetTimeout};
 
 use super::error::HttpError;
-use super::extract::{ApiJson, Caller};
+use super::extract::{fingerprint, ApiJson, Caller, IdempotencyHeader};
 use super::AppState;
+use crate::control::IdempotencyKey;
 
 /// Create a sandbox and start it; answers once it runs.
+///
+/// With an `Idempotency-Key` header, the create is made once per key (per user, for 24 hours):
+/// a repeat of the same request answers with the first one's sandbox (as it is now, with
+/// `Idempotent-Replayed: true`), waiting for it if it is still being made; the same key with a
+/// different request is `422 idempotency_key_reused`.
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
-    responses((status = 201, body = Sandbox), (status = 400, body = ApiError), (status = 401, body = ApiError)))]
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "makes the create happen once for this key (1-255 visible ASCII characters)")),
+    responses((status = 201, body = Sandbox, headers(("Idempotent-Replayed" = String,
+            description = "`true` when an earlier request with the same key made this sandbox"))),
+        (status = 400, body = ApiError),
+        (status = 422, body = ApiError, description = "the Idempotency-Key was used with another request"),
+        (status = 429, body = ApiError, description = "a quota would be exceeded (`details` names it); see Retry-After"),
+        (status = 503, body = ApiError, description = "the host is full, or the database is busy; see Retry-After")))]
 pub async fn create_sandbox(
     State(s): State<AppState>,
     Caller(user): Caller,
+    IdempotencyHeader(key): IdempotencyHeader,
     ApiJson(req): ApiJson<CreateSandbox>,
-) -> Result<(StatusCode, Json<Sandbox>), HttpError> {
-    Ok((
-        StatusCode::CREATED,
-        Json(s.control.create(&user, req).await?),
-    ))
+) -> Result<Response, HttpError> {
+    let key = key.map(|key| IdempotencyKey {
+        fingerprint: fingerprint("v1", &req),
+        key,
+    });
+    let created = s.control.create_with(&user, req, key).await?;
+    let mut resp = (StatusCode::CREATED, Json(created.sandbox)).into_response();
+    if created.replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
 /// The caller's sandboxes that are not destroyed.
