@@ -352,11 +352,13 @@ impl Control {
         // Checked before a warm sandbox is claimed: a bad policy must not cost one.
         let network = self.network_for_create(req.network)?;
         // Quotas and the host's pid budget, last: nothing is made past them.
-        let _admitted = self.admit(user, &plan, &id).await?;
+        let admitted = self.admit(user, &plan, &id).await?;
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
         }
+        // A cold build adds a computer: the host's pid budget must have room for it.
+        self.admit_build(&admitted).await?;
         let rec = SandboxRecord {
             id: id.clone(),
             owner_id: claim.owner_id,

@@ -22,8 +22,9 @@ pub const SLOT_WAIT: Duration = Duration::from_secs(1);
 pub const BUSY_WAIT: Duration = Duration::from_millis(250);
 /// After a write found the database locked, writes try once (no busy wait) for this long.
 const BUSY_MEMORY: Duration = Duration::from_secs(1);
-/// How long a health probe's answer is reused.
-const HEALTH_TTL: Duration = Duration::from_secs(1);
+/// How long a health probe's answer is reused (health needs no key: a flood of it must not
+/// keep the writer busy).
+const HEALTH_TTL: Duration = Duration::from_millis(250);
 /// WAL readers: reads never queue behind the writer (or behind each other, mostly).
 pub const READERS: usize = 4;
 
@@ -194,7 +195,8 @@ impl Writer {
 
     /// Whether a write could go through now: the files are writable (as this process: a
     /// read-only mount, an immutable file or missing permission all show here) and no other
-    /// process holds the write lock. Probed at most once a second; never waits for a lock.
+    /// process holds the write lock; after a failed write, whether a one-row write goes through.
+    /// Probed at most every [`HEALTH_TTL`]; never waits for a lock.
     pub(crate) fn health(&self, path: Option<&Path>) -> StoreHealth {
         if let Some((at, h)) = &self.state().probed {
             if at.elapsed() < HEALTH_TTL {
@@ -235,11 +237,26 @@ impl Writer {
             // Our own writer is busy writing: the last outcome tells.
             return self.last_outcome();
         };
-        let tried = slot
-            .busy_timeout(Duration::ZERO)
-            .and_then(|_| slot.execute_batch("BEGIN IMMEDIATE; ROLLBACK;"));
+        let failed_before = self.state().last_failure.is_some();
+        let tried = slot.busy_timeout(Duration::ZERO).and_then(|_| {
+            if failed_before {
+                // The last write failed (an I/O error, a full disk): only a write shows whether
+                // that is over. A one-row write, at most once per probe interval.
+                slot.execute(
+                    "INSERT OR REPLACE INTO store_probe (id, at) VALUES (1, ?1)",
+                    [crate::now_unix()],
+                )
+                .map(|_| ())
+            } else {
+                slot.execute_batch("BEGIN IMMEDIATE; ROLLBACK;")
+            }
+        });
         drop(slot);
-        match tried.map_err(StoreError::from) {
+        let tried = tried.map_err(StoreError::from);
+        if failed_before {
+            self.record(&tried);
+        }
+        match tried {
             Ok(()) => self.last_outcome(),
             Err(e) => {
                 let code = e

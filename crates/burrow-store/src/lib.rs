@@ -324,7 +324,7 @@ impl Store {
     }
 
     /// Whether writes can go through now, and if not why (for `/v1/health`). Never waits for a
-    /// lock; probes at most once a second.
+    /// lock; probes at most four times a second.
     pub fn health(&self) -> StoreHealth {
         self.writer.health(self.path.as_deref())
     }

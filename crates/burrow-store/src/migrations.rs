@@ -83,7 +83,8 @@ const MIGRATIONS: &[&str] = &[
         user_id TEXT PRIMARY KEY REFERENCES users(id),
         quota TEXT NOT NULL,
         updated_at TEXT NOT NULL
-    );",
+    );
+    CREATE TABLE store_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL);",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

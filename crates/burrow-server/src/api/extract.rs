@@ -47,14 +47,52 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// `Json<T>` whose rejections (bad JSON, wrong types, too large, wrong content type) are JSON errors.
+/// `Json<T>` whose rejections (bad JSON, wrong types, too large, wrong content type, too slow)
+/// are JSON errors. Numbers are read as JSON means them: `60.0` is the integer 60.
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = HttpError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        Ok(ApiJson(Json::<T>::from_request(req, state).await?.0))
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        from_json_value(value).map(ApiJson)
+    }
+}
+
+/// A parsed JSON body as `T`, with integral floats taken as integers and errors that name the
+/// field they are about.
+pub fn from_json_value<T: DeserializeOwned>(mut value: serde_json::Value) -> Result<T, HttpError> {
+    integral_floats(&mut value);
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            HttpError::bad_request(format!("invalid request body: {}", e.inner()))
+        } else {
+            HttpError::bad_request(format!("invalid request body: {path}: {}", e.inner()))
+        }
+    })
+}
+
+/// JSON has one number type: a client (or a JSON library) may write the integer 60 as `60.0`.
+/// Such numbers become integers when they fit one, so integer fields accept them.
+pub fn integral_floats(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if !n.is_i64() && !n.is_u64() => {
+            let Some(f) = n.as_f64().filter(|f| f.is_finite() && f.fract() == 0.0) else {
+                return;
+            };
+            // 2^64 and -2^63 are exact in f64; every integral float in between converts exactly.
+            if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                *v = Value::from(f as u64);
+            } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                *v = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats),
+        Value::Object(map) => map.values_mut().for_each(integral_floats),
+        _ => {}
     }
 }
 

@@ -56,6 +56,9 @@ struct InFlight {
     owner: String,
     sandbox_id: String,
     limits: Limits,
+    /// It will build a computer (cold or warm build), so its pids count against the budget; a
+    /// create that claims a warm sandbox adds none.
+    builds: bool,
 }
 
 /// Per-user token buckets for creates per second.
@@ -129,14 +132,16 @@ impl Admission {
         self.pid_budget
     }
 
-    fn in_flight_ids(&self) -> Vec<String> {
+    /// Ids of creates in flight that count themselves (for one owner, or those that build).
+    fn in_flight_ids(&self, which: impl Fn(&InFlight) -> bool) -> Vec<String> {
         lock(&self.in_flight)
             .values()
+            .filter(|f| which(f))
             .map(|f| f.sandbox_id.clone())
             .collect()
     }
 
-    fn reserve(&self, owner: &str, sandbox_id: &str, limits: &Limits) -> Ticket<'_> {
+    fn reserve(&self, owner: &str, sandbox_id: &str, limits: &Limits, builds: bool) -> Ticket<'_> {
         let id = self
             .next_ticket
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -146,6 +151,7 @@ impl Admission {
                 owner: owner.to_string(),
                 sandbox_id: sandbox_id.to_string(),
                 limits: limits.clone(),
+                builds,
             },
         );
         Ticket {
@@ -212,8 +218,8 @@ impl Control {
     }
 
     /// Admits a create of a `plan` sandbox (id `sandbox_id`, if it is built cold) for `user`, or
-    /// refuses it: `QuotaExceeded` past one of the user's quotas, `HostFull` past the host's pid
-    /// budget. The ticket counts the create until it is dropped.
+    /// refuses it with `QuotaExceeded` past one of the user's quotas. The ticket counts the create
+    /// until it is dropped; before a cold build, [`Control::admit_build`] checks the host.
     pub(crate) async fn admit(
         &self,
         user: &User,
@@ -222,34 +228,10 @@ impl Control {
     ) -> Result<Ticket<'_>, ControlError> {
         let adm = &self.admission;
         let _gate = adm.gate.lock().await;
-        let flying = adm.in_flight_ids();
         let limits = &plan.limits;
-        if let Some(b) = adm.pid_budget {
-            let in_flight: u64 = lock(&adm.in_flight)
-                .values()
-                .map(|f| u64::from(f.limits.pids))
-                .sum();
-            let promised = self.store().promised_pids(&flying)? + in_flight;
-            let after = promised + u64::from(limits.pids);
-            if after > b.budget() {
-                return Err(ControlError::HostFull(refusal(
-                    codes::HOST_FULL,
-                    "pids",
-                    b.budget(),
-                    after,
-                    format!(
-                        "the host has pids for sandboxes up to {} in all (pid_max {} minus {} kept for the host); \
-                         its live sandboxes are promised {promised} and this one asks {}",
-                        b.budget(),
-                        b.pid_max,
-                        b.reserve,
-                        limits.pids
-                    ),
-                )));
-            }
-        }
         let quota = self.quota_of(user)?;
-        let mut used = self.store().usage_of(&user.id, &flying)?;
+        let mine = adm.in_flight_ids(|f| f.owner == user.id);
+        let mut used = self.store().usage_of(&user.id, &mine)?;
         for f in lock(&adm.in_flight).values().filter(|f| f.owner == user.id) {
             used.sandboxes += 1;
             used.memory_mib += f.limits.memory_mib;
@@ -307,7 +289,52 @@ impl Control {
                 });
             }
         }
-        Ok(adm.reserve(&user.id, sandbox_id, limits))
+        Ok(adm.reserve(&user.id, sandbox_id, limits, false))
+    }
+
+    /// Before a computer is built for an admitted create: refuses with `HostFull` when the pid
+    /// limits of every live sandbox, creates in flight included, would pass the host's budget.
+    pub(crate) async fn admit_build(&self, ticket: &Ticket<'_>) -> Result<(), ControlError> {
+        let adm = &self.admission;
+        let Some(b) = adm.pid_budget else {
+            return Ok(());
+        };
+        let _gate = adm.gate.lock().await;
+        let (limits, others) = {
+            let flying = lock(&adm.in_flight);
+            let Some(me) = flying.get(&ticket.id) else {
+                return Ok(());
+            };
+            let others: u64 = flying
+                .iter()
+                .filter(|(id, f)| f.builds && **id != ticket.id)
+                .map(|(_, f)| u64::from(f.limits.pids))
+                .sum();
+            (me.limits.clone(), others)
+        };
+        let building = adm.in_flight_ids(|f| f.builds);
+        let promised = self.store().promised_pids(&building)? + others;
+        let after = promised + u64::from(limits.pids);
+        if after > b.budget() {
+            return Err(ControlError::HostFull(refusal(
+                codes::HOST_FULL,
+                "pids",
+                b.budget(),
+                after,
+                format!(
+                    "the host is full: sandboxes may be promised {} pids in all (pid_max {} minus {} kept for \
+                     the host); its live sandboxes hold {promised} and this one asks {}",
+                    b.budget(),
+                    b.pid_max,
+                    b.reserve,
+                    limits.pids
+                ),
+            )));
+        }
+        if let Some(f) = lock(&adm.in_flight).get_mut(&ticket.id) {
+            f.builds = true;
+        }
+        Ok(())
     }
 
     /// Whether the host's pid budget has room for a warm sandbox of `limits` (the replenisher
@@ -317,18 +344,13 @@ impl Control {
         limits: &Limits,
         sandbox_id: &str,
     ) -> Result<Ticket<'_>, ControlError> {
-        let pool_user = User {
-            id: burrow_store::POOL_OWNER.into(),
-            name: String::new(),
-            plan: String::new(),
-            is_admin: false,
+        let ticket = {
+            let _gate = self.admission.gate.lock().await;
+            self.admission
+                .reserve(burrow_store::POOL_OWNER, sandbox_id, limits, false)
         };
-        let plan = Plan {
-            name: String::new(),
-            limits: limits.clone(),
-            quota: Quota::default(),
-        };
-        self.admit(&pool_user, &plan, sandbox_id).await
+        self.admit_build(&ticket).await?;
+        Ok(ticket)
     }
 
     /// The host's pid budget and what is promised against it now.

@@ -141,13 +141,32 @@ async fn unsupported_logs() -> E2bError {
     )
 }
 
+/// A request body, read whole (within the API's body limit and timeouts), with E2B-shaped errors.
+pub struct E2bBody(axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for E2bBody {
+    type Rejection = E2bError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(E2bBody(b)),
+            Err(r) if crate::api::error::is_body_timeout(&r) => {
+                Err(crate::api::error::body_timeout().into())
+            }
+            Err(r) => Err(E2bError::new(r.status(), r.body_text())),
+        }
+    }
+}
+
 /// JSON bodies are read leniently (E2B clients send fields burrow ignores); a malformed one is a
 /// 400 in E2B's shape.
 fn body<T: serde::de::DeserializeOwned + Default>(raw: &axum::body::Bytes) -> Result<T, E2bError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(raw).map_err(|e| bad(format!("malformed JSON body: {e}")))
+    let value: Value =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("malformed JSON body: {e}")))?;
+    crate::api::extract::from_json_value(value).map_err(E2bError::from)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -341,7 +360,7 @@ async fn create(
     State(s): State<AppState>,
     Caller(user): Caller,
     IdempotencyHeader(key): IdempotencyHeader,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: NewSandbox = body(&raw)?;
     check_options(&req)?;
@@ -642,7 +661,7 @@ async fn resume(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     let rec = s.control.record(&user, &id)?;
@@ -665,7 +684,7 @@ async fn connect(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     check_timeout("timeout", req.timeout)?;
@@ -694,7 +713,7 @@ async fn set_timeout(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     let Some(t) = req.timeout else {
@@ -715,7 +734,7 @@ async fn refresh(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let req: RefreshBody = body(&raw)?;
     apply_timeout(&s, &user, &id, ("duration", req.duration), None)?;
