@@ -1173,3 +1173,90 @@ async fn the_host_pid_budget_refuses_creates_past_it() {
         c.delete(id).await.unwrap();
     }
 }
+
+/// schemathesis, pinned; installed once into `target/` (like the E2B SDKs).
+const SCHEMATHESIS: &str = "4.32.5";
+/// A fixed seed and a bounded number of examples per operation: the same run every time.
+const SEED: &str = "20261202";
+const EXAMPLES: &str = "10";
+
+fn schemathesis() -> Option<PathBuf> {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("schemathesis");
+    pip_venv(
+        &cache,
+        &format!("st-{SCHEMATHESIS}"),
+        &format!("schemathesis=={SCHEMATHESIS}"),
+    )
+    // Through the venv's python: the installed scripts name the directory the venv was made in,
+    // before it was moved into place.
+    .map(|venv| venv.join("bin/python"))
+}
+
+/// schemathesis (`--checks all`) against the document a real server serves: every answer is one
+/// the document lists, in the shape it gives; requests valid by the document are accepted and
+/// invalid ones refused; routes without a key are the ones it marks open. The exceptions are in
+/// `tests/schemathesis/schemathesis.toml`, each a refusal a schema cannot express. WebSocket routes
+/// are left out (schemathesis speaks HTTP only); their plain-HTTP answer (`426`) is in the document.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_openapi_document_matches_the_server() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let Some(st) = schemathesis() else {
+        return;
+    };
+    let srv = TestServer::start().await;
+    let admin = srv.client();
+    // A tenant, not an admin, with a quota, so the run makes a bounded number of sandboxes.
+    let user = admin.create_user("fuzz", None).await.unwrap();
+    let key = user["api_key"].as_str().unwrap().to_string();
+    admin
+        .set_quota(
+            "fuzz",
+            Some(&burrow_types::Quota {
+                sandboxes: Some(3),
+                creates_per_s: Some(5),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/schemathesis/schemathesis.toml");
+    let work = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(&st);
+    cmd.args(["-m", "schemathesis.cli", "--config-file"])
+        .arg(&config)
+        .args(["run", &format!("{}/v1/openapi.json", srv.url)])
+        .args([
+            "--checks",
+            "all",
+            "--seed",
+            SEED,
+            "--max-examples",
+            EXAMPLES,
+        ])
+        .args(["--workers", "1", "--no-color", "--request-timeout", "60"])
+        .args(["--generation-database", "none"])
+        .args(["--exclude-path-regex", "/(exec/ws|terminal|attach)$"])
+        .arg("--header")
+        .arg(format!("Authorization: Bearer {key}"))
+        .current_dir(work.path())
+        .stdin(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run schemathesis"))
+        .await
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fuzz = srv.client_with(&key);
+    for s in fuzz.list().await.unwrap_or_default() {
+        let _ = fuzz.delete(&s.id).await;
+    }
+    assert!(
+        out.status.success(),
+        "schemathesis found the server and its document apart:\n{report}\nserver log:\n{}",
+        srv.log()
+    );
+}

@@ -23,16 +23,15 @@ pub use admission::{Created, IdempotencyKey, PidBudget};
 
 pub const DEFAULT_IMAGE: &str = "system";
 pub const DEFAULT_HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
-const MAX_METADATA_ENTRIES: usize = 64;
-const MAX_ENV_ENTRIES: usize = 256;
-const MAX_KV_BYTES: usize = 4096;
-const MAX_FILES: usize = 64;
-const MAX_FILES_BYTES: usize = 1024 * 1024;
-const MAX_TASK_BYTES: usize = 64 * 1024;
-const MAX_MEMORY_TOKENS: usize = 64;
+// What a create may hold (the OpenAPI document states the same bounds; lengths in characters).
 /// The longest idle timeout a sandbox can have (a year): any longer is no timeout at all, and
 /// every stored number must fit SQLite's signed 64-bit integers.
-pub const MAX_TIMEOUT_S: u64 = 365 * 24 * 3600;
+pub use burrow_types::bounds::MAX_TIMEOUT_S;
+use burrow_types::bounds::{
+    ENV_ENTRIES as MAX_ENV_ENTRIES, FILES as MAX_FILES, FILE_CHARS, KEY_CHARS,
+    MEMORY_TOKENS as MAX_MEMORY_TOKENS, MEMORY_TOKEN_CHARS,
+    METADATA_ENTRIES as MAX_METADATA_ENTRIES, PATH_CHARS, TASK_CHARS, VALUE_CHARS,
+};
 /// Where a sandbox's run is readable inside it.
 pub const RUN_FILE: &str = "/etc/burrow/run.json";
 
@@ -243,6 +242,11 @@ impl Control {
     pub fn with_hot_window(mut self, window: std::time::Duration) -> Control {
         self.hot_window = window;
         self
+    }
+
+    /// The names of this server's plans.
+    pub fn plan_names(&self) -> Vec<String> {
+        self.plans.keys().cloned().collect()
     }
 
     pub fn has_plan(&self, name: &str) -> bool {
@@ -1214,15 +1218,22 @@ fn validate_hostname(h: &str) -> Result<String, ControlError> {
 }
 
 fn validate_files(files: &BTreeMap<String, String>) -> Result<(), ControlError> {
-    let total: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if files.len() > MAX_FILES || total > MAX_FILES_BYTES {
+    if files.len() > MAX_FILES {
         return Err(ControlError::BadRequest(format!(
-            "files: at most {MAX_FILES} files and {MAX_FILES_BYTES} bytes at create (upload more with PUT .../files)"
+            "files: at most {MAX_FILES} files at create (upload more with PUT .../files)"
         )));
     }
-    if let Some(bad) = files.keys().find(|p| p.is_empty() || p.contains('\0')) {
+    if let Some(bad) = files
+        .keys()
+        .find(|p| p.is_empty() || p.contains('\0') || p.chars().count() > PATH_CHARS)
+    {
         return Err(ControlError::BadRequest(format!(
-            "files: path {bad:?} is empty or contains NUL"
+            "files: path {bad:?} is empty, over {PATH_CHARS} characters or contains NUL"
+        )));
+    }
+    if let Some((p, _)) = files.iter().find(|(_, v)| v.chars().count() > FILE_CHARS) {
+        return Err(ControlError::BadRequest(format!(
+            "files: {p:?} is over {FILE_CHARS} characters (upload it with PUT .../files)"
         )));
     }
     Ok(())
@@ -1230,17 +1241,20 @@ fn validate_files(files: &BTreeMap<String, String>) -> Result<(), ControlError> 
 
 fn validate_run(run: &RunSpec) -> Result<(), ControlError> {
     validate_map("run.env", &run.env, MAX_ENV_ENTRIES, true)?;
-    if run.task.len() > MAX_TASK_BYTES {
+    let task = run.task.chars().count();
+    if task > TASK_CHARS {
         return Err(ControlError::BadRequest(format!(
-            "run.task is {} bytes, at most {MAX_TASK_BYTES} allowed",
-            run.task.len()
+            "run.task is {task} characters, at most {TASK_CHARS} allowed"
         )));
     }
     if run.memory_tokens.len() > MAX_MEMORY_TOKENS
-        || run.memory_tokens.iter().any(|t| t.len() > MAX_KV_BYTES)
+        || run
+            .memory_tokens
+            .iter()
+            .any(|t| t.chars().count() > MEMORY_TOKEN_CHARS)
     {
         return Err(ControlError::BadRequest(format!(
-            "run.memory_tokens: at most {MAX_MEMORY_TOKENS} tokens of {MAX_KV_BYTES} bytes each"
+            "run.memory_tokens: at most {MAX_MEMORY_TOKENS} tokens of {MEMORY_TOKEN_CHARS} characters each"
         )));
     }
     if let Some(url) = &run.callback_url {
@@ -1249,7 +1263,7 @@ fn validate_run(run: &RunSpec) -> Result<(), ControlError> {
     Ok(())
 }
 
-fn validate_map(
+pub fn validate_map(
     what: &str,
     map: &BTreeMap<String, String>,
     max_entries: usize,
@@ -1262,10 +1276,14 @@ fn validate_map(
         )));
     }
     for (k, v) in map {
-        if k.is_empty() || k.len() + v.len() > MAX_KV_BYTES || k.contains('\0') || v.contains('\0')
+        if k.is_empty()
+            || k.chars().count() > KEY_CHARS
+            || v.chars().count() > VALUE_CHARS
+            || k.contains('\0')
+            || v.contains('\0')
         {
             return Err(ControlError::BadRequest(format!(
-                "{what} entry {k:?} is empty, too long (over {MAX_KV_BYTES} bytes) or contains NUL"
+                "{what} entry {k:?} is empty, too long (names up to {KEY_CHARS} characters, values up to {VALUE_CHARS}) or contains NUL"
             )));
         }
         if env_names && k.contains('=') {
@@ -1297,7 +1315,7 @@ mod tests {
             .map(|i| (format!("f{i}"), String::new()))
             .collect();
         assert!(validate_files(&many).is_err());
-        let big = BTreeMap::from([("f".to_string(), "x".repeat(MAX_FILES_BYTES))]);
+        let big = BTreeMap::from([("f".to_string(), "x".repeat(FILE_CHARS + 1))]);
         assert!(validate_files(&big).is_err());
         for bad in ["", "a\0b"] {
             let m = BTreeMap::from([(bad.to_string(), String::new())]);
@@ -1306,7 +1324,7 @@ mod tests {
 
         assert!(validate_run(&RunSpec::default()).is_ok());
         let long_task = RunSpec {
-            task: "x".repeat(MAX_TASK_BYTES + 1),
+            task: "x".repeat(TASK_CHARS + 1),
             ..Default::default()
         };
         assert!(validate_run(&long_task).is_err());

@@ -63,6 +63,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 /// A parsed JSON body as `T`, with integral floats taken as integers and errors that name the
 /// field they are about.
 pub fn from_json_value<T: DeserializeOwned>(mut value: serde_json::Value) -> Result<T, HttpError> {
+    // Every request body of this API is an object (serde would also read a struct from an array).
+    if !value.is_object() {
+        return Err(HttpError::bad_request(
+            "invalid request body: expected a JSON object",
+        ));
+    }
     integral_floats(&mut value);
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();

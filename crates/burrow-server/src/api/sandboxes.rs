@@ -1,13 +1,13 @@
 //! `/v1/sandboxes`: create, list, get, delete.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use burrow_types::{ApiError, CreateSandbox, RunSpec, Sandbox, SetTimeout};
 
 use super::error::HttpError;
-use super::extract::{fingerprint, ApiJson, Caller, IdempotencyHeader};
+use super::extract::{fingerprint, ApiJson, ApiPath, Caller, IdempotencyHeader};
 use super::AppState;
 use crate::control::IdempotencyKey;
 
@@ -18,11 +18,12 @@ use crate::control::IdempotencyKey;
 /// `Idempotent-Replayed: true`), waiting for it if it is still being made; the same key with a
 /// different request is `422 idempotency_key_reused`.
 #[utoipa::path(post, path = "/v1/sandboxes", request_body = CreateSandbox, tag = "sandboxes",
-    params(("Idempotency-Key" = Option<String>, Header,
+    params(("Idempotency-Key" = Option<String>, Header, pattern = "^[!-~]{1,255}$",
         description = "makes the create happen once for this key (1-255 visible ASCII characters)")),
     responses((status = 201, body = Sandbox, headers(("Idempotent-Replayed" = String,
             description = "`true` when an earlier request with the same key made this sandbox"))),
         (status = 400, body = ApiError),
+        (status = 409, body = ApiError, description = "a network policy on a server without sandbox networking, or the first request with this Idempotency-Key is still being served"),
         (status = 422, body = ApiError, description = "the Idempotency-Key was used with another request"),
         (status = 429, body = ApiError, description = "a quota would be exceeded (`details` names it); see Retry-After"),
         (status = 503, body = ApiError, description = "the host is full, or the database is busy; see Retry-After")))]
@@ -59,7 +60,7 @@ pub async fn list_sandboxes(
 pub async fn get_sandbox(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.get(&user, &id)?))
 }
@@ -70,7 +71,7 @@ pub async fn get_sandbox(
 pub async fn delete_sandbox(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<StatusCode, HttpError> {
     s.control.destroy(&user, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -82,7 +83,7 @@ pub async fn delete_sandbox(
 pub async fn pause_sandbox(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.pause(&user, &id).await?))
 }
@@ -93,7 +94,7 @@ pub async fn pause_sandbox(
 pub async fn resume_sandbox(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.resume(&user, &id).await?))
 }
@@ -104,7 +105,7 @@ pub async fn resume_sandbox(
 pub async fn hibernate_sandbox(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.hibernate(&user, &id).await?))
 }
@@ -115,7 +116,7 @@ pub async fn hibernate_sandbox(
 pub async fn set_timeout(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<SetTimeout>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.set_timeout(&user, &id, req)?))
@@ -128,7 +129,7 @@ pub async fn set_timeout(
 pub async fn start_run(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<RunSpec>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.start_run(&user, &id, req).await?))
@@ -140,7 +141,7 @@ pub async fn start_run(
 pub async fn end_run(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
     Ok(Json(s.control.finish_run(&user, &id).await?))
 }
