@@ -374,3 +374,42 @@ async fn serve_connection(
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caps_keep_descriptors_for_the_server_and_share_them_among_addresses() {
+        // This machine: 20,000 descriptors, a quarter kept.
+        let l = ServeLimits::from_open_files(20_000);
+        assert_eq!(
+            (l.max_connections, l.max_connections_per_ip),
+            (15_000, 3_750)
+        );
+        // A small limit still keeps 1024 for the server.
+        let l = ServeLimits::from_open_files(2048);
+        assert_eq!(l.max_connections, 1024);
+        // Never nothing.
+        assert!(ServeLimits::from_open_files(100).max_connections >= 16);
+    }
+
+    #[test]
+    fn a_connection_past_either_cap_is_refused_and_its_slot_comes_back() {
+        let mut l = ServeLimits::from_open_files(20_000);
+        l.max_connections = 3;
+        l.max_connections_per_ip = 2;
+        let conns = Arc::new(Conns::default());
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.1".parse().unwrap());
+        let a1 = conns.try_take(a, &l).unwrap();
+        let _a2 = conns.try_take(a, &l).unwrap();
+        assert!(conns.try_take(a, &l).is_none(), "per-address cap");
+        let _b1 = conns.try_take(b, &l).unwrap();
+        assert!(conns.try_take(b, &l).is_none(), "total cap");
+        drop(a1);
+        assert!(
+            conns.try_take(b, &l).is_some(),
+            "a closed connection frees its slot"
+        );
+    }
+}

@@ -188,3 +188,33 @@ pub fn fingerprint(api: &str, body: &impl serde::Serialize) -> String {
     h.update(serde_json::to_vec(body).unwrap_or_default());
     hex::encode(h.finalize())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn integral_floats_are_integers_and_others_stay() {
+        let mut v =
+            json!({"a": 60.0, "b": [1.5, -2.0], "c": {"d": 1e30}, "e": 9.223372036854776e18});
+        integral_floats(&mut v);
+        assert_eq!(v["a"], json!(60));
+        assert_eq!(v["b"], json!([1.5, -2]));
+        assert!(v["c"]["d"].is_f64(), "out of range stays a float");
+        assert_eq!(v["e"], json!(9_223_372_036_854_775_808_u64));
+    }
+
+    #[test]
+    fn bodies_are_objects_and_errors_name_the_field() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct T {
+            n: u16,
+        }
+        assert!(from_json_value::<T>(json!([1])).is_err());
+        let e = from_json_value::<T>(json!({"n": 70000})).unwrap_err();
+        assert!(e.message.contains("n:"), "{}", e.message);
+        assert_eq!(from_json_value::<T>(json!({"n": 7.0})).unwrap().n, 7);
+    }
+}

@@ -124,15 +124,13 @@ fn env_map() -> Value {
 
 /// Sets `value`'s keys into the schema at `pointer`, keeping what is there (its description).
 fn set(doc: &mut Value, pointer: &str, value: Value) {
-    if let (Some(target), Value::Object(add)) = (doc.pointer_mut(pointer), value) {
-        if let Value::Object(t) = target {
-            if !add.contains_key("$ref") {
-                t.remove("$ref");
-            }
-            t.remove("oneOf");
-            for (k, v) in add {
-                t.insert(k, v);
-            }
+    if let (Some(Value::Object(t)), Value::Object(add)) = (doc.pointer_mut(pointer), value) {
+        if !add.contains_key("$ref") {
+            t.remove("$ref");
+        }
+        t.remove("oneOf");
+        for (k, v) in add {
+            t.insert(k, v);
         }
     }
 }
