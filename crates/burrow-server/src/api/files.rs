@@ -181,8 +181,13 @@ async fn write_body(
     let (_, guest) = s.control.tool_call(user, id).await?;
     let mut upload = guest.write_file(q.path, mode, q.user).await?;
     while let Some(chunk) = chunks.next().await {
-        let chunk =
-            chunk.map_err(|e| HttpError::bad_request(format!("reading the request body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            if super::error::is_body_timeout(&e) {
+                super::error::body_timeout()
+            } else {
+                HttpError::bad_request(format!("reading the request body: {e}"))
+            }
+        })?;
         if let Err(e) = upload.write(&chunk).await {
             // The guest may have refused (no space, not a regular file): its reason beats the
             // broken pipe we saw.

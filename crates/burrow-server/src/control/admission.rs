@@ -128,10 +128,6 @@ impl Admission {
         self
     }
 
-    pub(crate) fn pid_budget(&self) -> Option<PidBudget> {
-        self.pid_budget
-    }
-
     /// Ids of creates in flight that count themselves (for one owner, or those that build).
     fn in_flight_ids(&self, which: impl Fn(&InFlight) -> bool) -> Vec<String> {
         lock(&self.in_flight)
@@ -351,14 +347,6 @@ impl Control {
         };
         self.admit_build(&ticket).await?;
         Ok(ticket)
-    }
-
-    /// The host's pid budget and what is promised against it now.
-    pub fn pid_budget(&self) -> Result<Option<(PidBudget, u64)>, ControlError> {
-        match self.admission.pid_budget() {
-            None => Ok(None),
-            Some(b) => Ok(Some((b, self.store().promised_pids(&[])?))),
-        }
     }
 
     /// A create, made once per idempotency key: a repeat with the same request answers with the
