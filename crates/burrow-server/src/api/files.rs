@@ -75,10 +75,15 @@ pub struct ListQuery {
 /// most 4096 bytes, components of at most 255).
 pub fn check_path(field: &str, p: &str) -> Result<(), HttpError> {
     if p.is_empty() || p.contains('\0') || p.chars().count() > bounds::PATH_CHARS {
-        return Err(HttpError::bad_request(format!(
-            "{field} must be 1 to {} characters without NUL",
-            bounds::PATH_CHARS
-        )));
+        // The same code the guest gives a path it refuses.
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            burrow_types::codes::INVALID_PATH,
+            format!(
+                "{field} must be 1 to {} characters without NUL",
+                bounds::PATH_CHARS
+            ),
+        ));
     }
     Ok(())
 }
