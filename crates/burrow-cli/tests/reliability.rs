@@ -916,13 +916,22 @@ async fn capped_server() -> (TestServer, tempfile::NamedTempFile, String) {
     (srv, plans, key)
 }
 
+/// One create (empty body) as `key`.
+async fn create_as(srv: &TestServer, key: &str) -> Resp {
+    call(
+        &srv.url,
+        key,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({})),
+        &[],
+    )
+    .await
+}
+
 /// `n` creates at once as `key`; returns the answers.
 async fn burst(srv: &TestServer, key: &str, n: usize) -> Vec<Resp> {
-    futures_util::future::join_all((0..n).map(|_| {
-        let (url, key) = (srv.url.clone(), key.to_string());
-        async move { call(&url, &key, "POST", "/v1/sandboxes", Some(&json!({})), &[]).await }
-    }))
-    .await
+    futures_util::future::join_all((0..n).map(|_| create_as(srv, key))).await
 }
 
 fn assert_quota_refusal(r: &Resp, quota: &str, limit: u64, observed: u64) {
@@ -962,15 +971,7 @@ async fn quotas_refuse_past_each_cap_with_429_naming_it_and_nothing_half_made() 
     // The plan's cap: two live sandboxes.
     let a = user.create(&CreateSandbox::default()).await.unwrap();
     let b = user.create(&CreateSandbox::default()).await.unwrap();
-    let third = call(
-        &srv.url,
-        &key,
-        "POST",
-        "/v1/sandboxes",
-        Some(&json!({})),
-        &[],
-    )
-    .await;
+    let third = create_as(&srv, &key).await;
     assert_quota_refusal(&third, "sandboxes", 2, 3);
     assert_eq!(user.list().await.unwrap().len(), 2);
     assert_eq!(
@@ -980,15 +981,7 @@ async fn quotas_refuse_past_each_cap_with_429_naming_it_and_nothing_half_made() 
     );
     // Hibernated sandboxes keep their promise: still two.
     user.hibernate(&a.id).await.unwrap();
-    let r = call(
-        &srv.url,
-        &key,
-        "POST",
-        "/v1/sandboxes",
-        Some(&json!({})),
-        &[],
-    )
-    .await;
+    let r = create_as(&srv, &key).await;
     assert_quota_refusal(&r, "sandboxes", 2, 3);
 
     // An operator override per user, through the CLI: memory and disk promised.
@@ -1004,15 +997,7 @@ async fn quotas_refuse_past_each_cap_with_429_naming_it_and_nothing_half_made() 
     assert_eq!(q["effective"]["sandboxes"], 10, "{q}");
     assert_eq!(q["usage"]["sandboxes"], 2, "{q}");
     let c3 = user.create(&CreateSandbox::default()).await.unwrap();
-    let r = call(
-        &srv.url,
-        &key,
-        "POST",
-        "/v1/sandboxes",
-        Some(&json!({})),
-        &[],
-    )
-    .await;
+    let r = create_as(&srv, &key).await;
     assert_quota_refusal(&r, "memory_mib", 768, 1024);
     cli(&[
         "admin",
@@ -1023,15 +1008,7 @@ async fn quotas_refuse_past_each_cap_with_429_naming_it_and_nothing_half_made() 
         "--disk-mib",
         "800",
     ]);
-    let r = call(
-        &srv.url,
-        &key,
-        "POST",
-        "/v1/sandboxes",
-        Some(&json!({})),
-        &[],
-    )
-    .await;
+    let r = create_as(&srv, &key).await;
     assert_quota_refusal(&r, "disk_mib", 800, 1024);
     for id in [&a.id, &b.id, &c3.id] {
         user.delete(id).await.unwrap();
