@@ -125,7 +125,7 @@ struct RunArgs {
     /// The task text.
     #[arg(long)]
     task: Option<String>,
-    /// Told with a POST when the run ends (http:// only).
+    /// Told with a signed POST when the run ends (`http://` or `https://`; see docs/api.md).
     #[arg(long)]
     callback: Option<String>,
     /// An opaque memory token, repeatable.
@@ -162,6 +162,9 @@ enum AdminCommand {
         #[arg(long)]
         e2b_key: bool,
     },
+    /// Give a user another plan: what they may ask for at create (any plan whose every limit is
+    /// within it).
+    SetPlan { name: String, plan: String },
     /// Print the OpenAPI document.
     Openapi,
     /// Show a user's quota and usage, or set their override: `burrow admin quota alice
@@ -456,6 +459,27 @@ async fn run(cli: Cli) -> Result<i32> {
                 client.quota(&user).await?
             };
             print_json(&v)?;
+            Ok(0)
+        }
+        Command::Admin(AdminCommand::SetPlan { name, plan }) => {
+            let v = config::client()?.set_user_plan(&name, &plan).await?;
+            if json {
+                print_json(&v)?;
+            } else {
+                println!(
+                    "{} {} (may ask for: {})",
+                    v["name"].as_str().unwrap_or_default(),
+                    v["plan"].as_str().unwrap_or_default(),
+                    v["plans_allowed"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .filter_map(|p| p.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                );
+            }
             Ok(0)
         }
         Command::Admin(AdminCommand::Openapi) => {

@@ -32,6 +32,18 @@ pub struct UpArgs {
     /// (MiB; default a twentieth of the host's memory).
     #[arg(long, env = "BURROW_HIBERNATE_BELOW_MIB")]
     hibernate_below_mib: Option<u64>,
+    /// A range run callbacks may reach although the callback rules refuse it (loopback, private
+    /// ranges, link-local, the server's own addresses), as a CIDR (`127.0.0.0/8`, `fd00::/8`;
+    /// repeatable). The sandboxes' range can never be opened.
+    #[arg(
+        long = "callback-allow",
+        env = "BURROW_CALLBACK_ALLOW",
+        value_delimiter = ','
+    )]
+    callback_allow: Vec<ipnet::IpNet>,
+    /// A PEM file of CA certificates trusted for `https://` callbacks besides the system's roots.
+    #[arg(long, env = "BURROW_CALLBACK_CA")]
+    callback_ca: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -108,6 +120,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
             "burrow up must run as root: it creates namespaces, cgroups and loop devices"
         );
     }
+    // The binary owns the process's metrics recorder; the libraries only count into it.
+    let exporter = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    burrow_server::api::pools::serve_exporter(exporter);
     let admin_key = std::env::var("BURROW_ADMIN_KEY")
         .ok()
         .filter(|k| !k.is_empty());
@@ -133,6 +150,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
         hibernate_below_mib: args.hibernate_below_mib,
         serve_limits: Some(args.limits.serve_limits()),
         pid_reserve: args.limits.pid_reserve,
+        callback_allow: args.callback_allow.clone(),
+        callback_ca: match &args.callback_ca {
+            Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
+            None => None,
+        },
     })
     .await
     .context("starting the server")?;

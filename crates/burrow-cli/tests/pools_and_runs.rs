@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use burrow_client::Client;
@@ -269,54 +268,20 @@ async fn a_warm_sandbox_takes_the_callers_context_and_is_never_reused() {
     );
 }
 
-/// Accepts one HTTP request on a loopback port and hands back its headers and body.
-fn callback_receiver() -> (String, std::sync::mpsc::Receiver<(String, String)>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", l.local_addr().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read the head, then as much body as Content-Length says.
-            loop {
-                let n = conn.read(&mut chunk).unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length: ")
-                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                        })
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        let _ =
-                            conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
-                        let _ = tx.send((head.to_string(), body.to_string()));
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    (url, rx)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn tool_calls_past_the_plan_limit_end_the_run() {
     if !require_root("starting sandboxes") {
         return;
     }
-    let (srv, _files) = server(serde_json::json!({}), &[]).await;
+    // The receiver is on loopback, which callbacks may reach only when the operator allows it.
+    let (srv, _files) = server(
+        serde_json::json!({}),
+        &[("BURROW_CALLBACK_ALLOW", "127.0.0.0/8")],
+    )
+    .await;
     let c = srv.client();
-    let (hook, calls) = callback_receiver();
+    let (port, calls) = http_receiver("127.0.0.1:0");
+    let hook = format!("http://127.0.0.1:{port}/hook");
     let with_run = |ephemeral: bool, callback: Option<String>| CreateSandbox {
         ephemeral,
         run: Some(RunSpec {
@@ -360,7 +325,8 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
         "{:?}",
         host_leftovers(&srv, &eph.id)
     );
-    // The run's callback hears of it, signed with the server's callback key.
+    // The run's callback hears of it, signed with the caller's own callback key over the
+    // timestamp and the body.
     let (head, body) = calls
         .recv_timeout(Duration::from_secs(20))
         .expect("no callback");
@@ -370,9 +336,16 @@ async fn tool_calls_past_the_plan_limit_end_the_run() {
         (Some("run.ended"), Some(eph.id.as_str()))
     );
     assert_eq!(event["reason"]["code"], "tool_iterations_exceeded");
-    let key = std::fs::read_to_string(srv.data.join("callback.key")).unwrap();
-    let sig = burrow_server::callback::hmac_sha256(key.trim().as_bytes(), body.as_bytes());
-    let want = format!("x-burrow-signature: sha256={}", hex_lower(&sig));
+    let key = c.callback_key().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t = event["timestamp"]
+        .as_i64()
+        .expect("a timestamp in the body");
+    let sig =
+        burrow_server::callback::hmac_sha256(key.as_bytes(), format!("{t}.{body}").as_bytes());
+    let want = format!("x-burrow-signature: t={t},v1={}", hex_lower(&sig));
     assert!(
         head.to_ascii_lowercase().lines().any(|l| l == want),
         "{head}"
@@ -566,7 +539,7 @@ async fn pool_changes_are_for_admins_and_bad_specs_are_refused() {
     );
     let bad_run = CreateSandbox {
         run: Some(RunSpec {
-            callback_url: Some("https://example.test/hook".into()),
+            callback_url: Some("ftp://example.test/hook".into()),
             ..Default::default()
         }),
         ..tiny()

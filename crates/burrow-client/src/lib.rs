@@ -357,6 +357,27 @@ impl Client {
         }
     }
 
+    /// Gives a user another plan (admin key required). Returns the server's JSON: the user and
+    /// `plans_allowed`.
+    pub async fn set_user_plan(
+        &self,
+        name: &str,
+        plan: &str,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::json!({ "plan": plan });
+        self.json(
+            self.request(Method::PATCH, &format!("/v1/admin/users/{name}"))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// The caller's key for checking run callbacks' signatures (`GET /v1/callback-key`).
+    pub async fn callback_key(&self) -> Result<serde_json::Value, ClientError> {
+        self.json(self.request(Method::GET, "/v1/callback-key"))
+            .await
+    }
+
     /// Sends any request and returns status and body, for callers that test the API's edges.
     pub async fn raw<B: Serialize>(
         &self,

@@ -61,3 +61,18 @@ pub fn original_dst(sock: &impl AsRawFd) -> io::Result<SocketAddrV4> {
         u16::from_be(addr.sin_port),
     ))
 }
+
+/// Every address on this host's interfaces (in the caller's network namespace), for checks that
+/// must not let a request reach the host itself by one of its own addresses.
+pub fn local_addresses() -> io::Result<Vec<std::net::IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            if let Some(v4) = sa.as_sockaddr_in() {
+                return Some(std::net::IpAddr::V4(v4.ip()));
+            }
+            sa.as_sockaddr_in6().map(|v6| std::net::IpAddr::V6(v6.ip()))
+        })
+        .collect())
+}

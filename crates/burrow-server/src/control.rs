@@ -49,6 +49,14 @@ pub enum ControlError {
     },
     #[error("unknown plan {0:?}")]
     UnknownPlan(String),
+    #[error("plan {plan:?} is above this user's plan {user_plan:?}; allowed: {}", .allowed.join(", "))]
+    PlanNotAllowed {
+        plan: String,
+        user_plan: String,
+        allowed: Vec<String>,
+    },
+    #[error("{0}")]
+    CallbackNotAllowed(String),
     #[error("unknown image {0:?}")]
     UnknownImage(String),
     #[error("{0}")]
@@ -135,8 +143,8 @@ pub struct Control {
     pub(crate) creates_in_flight: std::sync::atomic::AtomicUsize,
     /// Since when the replenisher has been holding back.
     pub(crate) pool_yield_since: Mutex<Option<std::time::Instant>>,
-    /// Signs run callbacks (`X-Burrow-Signature`).
-    callback_key: Arc<Vec<u8>>,
+    /// Checks, signs and sends run callbacks.
+    callbacks: Arc<crate::callback::Callbacks>,
     /// Ids of sandboxes that just stopped running (paused, hibernated, destroyed), so calls
     /// waiting on their guest answer at once instead of hanging on a frozen or dead agent.
     stopped: tokio::sync::broadcast::Sender<String>,
@@ -161,7 +169,11 @@ impl Control {
             pool_wake: tokio::sync::Notify::new(),
             creates_in_flight: std::sync::atomic::AtomicUsize::new(0),
             pool_yield_since: Mutex::new(None),
-            callback_key: Arc::new(Vec::new()),
+            callbacks: Arc::new(crate::callback::Callbacks::new(
+                Vec::new(),
+                crate::callback::Targets::default(),
+                Vec::new(),
+            )),
             stopped: tokio::sync::broadcast::channel(1024).0,
             admission: admission::Admission::default(),
         }
@@ -217,9 +229,51 @@ impl Control {
         let _ = self.stopped.send(id.to_string());
     }
 
-    pub fn with_callback_key(mut self, key: Vec<u8>) -> Control {
-        self.callback_key = Arc::new(key);
+    pub fn with_callbacks(mut self, callbacks: crate::callback::Callbacks) -> Control {
+        self.callbacks = Arc::new(callbacks);
         self
+    }
+
+    pub fn callbacks(&self) -> &crate::callback::Callbacks {
+        &self.callbacks
+    }
+
+    /// The plans `user` may ask for: every plan whose limits are all within the user's own plan's
+    /// (`Limits::within`); admins may ask for any.
+    pub fn plans_allowed(&self, user: &User) -> Vec<String> {
+        let own = self.plans.get(&user.plan).map(|p| &p.limits);
+        self.plans
+            .values()
+            .filter(|p| user.is_admin || own.is_some_and(|own| p.limits.within(own)))
+            .map(|p| p.name.clone())
+            .collect()
+    }
+
+    /// A user's plan is an entitlement: asking for a plan above it is refused, naming what is
+    /// allowed (REST and E2B creates, and so warm-pool claims, all come through here).
+    fn check_plan(&self, user: &User, plan: &Plan) -> Result<(), ControlError> {
+        let allowed = self.plans_allowed(user);
+        if allowed.contains(&plan.name) {
+            return Ok(());
+        }
+        Err(ControlError::PlanNotAllowed {
+            plan: plan.name.clone(),
+            user_plan: user.plan.clone(),
+            allowed,
+        })
+    }
+
+    /// A run's callback URL: its syntax, and its target under the callback rules now (they are
+    /// applied again when the callback connects).
+    async fn check_callback(&self, run: Option<&RunSpec>) -> Result<(), ControlError> {
+        match run.and_then(|r| r.callback_url.as_deref()) {
+            Some(url) => self
+                .callbacks
+                .check(url)
+                .await
+                .map_err(ControlError::CallbackNotAllowed),
+            None => Ok(()),
+        }
     }
 
     pub fn with_hibernate_below_mib(mut self, mib: u64) -> Control {
@@ -244,13 +298,12 @@ impl Control {
         self
     }
 
-    /// The names of this server's plans.
-    pub fn plan_names(&self) -> Vec<String> {
-        self.plans.keys().cloned().collect()
-    }
-
     pub fn has_plan(&self, name: &str) -> bool {
         self.plans.contains_key(name)
+    }
+
+    pub fn plan_names(&self) -> Vec<String> {
+        self.plans.keys().cloned().collect()
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -320,6 +373,7 @@ impl Control {
             .get(&plan_name)
             .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?
             .clone();
+        self.check_plan(user, &plan)?;
         let image = req
             .image
             .clone()
@@ -335,6 +389,7 @@ impl Control {
             validate_run(run)?;
             env.extend(run.env.clone());
         }
+        self.check_callback(req.run.as_ref()).await?;
         let hostname = req.hostname.as_deref().map(validate_hostname).transpose()?;
         validate_timeout(req.timeout_s)?;
         let claim = Claim {
@@ -658,7 +713,7 @@ impl Control {
                 "reason": why,
                 "sandbox_destroyed": destroyed,
             });
-            crate::callback::send(url.clone(), event, self.callback_key.clone());
+            self.callbacks.send(&rec.owner_id, url.clone(), event);
         }
         Ok(true)
     }
@@ -681,6 +736,7 @@ impl Control {
         spec: RunSpec,
     ) -> Result<Sandbox, ControlError> {
         validate_run(&spec)?;
+        self.check_callback(Some(&spec)).await?;
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;
@@ -1338,11 +1394,11 @@ mod tests {
             ..Default::default()
         };
         assert!(validate_run(&bad_env).is_err());
-        let https = RunSpec {
-            callback_url: Some("https://hooks.test/x".into()),
+        let ftp = RunSpec {
+            callback_url: Some("ftp://hooks.test/x".into()),
             ..Default::default()
         };
-        assert!(validate_run(&https).is_err());
+        assert!(validate_run(&ftp).is_err());
     }
 
     #[test]

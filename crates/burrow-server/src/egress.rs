@@ -2,7 +2,8 @@
 //! (443) connections redirected here by the firewall. It reads the name the client asks for (HTTP
 //! `Host`, TLS SNI), finds where the connection was going (`SO_ORIGINAL_DST`), applies the
 //! sandbox's policy with that name (`CompiledPolicy::decide`), and either splices the connection
-//! through or closes it (HTTP gets a 403 that says why).
+//! through or closes it (HTTP gets a 403 that says why). HTTP heads are parsed by `httparse` and
+//! ClientHellos by rustls; this module only decides.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -140,67 +141,72 @@ enum Parsed {
     More,
 }
 
+/// Most request headers read while looking for `Host`; a request with more names no host.
+const MAX_HEADERS: usize = 100;
+
+/// The `Host` of an HTTP/1 request head (parsed by `httparse`). A head that does not parse, has
+/// two `Host` headers, or whose absolute-form target names another host names none: then only
+/// the address rules apply, so an ambiguity cannot open a name the upstream would not see.
 fn http_host(head: &[u8]) -> Parsed {
-    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Parsed::More;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(head) {
+        Ok(httparse::Status::Partial) => return Parsed::More,
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(_) => return Parsed::NoName,
+    }
+    let mut hosts = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("host"));
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return Parsed::NoName;
     };
-    let text = String::from_utf8_lossy(&head[..end]);
-    for line in text.split("\r\n").skip(1) {
-        if let Some((k, v)) = line.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("host") {
-                let v = v.trim();
-                let host = v
-                    .rsplit_once(':')
-                    .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-                    .map_or(v, |(h, _)| h);
-                return Parsed::Name(host.to_ascii_lowercase());
-            }
+    let Some(host) = std::str::from_utf8(host.value)
+        .ok()
+        .map(|v| strip_port(v.trim()).to_ascii_lowercase())
+        .filter(|h| !h.is_empty())
+    else {
+        return Parsed::NoName;
+    };
+    // `GET http://other/ HTTP/1.1` with `Host: allowed`: the upstream may route by either.
+    if let Some(target) = req
+        .path
+        .and_then(|p| p.split_once("://").map(|(_, rest)| rest))
+    {
+        let authority = target.split(['/', '?', '#']).next().unwrap_or_default();
+        if !strip_port(authority).eq_ignore_ascii_case(&host) {
+            return Parsed::NoName;
         }
     }
-    Parsed::NoName
+    Parsed::Name(host)
 }
 
-/// The server name of a TLS ClientHello (RFC 8446 §4.1.2, RFC 6066 §3).
+fn strip_port(h: &str) -> &str {
+    h.rsplit_once(':')
+        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(h, |(h, _)| h)
+}
+
+/// The server name of a TLS ClientHello, read by rustls' `Acceptor` (which checks it is one DNS
+/// name, RFC 6066 §3); the connection itself is never terminated here.
 fn sni(head: &[u8]) -> Parsed {
-    if head.len() < 5 {
-        return Parsed::More;
-    }
-    let rec_len = usize::from(u16::from_be_bytes([head[3], head[4]]));
-    if head.len() < 5 + rec_len {
-        return Parsed::More;
-    }
-    let hs = &head[5..5 + rec_len];
-    let get = |b: &[u8], at: usize, n: usize| -> Option<usize> {
-        let s = b.get(at..at + n)?;
-        Some(s.iter().fold(0usize, |a, x| (a << 8) | usize::from(*x)))
-    };
-    let parse = || -> Option<String> {
-        if *hs.first()? != 1 {
-            return None;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = head;
+    while !rest.is_empty() {
+        match acceptor.read_tls(&mut rest) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(_) => return Parsed::NoName,
         }
-        // type 1, length 3, version 2, random 32
-        let mut at = 4 + 2 + 32;
-        at += 1 + get(hs, at, 1)?; // session id
-        at += 2 + get(hs, at, 2)?; // cipher suites
-        at += 1 + get(hs, at, 1)?; // compression
-        let ext_end = at + 2 + get(hs, at, 2)?;
-        at += 2;
-        while at + 4 <= ext_end.min(hs.len()) {
-            let (ty, len) = (get(hs, at, 2)?, get(hs, at + 2, 2)?);
-            at += 4;
-            if ty == 0 {
-                // server_name_list length 2, name type 1, name length 2
-                let name_len = get(hs, at + 3, 2)?;
-                let name = hs.get(at + 5..at + 5 + name_len)?;
-                return Some(String::from_utf8_lossy(name).to_ascii_lowercase());
-            }
-            at += len;
-        }
-        None
-    };
-    match parse() {
-        Some(n) => Parsed::Name(n),
-        None => Parsed::NoName,
+    }
+    match acceptor.accept() {
+        Ok(None) => Parsed::More,
+        Ok(Some(accepted)) => match accepted.client_hello().server_name() {
+            Some(name) => Parsed::Name(name.to_ascii_lowercase()),
+            None => Parsed::NoName,
+        },
+        Err(_) => Parsed::NoName,
     }
 }
 
@@ -216,11 +222,41 @@ mod tests {
         );
         assert_eq!(http_host(b"GET / HTTP/1.1\r\nHo"), Parsed::More);
         assert_eq!(http_host(b"GET / HTTP/1.0\r\n\r\n"), Parsed::NoName);
+        assert_eq!(
+            http_host(b"GET http://a.test/x HTTP/1.1\r\nHost: a.test\r\n\r\n"),
+            Parsed::Name("a.test".into())
+        );
     }
 
+    /// Bad and ambiguous heads name no host, so only the address rules apply to them.
     #[test]
-    fn sni_is_read_from_a_client_hello() {
-        let name = b"api.example.test";
+    fn bad_or_ambiguous_http_heads_name_no_host() {
+        for bad in [
+            &b"\x00\x01\x02garbage\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
+            b"GET http://evil.test/ HTTP/1.1\r\nHost: good.test\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: x\r\nHost: a.test\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n",
+        ] {
+            assert_eq!(
+                http_host(bad),
+                Parsed::NoName,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..=MAX_HEADERS {
+            many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+        }
+        many.extend_from_slice(b"Host: a.test\r\n\r\n");
+        assert_eq!(http_host(&many), Parsed::NoName);
+    }
+
+    /// A minimal ClientHello as real clients send it: server_name, then signature_algorithms
+    /// (TLS 1.3 requires it; rustls refuses a hello without it) unless `sig_algs` is false.
+    fn hello_with(name: &[u8], sig_algs: bool) -> Vec<u8> {
         let mut sni_ext = vec![0, 0]; // type server_name
         let list_len = name.len() + 3;
         sni_ext.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
@@ -228,6 +264,10 @@ mod tests {
         sni_ext.push(0);
         sni_ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
         sni_ext.extend_from_slice(name);
+        if sig_algs {
+            // type 13, length 4, list length 2, ecdsa_secp256r1_sha256
+            sni_ext.extend_from_slice(&[0, 13, 0, 4, 0, 2, 4, 3]);
+        }
         let mut body = vec![3, 3];
         body.extend_from_slice(&[0u8; 32]);
         body.push(0); // session id
@@ -241,7 +281,42 @@ mod tests {
         let mut rec = vec![0x16, 3, 1];
         rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
         rec.extend_from_slice(&hs);
+        rec
+    }
+
+    fn client_hello(name: &[u8]) -> Vec<u8> {
+        hello_with(name, true)
+    }
+
+    #[test]
+    fn sni_is_read_from_a_client_hello() {
+        let rec = client_hello(b"API.example.test");
         assert_eq!(sni(&rec), Parsed::Name("api.example.test".into()));
         assert_eq!(sni(&rec[..10]), Parsed::More);
+        assert_eq!(sni(&rec[..rec.len() - 1]), Parsed::More);
+    }
+
+    #[test]
+    fn bad_client_hellos_name_no_host() {
+        // An address is not a server name (RFC 6066): address rules only.
+        assert_eq!(sni(&client_hello(b"203.0.113.10")), Parsed::NoName);
+        // Without signature_algorithms (no TLS 1.3 client omits it): rustls refuses the hello.
+        assert_eq!(sni(&hello_with(b"a.test", false)), Parsed::NoName);
+        // Not a DNS name at all.
+        assert_eq!(sni(&client_hello(b"a b\x00c")), Parsed::NoName);
+        // A handshake that is not a ClientHello, a record that is not a handshake, garbage.
+        let mut not_hello = client_hello(b"a.test");
+        not_hello[5] = 2;
+        assert_eq!(sni(&not_hello), Parsed::NoName);
+        assert_eq!(sni(&[0x16, 3, 1, 0, 0]), Parsed::NoName);
+        assert_eq!(
+            sni(&[0x16, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]),
+            Parsed::NoName
+        );
+        // Lengths that point past the end of the message.
+        let mut lying = client_hello(b"a.test");
+        let at = lying.windows(6).position(|w| w == b"a.test").unwrap() - 2;
+        lying[at] = 0xff; // the name's length
+        assert_eq!(sni(&lying), Parsed::NoName);
     }
 }

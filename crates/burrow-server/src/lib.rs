@@ -46,6 +46,12 @@ pub struct ServerConfig {
     /// Pids kept for the host: sandboxes' pid limits may add up to `pid_max` minus this (an
     /// eighth of `pid_max`, at least 2048, when unset).
     pub pid_reserve: Option<u64>,
+    /// Ranges run callbacks may reach although the callback rules refuse them (loopback, private
+    /// ranges, ...); never the sandboxes' range (`burrow up --callback-allow`).
+    pub callback_allow: Vec<ipnet::IpNet>,
+    /// PEM certificates trusted for `https://` callbacks besides the system's roots
+    /// (`burrow up --callback-ca`).
+    pub callback_ca: Option<Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +80,10 @@ pub enum ServerError {
          (at least mode 0711: chmod o+x {path})"
     )]
     DataDirNotTraversable { path: PathBuf, mode: u32 },
+    #[error("--callback-ca is not a PEM bundle of certificates")]
+    CallbackCa(#[source] reqwest::Error),
+    #[error("run callbacks: {0}")]
+    Callbacks(String),
     #[error("listening on {addr}")]
     Listen {
         addr: SocketAddr,
@@ -144,8 +154,8 @@ fn prepare_data_dir(dir: &std::path::Path) -> Result<(), ServerError> {
 }
 
 /// A key made once and kept in the data directory (0600), so what it signs survives restarts:
-/// `secret` (raw bytes) signs access tokens and port URLs; `callback.key` (hex, to configure
-/// receivers with) signs run callbacks.
+/// `secret` (raw bytes) signs access tokens and port URLs; `callback.key` (hex) is what each
+/// user's callback key is derived from (`callback.rs`).
 fn key_file(data_dir: &std::path::Path, name: &str, hex_text: bool) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(name);
@@ -197,10 +207,27 @@ impl Server {
                 .pid_reserve
                 .unwrap_or_else(|| control::admission::default_pid_reserve(pid_max)),
         });
+        let sandbox_range = cfg.network.as_ref().and_then(|n| {
+            ipnet::Ipv4Net::new(n.range.network(), n.range.prefix)
+                .ok()
+                .map(ipnet::IpNet::V4)
+        });
+        let roots = match &cfg.callback_ca {
+            Some(pem) => {
+                reqwest::Certificate::from_pem_bundle(pem).map_err(ServerError::CallbackCa)?
+            }
+            None => Vec::new(),
+        };
+        let callbacks = callback::Callbacks::new(
+            callback_key,
+            callback::Targets::new(cfg.callback_allow.clone(), sandbox_range),
+            roots,
+        );
+        callbacks.ready().map_err(ServerError::Callbacks)?;
         let mut control = Control::new(store, Arc::new(backend), plans)
             .with_pid_budget(pid_budget)
             .with_hot_window(cfg.hot_window)
-            .with_callback_key(callback_key)
+            .with_callbacks(callbacks)
             .with_secret(secret)
             .with_domain(cfg.domain.clone());
         if let Some(mib) = cfg.hibernate_below_mib {

@@ -376,6 +376,18 @@ impl Store {
         })
     }
 
+    /// Gives the user named `name` another plan; `None` if there is no such user.
+    pub fn set_user_plan(&self, name: &str, plan: &str) -> Result<Option<User>, StoreError> {
+        let n = self.exec(
+            "UPDATE users SET plan = ?2 WHERE name = ?1",
+            params![name, plan],
+        )?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.user_by_name(name)
+    }
+
     /// Stores the hash of a key; the key itself is never stored.
     pub fn add_api_key(
         &self,

@@ -48,3 +48,5 @@ pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
 pub const IDEMPOTENCY_IN_PROGRESS: &str = "idempotency_in_progress";
 /// The client sent its request body too slowly.
 pub const REQUEST_TIMEOUT: &str = "request_timeout";
+pub const PLAN_NOT_ALLOWED: &str = "plan_not_allowed";
+pub const CALLBACK_NOT_ALLOWED: &str = "callback_not_allowed";

@@ -24,6 +24,33 @@ pub struct Limits {
     pub tool_calls: u32,
 }
 
+impl Limits {
+    /// Whether every limit here is at most `other`'s. This is what "a user's plan bounds what they
+    /// may ask for" means: a plan is open to a user when it gives no more, in any dimension, than
+    /// the user's own plan (a plan with more CPU but less memory is not).
+    pub fn within(&self, other: &Limits) -> bool {
+        // Destructured whole, so a new limit cannot be added without deciding how it bounds.
+        let Limits {
+            cpu_millis,
+            memory_mib,
+            pids,
+            disk_mib,
+            nofile,
+            output_bytes,
+            max_duration_s,
+            tool_calls,
+        } = self;
+        *cpu_millis <= other.cpu_millis
+            && *memory_mib <= other.memory_mib
+            && *pids <= other.pids
+            && *disk_mib <= other.disk_mib
+            && *nofile <= other.nofile
+            && *output_bytes <= other.output_bytes
+            && *max_duration_s <= other.max_duration_s
+            && *tool_calls <= other.tool_calls
+    }
+}
+
 pub const DEFAULT_TOOL_CALLS: u32 = 20;
 
 fn default_tool_calls() -> u32 {
@@ -137,5 +164,25 @@ impl Quota {
             return Some(("creates_per_s", u64::from(MAX_QUOTA_SANDBOXES)));
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_is_within_another_when_no_limit_is_larger() {
+        let [free, pro, scale] = <[Plan; 3]>::try_from(Plan::defaults()).unwrap();
+        assert!(free.limits.within(&pro.limits) && pro.limits.within(&scale.limits));
+        assert!(free.limits.within(&free.limits));
+        assert!(!scale.limits.within(&free.limits) && !pro.limits.within(&free.limits));
+        // More of one thing and less of another is not within.
+        let mut odd = free.limits.clone();
+        odd.memory_mib = 256;
+        odd.pids = 4096;
+        assert!(!odd.within(&pro.limits));
+        odd.pids = 512;
+        assert!(odd.within(&free.limits));
     }
 }

@@ -502,3 +502,105 @@ pub fn pip_venv(cache: &Path, name: &str, requirement: &str) -> Option<PathBuf> 
         panic!("pip install {requirement} failed:\n{log}");
     })
 }
+
+impl TestServer {
+    /// A server that sees `hosts` as its `/etc/hosts` (bound over it in a mount namespace of its
+    /// own), so a test decides what names resolve to without DNS: editing the file in place
+    /// changes the answer at once. `env` as for [`TestServer::start_with_env`].
+    pub async fn start_with_hosts_file(hosts: &Path, env: &[(&str, &str)]) -> TestServer {
+        sweep_dead_runs();
+        let mut s = Self::start_unspawned();
+        let listen = format!("127.0.0.1:{}", free_port());
+        s.url = format!("http://{listen}");
+        s.listen = listen;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.log_path())
+            .unwrap();
+        let script = r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#;
+        let child = Command::new("/usr/bin/unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                script,
+                "sh",
+            ])
+            .arg(hosts)
+            .arg(BURROW)
+            .args(["up", "--data-dir"])
+            .arg(&s.data)
+            .args(["--listen", &s.listen])
+            .env("BURROW_ADMIN_KEY", &s.key)
+            .env("HOME", &s.home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env("BURROW_LOG", "info,burrow=debug")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn burrow up");
+        s.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while s.client().health().await.is_err() {
+            if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("burrow up exited with {status}:\n{}", s.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "burrow up did not answer in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        s
+    }
+}
+
+/// A callback receiver: accepts HTTP connections on `addr` (loopback), answers 204 and reports
+/// each request's head and body; a connection that sends nothing is reported as empty, so every
+/// connection counts.
+pub fn http_receiver(addr: &str) -> (u16, std::sync::mpsc::Receiver<(String, String)>) {
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let mut got = (String::new(), String::new());
+            while let Ok(n) = std::io::Read::read(&mut conn, &mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= len {
+                        got = (head.to_string(), body.to_string());
+                        let _ = std::io::Write::write_all(
+                            &mut conn,
+                            b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n",
+                        );
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send(got);
+        }
+    });
+    (port, rx)
+}

@@ -1,6 +1,6 @@
 //! `/v1/admin`: operator-only routes.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use burrow_types::{codes, ApiError};
@@ -107,6 +107,67 @@ pub async fn create_user(
             api_key: key,
         }),
     ))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    /// The user's plan: what they may ask for (any plan whose every limit is within it).
+    pub plan: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UserInfo {
+    pub id: String,
+    pub name: String,
+    pub plan: String,
+    pub is_admin: bool,
+    /// The plans this user may ask for at create.
+    pub plans_allowed: Vec<String>,
+}
+
+/// Change a user's plan (admins only). Their sandboxes keep the plan they were made with; new
+/// creates are bounded by the new plan.
+#[utoipa::path(patch, path = "/v1/admin/users/{name}", request_body = UpdateUser, tag = "admin",
+    responses((status = 200, body = UserInfo), (status = 400, body = ApiError),
+        (status = 403, body = ApiError), (status = 404, body = ApiError)))]
+pub async fn update_user(
+    State(s): State<AppState>,
+    Caller(caller): Caller,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UpdateUser>,
+) -> Result<Json<UserInfo>, HttpError> {
+    require_admin(&caller)?;
+    if !s.control.has_plan(&req.plan) {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            codes::UNKNOWN_PLAN,
+            format!(
+                "unknown plan {:?}; this server has {}",
+                req.plan,
+                s.control.plan_names().join(", ")
+            ),
+        ));
+    }
+    let user = s
+        .control
+        .store()
+        .set_user_plan(&name, &req.plan)
+        .map_err(crate::control::ControlError::from)?
+        .ok_or_else(|| {
+            HttpError::new(
+                StatusCode::NOT_FOUND,
+                codes::NOT_FOUND,
+                format!("no user named {name:?}"),
+            )
+        })?;
+    Ok(Json(UserInfo {
+        plans_allowed: s.control.plans_allowed(&user),
+        id: user.id,
+        name: user.name,
+        plan: user.plan,
+        is_admin: user.is_admin,
+    }))
 }
 
 /// Operator-only routes answer 403 to every other key.

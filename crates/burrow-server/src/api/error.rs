@@ -176,6 +176,20 @@ impl From<ControlError> for HttpError {
                 format!("unknown image {i:?}; this server has \"system\""),
             ),
             ControlError::BadRequest(m) => HttpError::bad_request(m),
+            ref e @ ControlError::PlanNotAllowed {
+                ref plan,
+                ref user_plan,
+                ref allowed,
+            } => {
+                let mut h = HttpError::new(S::FORBIDDEN, codes::PLAN_NOT_ALLOWED, e.to_string());
+                h.details = Some(serde_json::json!({
+                    "plan": plan, "user_plan": user_plan, "allowed": allowed
+                }));
+                h
+            }
+            ControlError::CallbackNotAllowed(m) => {
+                HttpError::new(S::BAD_REQUEST, codes::CALLBACK_NOT_ALLOWED, m)
+            }
             e @ ControlError::NoNetwork => {
                 HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())
             }

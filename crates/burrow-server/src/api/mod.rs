@@ -14,6 +14,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use crate::control::Control;
 
 pub mod admin;
+pub mod callbacks;
 pub mod error;
 pub mod exec;
 pub mod extract;
@@ -114,6 +115,11 @@ fn api_router(state: AppState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi::serve))
         .route("/v1/admin/users", post(admin::create_user))
+        .route(
+            "/v1/admin/users/{name}",
+            axum::routing::patch(admin::update_user),
+        )
+        .route("/v1/callback-key", get(callbacks::callback_key))
         .route("/v1/admin/network", get(network::firewall))
         .route(
             "/v1/admin/users/{name}/quota",

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, exec, files, network, pools, quotas, sandboxes, AppState};
+use super::{admin, callbacks, exec, files, network, pools, quotas, sandboxes, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,7 +27,7 @@ use super::{admin, exec, files, network, pools, quotas, sandboxes, AppState};
         pools::list_pools, pools::put_pool, pools::delete_pool, pools::metrics,
         exec::exec, exec::exec_ws, exec::terminal,
         exec::start_process, exec::list_processes, exec::signal_process, exec::kill_process, exec::attach,
-        admin::create_user,
+        admin::create_user, admin::update_user, callbacks::callback_key,
         quotas::get_quota, quotas::put_quota, quotas::delete_quota,
         files::download, files::upload, files::stat, files::list, files::mkdir, files::rename, files::remove,
         network::put_network, network::patch_network, network::get_port, network::put_port, network::firewall,

@@ -1,12 +1,13 @@
 //! `/v1/pools` (warm pools: status for everyone, changes for admins) and Prometheus `/metrics`.
 
-use std::fmt::Write;
+use std::sync::OnceLock;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use burrow_types::{ApiError, PoolSpec, PoolStatus};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use super::admin::require_admin;
 use super::error::HttpError;
@@ -49,7 +50,20 @@ pub async fn delete_pool(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The exporter of the process's global metrics recorder, when the binary installed one: what
+/// library code counts with `metrics::counter!` (run callbacks, ...) is rendered through it.
+static EXPORTER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Called once by the binary after it installed the global Prometheus recorder.
+pub fn serve_exporter(handle: PrometheusHandle) {
+    let _ = EXPORTER.set(handle);
+}
+
 /// Prometheus text format. Aggregates only (no ids, no names of users), so it needs no key.
+///
+/// What the store holds (sandboxes by state, pools) is read at each scrape into a recorder made
+/// for that scrape, so a deleted pool's series go with it; what the process counts as it runs
+/// comes from the global recorder the binary installed.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, HttpError> {
     let pools = s.control.pools()?;
@@ -58,67 +72,47 @@ pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, Htt
         .store()
         .state_counts()
         .map_err(crate::control::ControlError::from)?;
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, value) in rows {
-            let _ = writeln!(out, "{name}{labels} {value}");
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || {
+        use metrics::{counter, describe_counter, describe_gauge, gauge};
+        describe_gauge!(
+            "burrow_sandboxes",
+            "Sandboxes of users by state (warm pool sandboxes not included)."
+        );
+        for (state, n) in &states {
+            gauge!("burrow_sandboxes", "state" => state.clone()).set(*n as f64);
         }
-    };
-    let per_pool = |f: &dyn Fn(&PoolStatus) -> String| -> Vec<(String, String)> {
-        pools
-            .iter()
-            .map(|p| (format!("{{pool=\"{}\"}}", p.name), f(p)))
-            .collect()
-    };
-    family(
-        "burrow_sandboxes",
-        "gauge",
-        "Sandboxes of users by state (warm pool sandboxes not included).",
-        states
-            .iter()
-            .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n.to_string()))
-            .collect(),
-    );
-    family(
-        "burrow_pool_target",
-        "gauge",
-        "Warm sandboxes each pool keeps.",
-        per_pool(&|p| p.target.to_string()),
-    );
-    family(
-        "burrow_pool_ready",
-        "gauge",
-        "Warm sandboxes ready to be claimed.",
-        per_pool(&|p| p.ready.to_string()),
-    );
-    family(
-        "burrow_pool_starting",
-        "gauge",
-        "Warm sandboxes being built.",
-        per_pool(&|p| p.starting.to_string()),
-    );
-    family(
-        "burrow_pool_claims_total",
-        "counter",
-        "Creates served warm from each pool.",
-        per_pool(&|p| p.claims.to_string()),
-    );
-    family(
-        "burrow_pool_cold_fallbacks_total",
-        "counter",
-        "Creates that matched a pool, found it empty and started cold.",
-        per_pool(&|p| p.cold_fallbacks.to_string()),
-    );
-    family(
-        "burrow_pool_hit_rate_24h",
-        "gauge",
-        "Claims over claims plus cold fallbacks in the last 24 hours (NaN without creates).",
-        per_pool(&|p| {
-            p.hit_rate_24h
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| "NaN".into())
-        }),
-    );
+        describe_gauge!("burrow_pool_target", "Warm sandboxes each pool keeps.");
+        describe_gauge!("burrow_pool_ready", "Warm sandboxes ready to be claimed.");
+        describe_gauge!("burrow_pool_starting", "Warm sandboxes being built.");
+        describe_counter!(
+            "burrow_pool_claims_total",
+            "Creates served warm from each pool."
+        );
+        describe_counter!(
+            "burrow_pool_cold_fallbacks_total",
+            "Creates that matched a pool, found it empty and started cold."
+        );
+        describe_gauge!(
+            "burrow_pool_hit_rate_24h",
+            "Claims over claims plus cold fallbacks in the last 24 hours (NaN without creates)."
+        );
+        for p in &pools {
+            let pool = p.name.clone();
+            gauge!("burrow_pool_target", "pool" => pool.clone()).set(f64::from(p.target));
+            gauge!("burrow_pool_ready", "pool" => pool.clone()).set(f64::from(p.ready));
+            gauge!("burrow_pool_starting", "pool" => pool.clone()).set(f64::from(p.starting));
+            counter!("burrow_pool_claims_total", "pool" => pool.clone()).absolute(p.claims);
+            counter!("burrow_pool_cold_fallbacks_total", "pool" => pool.clone())
+                .absolute(p.cold_fallbacks);
+            gauge!("burrow_pool_hit_rate_24h", "pool" => pool)
+                .set(p.hit_rate_24h.unwrap_or(f64::NAN));
+        }
+    });
+    let mut out = handle.render();
+    if let Some(global) = EXPORTER.get() {
+        out.push_str(&global.render());
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -3,7 +3,9 @@
 //!
 //! Access needs one of: the owner's API key, the sandbox's access token (`X-Access-Token` header
 //! or `burrow_token` query parameter), or a signed URL (`burrow_exp` + `burrow_sig`); a port made
-//! public needs none. burrow's credentials are removed before the request reaches the sandbox.
+//! public needs none. Access is decided before anything else (ADR 0037): a caller without rights
+//! gets one answer for every id and never touches the sandbox's idle clock. burrow's credentials
+//! are removed before the request reaches the sandbox, in every spelling HTTP allows.
 //!
 //! Host routing is open to other handlers: a [`HostClaims`] maps a port to a handler of its own
 //! (the E2B facade claims 49983 for envd), so `49983-<id>.<domain>` goes there instead of the proxy.
@@ -25,7 +27,6 @@ use hyper_util::rt::TokioIo;
 use super::error::HttpError;
 use super::AppState;
 use crate::auth::hash_key;
-use crate::control::net::PortTarget;
 use crate::control::{error_chain, Control, ControlError};
 
 /// Header that carries a sandbox's access token.
@@ -149,52 +150,107 @@ pub async fn proxy_path(
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
+/// The credential of one `Authorization` value when its scheme is Bearer, in any case and with
+/// any whitespace HTTP allows around and between them (RFC 9110 §11.1: the scheme is
+/// case-insensitive, and one or more spaces or tabs separate it from the credential).
+pub fn bearer_credential(value: &str) -> Option<&str> {
+    let v = value.trim_matches([' ', '\t']);
+    let split = v.find([' ', '\t'])?;
+    let (scheme, rest) = v.split_at(split);
+    let cred = rest.trim_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !cred.is_empty()).then_some(cred)
 }
 
-/// Checks the caller may use this port; returns whether `Authorization` held burrow's key (then
-/// it must not be forwarded).
-fn authorize(
-    control: &Control,
-    target: &PortTarget,
-    headers: &HeaderMap,
-    query: &BTreeMap<String, String>,
-) -> Result<bool, HttpError> {
-    let api_key =
-        bearer(headers).or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()));
-    if let Some(key) = api_key {
-        if let Ok(Some(user)) = control.store().user_by_key_hash(&hash_key(key)) {
-            if user.id == target.owner_id {
-                return Ok(bearer(headers).is_some());
-            }
-            // Another tenant's key: the same answer as for a sandbox that does not exist.
-            return Err(ControlError::NotFound.into());
+/// Every credential a request to the port proxy carries, in every spelling burrow accepts:
+/// `Authorization: Bearer` (any case, any whitespace, repeated), `X-API-Key` (E2B's), the
+/// sandbox's access token (`X-Access-Token`, repeated, or `?burrow_token=`) and a signed URL.
+#[derive(Debug, Default)]
+struct Credentials {
+    /// Bearer credentials and `X-API-Key` values: API keys, or the access token.
+    keys: Vec<String>,
+    /// `X-Access-Token` values and `burrow_token`.
+    tokens: Vec<String>,
+    signed: Option<(String, String)>,
+}
+
+impl Credentials {
+    fn of(headers: &HeaderMap, ours: &BTreeMap<String, String>) -> Credentials {
+        let values = |name: &str| -> Vec<String> {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(|v| v.trim_matches([' ', '\t']).to_string())
+                .filter(|v| !v.is_empty())
+                .collect()
+        };
+        let mut keys: Vec<String> = headers
+            .get_all("authorization")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(bearer_credential)
+            .map(str::to_string)
+            .collect();
+        keys.extend(values("x-api-key"));
+        let mut tokens = values(TOKEN_HEADER);
+        tokens.extend(ours.get("burrow_token").cloned());
+        let signed = ours
+            .get("burrow_exp")
+            .cloned()
+            .zip(ours.get("burrow_sig").cloned());
+        Credentials {
+            keys,
+            tokens,
+            signed,
         }
     }
-    if target.public {
-        return Ok(false);
+}
+
+/// The one answer a caller without rights gets, whatever the id (another tenant's, missing,
+/// paused, running): nothing about the sandbox is looked at before this is decided.
+fn no_rights() -> HttpError {
+    HttpError::new(
+        StatusCode::UNAUTHORIZED,
+        codes::UNAUTHORIZED,
+        "this port needs a token: the API key, the sandbox's access token (X-Access-Token), or a signed URL",
+    )
+}
+
+/// Decides whether the caller may use `id:port`, before anything else happens: the idle clock
+/// is not touched and the sandbox's state is not revealed. Tokens and signed URLs are checked
+/// against the requested id alone (they are HMACs of it), so their answer is the same whether
+/// or not the sandbox exists; an API key needs the owner, and a valid key of anyone else gets
+/// the same 404 as an id that never existed.
+fn authorize(
+    control: &Control,
+    id: &str,
+    port: u16,
+    owner: Option<(&str, bool)>,
+    creds: &Credentials,
+) -> Result<(), HttpError> {
+    let expected = control.access_token(id);
+    let token_ok = |t: &str| Control::token_matches(&expected, t);
+    if creds.tokens.iter().chain(&creds.keys).any(|t| token_ok(t)) {
+        return Ok(());
     }
-    let expected = control.access_token(&target.sandbox_id);
-    let presented = headers
-        .get(TOKEN_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .or(query.get("burrow_token").map(String::as_str));
-    if presented.is_some_and(|t| Control::token_matches(&expected, t)) {
-        return Ok(false);
+    let mut valid_key = false;
+    for key in &creds.keys {
+        match control.store().user_by_key_hash(&hash_key(key)) {
+            Ok(Some(user)) if owner.is_some_and(|(o, _)| o == user.id) => return Ok(()),
+            Ok(Some(_)) => valid_key = true,
+            Ok(None) => {}
+            Err(e) => return Err(ControlError::from(e).into()),
+        }
     }
-    if let (Some(exp), Some(sig)) = (query.get("burrow_exp"), query.get("burrow_sig")) {
-        let now = burrow_store::now_unix().max(0) as u64;
+    if valid_key {
+        // Another tenant's key: the same answer as for a sandbox that does not exist.
+        return Err(ControlError::NotFound.into());
+    }
+    if let Some((exp, sig)) = &creds.signed {
         if let Ok(exp) = exp.parse::<u64>() {
-            let want = control.port_signature(&target.sandbox_id, target.addr.port(), exp);
+            let want = control.port_signature(id, port, exp);
             if Control::token_matches(&want, sig) {
+                let now = burrow_store::now_unix().max(0) as u64;
                 if exp < now {
                     return Err(HttpError::new(
                         StatusCode::UNAUTHORIZED,
@@ -202,16 +258,42 @@ fn authorize(
                         "this signed URL has expired",
                     ));
                 }
-                return Ok(false);
+                return Ok(());
             }
         }
     }
-    Err(HttpError::new(
-        StatusCode::UNAUTHORIZED,
-        codes::UNAUTHORIZED,
-        "this port needs a token: the API key, the sandbox's access token (X-Access-Token), or a signed URL",
-    ))
+    // A public port needs no credential (and its traffic counts as activity: the owner opened
+    // it to everyone).
+    if owner.is_some_and(|(_, public)| public) {
+        return Ok(());
+    }
+    Err(no_rights())
 }
+
+/// Whether an `Authorization` value carries one of burrow's credentials (then it never reaches
+/// the sandbox): an API key of any user, this sandbox's access token, or anything shaped like
+/// burrow's keys and tokens (a revoked key is still a secret).
+fn is_burrow_credential(control: &Control, id: &str, value: &str) -> bool {
+    let v = value.trim_matches([' ', '\t']);
+    let cred = bearer_credential(v).unwrap_or(v);
+    let expected = control.access_token(id);
+    cred.starts_with(crate::auth::KEY_PREFIX)
+        || cred.starts_with("bst_")
+        || Control::token_matches(&expected, cred)
+        || matches!(
+            control.store().user_by_key_hash(&hash_key(cred)),
+            Ok(Some(_))
+        )
+}
+
+/// Headers that only ever carry burrow's (or E2B's) credentials, or are addressed to the proxy
+/// itself (`Proxy-Authorization`, RFC 9110 §11.7.2: burrow is that proxy): never forwarded.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "x-api-key",
+    TOKEN_HEADER,
+    "e2b-traffic-access-token",
+    "proxy-authorization",
+];
 
 /// Splits a path-and-query into the path and its query pairs, without burrow's own parameters.
 fn split_query(pq: &str) -> (String, BTreeMap<String, String>, String) {
@@ -220,11 +302,16 @@ fn split_query(pq: &str) -> (String, BTreeMap<String, String>, String) {
     let mut kept = Vec::new();
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k.starts_with("burrow_") {
-            let v = percent_encoding::percent_decode_str(v)
+        // burrow's parameters in any spelling (`burrow%5Ftoken`, `BURROW_TOKEN`, `+` for space)
+        // are burrow's: read here, never forwarded.
+        let decode = |x: &str| {
+            percent_encoding::percent_decode_str(&x.replace('+', " "))
                 .decode_utf8_lossy()
-                .into_owned();
-            ours.insert(k.to_string(), v);
+                .into_owned()
+        };
+        let name = decode(k).trim().to_ascii_lowercase();
+        if name.starts_with("burrow_") {
+            ours.entry(name).or_insert_with(|| decode(v));
         } else {
             kept.push(pair);
         }
@@ -252,14 +339,22 @@ async fn proxy_inner(
     pq: String,
     mut req: Request,
 ) -> Result<Response, HttpError> {
-    let target = state.control.port_target(id, port)?;
+    let port = u16::try_from(port)
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| HttpError::bad_request(format!("port {port} is out of range (1-65535)")))?;
     let (_, ours, forwarded) = split_query(&pq);
-    let strip_auth = authorize(&state.control, &target, req.headers(), &ours)?;
+    let creds = Credentials::of(req.headers(), &ours);
+    // Authenticate first: who may use this port is settled before the sandbox's state is looked
+    // at or its idle clock touched.
+    let found = state.control.port_lookup(id, port)?;
+    let owner = found.as_ref().map(|t| (t.owner_id.as_str(), t.public));
+    authorize(&state.control, id, port, owner, &creds)?;
+    let target = state.control.port_target(found)?;
+    let port = u32::from(port);
 
     let stream =
-        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target.addr))
-            .await
-        {
+        match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(target)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return Err(HttpError::new(
@@ -293,7 +388,13 @@ async fn proxy_inner(
     let headers = out.headers_mut();
     for (k, v) in parts.headers.iter() {
         let name = k.as_str();
-        if name == "x-api-key" || name == TOKEN_HEADER || (strip_auth && name == "authorization") {
+        if CREDENTIAL_HEADERS.contains(&name) {
+            continue;
+        }
+        if name == "authorization"
+            && v.to_str()
+                .map_or(true, |v| is_burrow_credential(&state.control, id, v))
+        {
             continue;
         }
         headers.append(k.clone(), v.clone());
@@ -422,10 +523,10 @@ mod tests {
             (st, body.as_str()),
             (StatusCode::OK, "envd for abc on 49983/files")
         );
-        // An unclaimed port goes to the proxy, which knows no such sandbox.
+        // An unclaimed port goes to the proxy, which asks for credentials before anything else.
         let (st, body) = get(app.clone(), "8000-abc.sb.test", "/").await;
-        assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
-        assert!(body.contains("sandbox_not_found"), "{body}");
+        assert_eq!(st, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body.contains("unauthorized"), "{body}");
         // Any other host is the API.
         let (st, body) = get(app, "api.example", "/v1/health").await;
         assert_eq!(st, StatusCode::OK, "{body}");
@@ -456,5 +557,29 @@ mod tests {
         assert_eq!(ours["burrow_sig"], "s");
         assert_eq!(fwd, "/a/b?x=1&y=2");
         assert_eq!(split_query("/").2, "/");
+        // Every spelling of a burrow parameter is burrow's, and none is forwarded.
+        let (_, ours, fwd) =
+            split_query("/?burrow%5Ftoken=a&BURROW_TOKEN=b&Burrow_Exp=1&burrow_sig+=c&keep=1");
+        assert_eq!(ours["burrow_token"], "a");
+        assert_eq!(ours["burrow_exp"], "1");
+        assert_eq!(ours["burrow_sig"], "c");
+        assert_eq!(fwd, "/?keep=1");
+    }
+
+    #[test]
+    fn bearer_credentials_in_every_spelling() {
+        for v in [
+            "Bearer k",
+            "bearer k",
+            "BEARER k",
+            "bEaReR   k",
+            "Bearer\tk",
+            " Bearer k \t",
+        ] {
+            assert_eq!(bearer_credential(v), Some("k"), "{v:?}");
+        }
+        for v in ["Bearerk", "Basic k", "Bearer", "Bearer   ", "k"] {
+            assert_eq!(bearer_credential(v), None, "{v:?}");
+        }
     }
 }

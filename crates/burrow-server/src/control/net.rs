@@ -27,13 +27,17 @@ pub struct StoredNet {
     pub public_ports: Vec<u16>,
 }
 
-/// Where the port proxy sends a request.
+/// A sandbox's port as the proxy sees it before deciding access: its owner and whether the
+/// port is public. Nothing about it is acted on until the caller is authorised.
 #[derive(Debug, Clone)]
 pub struct PortTarget {
     pub sandbox_id: String,
     pub owner_id: String,
-    pub addr: SocketAddrV4,
+    pub port: u16,
     pub public: bool,
+    state: SandboxState,
+    uid_slot: u32,
+    networked: bool,
 }
 
 fn stored(rec: &SandboxRecord) -> Option<StoredNet> {
@@ -332,25 +336,38 @@ impl Control {
         self.port_info(&rec, port, base, signed_ttl_s)
     }
 
-    /// Where the port proxy sends a request for `id:port`; access is the caller's to check.
-    pub fn port_target(&self, id: &str, port: u32) -> Result<PortTarget, ControlError> {
-        let port = valid_port(port)?;
+    /// The live sandbox behind `id:port`, for the proxy to authorise against. Touches nothing
+    /// (not the idle clock) and answers the same `None` for a missing and a destroyed id.
+    pub fn port_lookup(&self, id: &str, port: u16) -> Result<Option<PortTarget>, ControlError> {
         let rec = match self.store.sandbox(id)? {
             Some(r) if r.state != SandboxState::Destroyed => r,
-            _ => return Err(ControlError::NotFound),
+            _ => return Ok(None),
         };
-        let net = stored(&rec).ok_or(ControlError::NoNetwork)?;
-        let n = self.network.as_ref().ok_or(ControlError::NoNetwork)?;
-        if rec.state != SandboxState::Running {
-            return Err(ControlError::NotRunning(rec.state.as_str()));
-        }
-        self.touch(id);
-        Ok(PortTarget {
+        let net = stored(&rec);
+        Ok(Some(PortTarget {
             sandbox_id: rec.id.clone(),
             owner_id: rec.owner_id.clone(),
-            addr: SocketAddrV4::new(n.address_of(rec.uid_slot)?, port),
-            public: net.public_ports.contains(&port),
-        })
+            port,
+            public: net.as_ref().is_some_and(|n| n.public_ports.contains(&port)),
+            state: rec.state,
+            uid_slot: rec.uid_slot,
+            networked: net.is_some(),
+        }))
+    }
+
+    /// Where an authorised proxy request goes: the sandbox must run and have a network. Counts
+    /// as activity for its idle timeout. Call only after the caller was authorised.
+    pub fn port_target(&self, found: Option<PortTarget>) -> Result<SocketAddrV4, ControlError> {
+        let t = found.ok_or(ControlError::NotFound)?;
+        let n = self.network.as_ref().ok_or(ControlError::NoNetwork)?;
+        if !t.networked {
+            return Err(ControlError::NoNetwork);
+        }
+        if t.state != SandboxState::Running {
+            return Err(ControlError::NotRunning(t.state.as_str()));
+        }
+        self.touch(&t.sandbox_id);
+        Ok(SocketAddrV4::new(n.address_of(t.uid_slot)?, t.port))
     }
 
     /// The firewall as burrow installed it and as the kernel holds it.

@@ -246,6 +246,9 @@ fn envd_routes() -> Router<AppState> {
 }
 
 /// envd's health check answers 204; without a sandbox id this is the REST API's own liveness.
+/// With one, the sandbox's access token comes first: a caller without it gets one answer for
+/// every id (another tenant's, missing, paused, running), so health cannot probe for ids or
+/// states. The SDKs send the token on every envd call, this one included.
 async fn envd_health(
     axum::extract::State(s): axum::extract::State<AppState>,
     parts: axum::http::HeaderMap,
@@ -253,6 +256,9 @@ async fn envd_health(
     let Some(id) = sandbox_id_of(&parts) else {
         return StatusCode::OK.into_response();
     };
+    if !s.e2b.token_ok(&id, &access_token_of(&parts)) {
+        return bad_token();
+    }
     match s.control.store().sandbox(&id) {
         Ok(Some(r)) if r.state == SandboxState::Running => StatusCode::NO_CONTENT.into_response(),
         Ok(Some(r)) if r.state != SandboxState::Destroyed && r.state != SandboxState::Error => {
@@ -263,6 +269,24 @@ async fn envd_health(
         }
         _ => not_found_502(&id),
     }
+}
+
+/// The `X-Access-Token` of an envd call (surrounding whitespace is not part of it).
+fn access_token_of(headers: &axum::http::HeaderMap) -> String {
+    headers
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .trim_matches([' ', '\t'])
+        .to_string()
+}
+
+/// The answer to an envd call without the sandbox's token: the same for every id.
+fn bad_token() -> Response {
+    envd_error(
+        StatusCode::UNAUTHORIZED,
+        "missing or invalid X-Access-Token for this sandbox".into(),
+    )
 }
 
 /// The sandbox an envd request is for: `E2b-Sandbox-Id`, else a Host of `49983-<id>.<domain>`.
@@ -375,17 +399,10 @@ impl FromRequestParts<AppState> for Envd {
                     .into(),
             ));
         };
-        let token = parts
-            .headers
-            .get("x-access-token")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
+        let token = access_token_of(&parts.headers);
         // A wrong token and an unknown sandbox look the same, so tokens cannot probe for ids.
-        if !state.e2b.token_ok(&id, token) && !state.e2b.signed_url_ok(&id, parts) {
-            return Err(reject(
-                StatusCode::UNAUTHORIZED,
-                "missing or invalid X-Access-Token for this sandbox".into(),
-            ));
+        if !state.e2b.token_ok(&id, &token) && !state.e2b.signed_url_ok(&id, parts) {
+            return Err(EnvdRejection(bad_token()));
         }
         let rec = match state.control.store().sandbox(&id) {
             Ok(Some(r)) if r.state != SandboxState::Destroyed => r,
