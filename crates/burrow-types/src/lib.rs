@@ -232,13 +232,14 @@ pub struct RunSpec {
     /// Opaque tokens for the agent's memory store.
     #[serde(default)]
     pub memory_tokens: Vec<String>,
-    /// Told (HTTP POST, JSON) when the run ends.
+    /// Told (HTTP POST, JSON, signed) when the run ends: `http://` or `https://`; a target the
+    /// server's callback rules refuse is `403 callback_not_allowed`.
     #[serde(default)]
     #[cfg_attr(
         feature = "openapi",
         schema(
             max_length = 2048,
-            pattern = "^http://[A-Za-z0-9.-]+(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[!-~]*)?$"
+            pattern = "^https?://[A-Za-z0-9.-]+(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[!-~]*)?$"
         )
     )]
     pub callback_url: Option<String>,

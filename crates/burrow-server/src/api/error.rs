@@ -187,8 +187,10 @@ impl From<ControlError> for HttpError {
                 }));
                 h
             }
+            // A well-formed URL whose target the server's rules refuse (an operator can allow a
+            // range): a refusal like a plan above the user's, not a malformed request.
             ControlError::CallbackNotAllowed(m) => {
-                HttpError::new(S::BAD_REQUEST, codes::CALLBACK_NOT_ALLOWED, m)
+                HttpError::new(S::FORBIDDEN, codes::CALLBACK_NOT_ALLOWED, m)
             }
             e @ ControlError::NoNetwork => {
                 HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())

@@ -250,6 +250,10 @@ fn refine_schemas(doc: &mut Value) {
             json!({"$ref": "#/components/schemas/StartProcess"}),
         );
     }
+    // An upload's body may be empty (an empty file).
+    if let Some(b) = doc.pointer_mut("/paths/~1v1~1sandboxes~1{id}~1files/put/requestBody") {
+        b["required"] = json!(false);
+    }
     // A buffered exec has no terminal and does not outlive its request.
     if let Some(exec) = doc.pointer(&format!("{s}/ExecRequest")).cloned() {
         let mut buffered = exec;

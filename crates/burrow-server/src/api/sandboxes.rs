@@ -23,6 +23,7 @@ use crate::control::IdempotencyKey;
     responses((status = 201, body = Sandbox, headers(("Idempotent-Replayed" = String,
             description = "`true` when an earlier request with the same key made this sandbox"))),
         (status = 400, body = ApiError),
+        (status = 403, body = ApiError, description = "a plan above the user's own (`plan_not_allowed`), or a callback target the server refuses (`callback_not_allowed`)"),
         (status = 409, body = ApiError, description = "a network policy on a server without sandbox networking, or the first request with this Idempotency-Key is still being served"),
         (status = 422, body = ApiError, description = "the Idempotency-Key was used with another request"),
         (status = 429, body = ApiError, description = "a quota would be exceeded (`details` names it); see Retry-After"),
@@ -125,7 +126,8 @@ pub async fn set_timeout(
 /// Give the sandbox a new run (task, memory tokens, callback URL, env); its tool calls count
 /// from zero. Refused while a run is active.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/run", request_body = RunSpec, tag = "runs",
-    responses((status = 200, body = Sandbox), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+    responses((status = 200, body = Sandbox), (status = 403, body = ApiError, description = "a callback target the server refuses"),
+        (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn start_run(
     State(s): State<AppState>,
     Caller(user): Caller,
