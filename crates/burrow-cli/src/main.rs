@@ -192,6 +192,26 @@ enum AdminCommand {
     SetPlan { name: String, plan: String },
     /// Print the OpenAPI document.
     Openapi,
+    /// Show a user's quota and usage, or set their override: `burrow admin quota alice
+    /// --sandboxes 10 --memory-mib 8192`; `--clear` returns them to their plan's quota.
+    Quota {
+        user: String,
+        /// Live sandboxes (starting, running, paused, hibernated).
+        #[arg(long)]
+        sandboxes: Option<u32>,
+        /// MiB of memory promised to live sandboxes.
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// MiB of disk promised to live sandboxes.
+        #[arg(long)]
+        disk_mib: Option<u64>,
+        /// Creates per second.
+        #[arg(long)]
+        creates_per_s: Option<u32>,
+        /// Remove the user's override.
+        #[arg(long, conflicts_with_all = ["sandboxes", "memory_mib", "disk_mib", "creates_per_s"])]
+        clear: bool,
+    },
 }
 
 #[derive(Args)]
@@ -540,6 +560,31 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Profile(ProfileCommand::Rm { name }) => {
             config::remove_profile(&name)?;
+            Ok(0)
+        }
+        Command::Admin(AdminCommand::Quota {
+            user,
+            sandboxes,
+            memory_mib,
+            disk_mib,
+            creates_per_s,
+            clear,
+        }) => {
+            let client = config::client()?;
+            let q = burrow_types::Quota {
+                sandboxes,
+                memory_mib,
+                disk_mib,
+                creates_per_s,
+            };
+            let v = if clear {
+                client.set_quota(&user, None).await?
+            } else if q != burrow_types::Quota::default() {
+                client.set_quota(&user, Some(&q)).await?
+            } else {
+                client.quota(&user).await?
+            };
+            print_json(&v)?;
             Ok(0)
         }
         Command::Admin(AdminCommand::SetPlan { name, plan }) => {

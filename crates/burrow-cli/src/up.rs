@@ -45,6 +45,61 @@ pub struct UpArgs {
     /// A PEM file of CA certificates trusted for `https://` callbacks besides the system's roots.
     #[arg(long, env = "BURROW_CALLBACK_CA")]
     callback_ca: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// How the API bounds its clients, and the host's pid budget (docs/api.md, "Limits").
+#[derive(Args)]
+struct LimitArgs {
+    /// Seconds a client has to send a request's headers (also how long a kept-alive connection
+    /// may sit idle).
+    #[arg(long, env = "BURROW_HEADER_TIMEOUT", default_value_t = 15)]
+    header_timeout: u64,
+    /// Seconds a request body has to start; after that it must keep up --body-min-rate.
+    #[arg(long, env = "BURROW_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout: u64,
+    /// Bytes per second a request body must average after --body-timeout.
+    #[arg(long, env = "BURROW_BODY_MIN_RATE", default_value_t = 500)]
+    body_min_rate: u64,
+    /// Open API connections in all (default: the open-files limit minus a quarter, at least
+    /// 1024, kept for the server's own work).
+    #[arg(long, env = "BURROW_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open API connections from one client address (default: a quarter of --max-connections).
+    #[arg(long, env = "BURROW_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// Requests on one kept-alive connection before the server closes it.
+    #[arg(
+        long,
+        env = "BURROW_MAX_REQUESTS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    max_requests_per_connection: u64,
+    /// Pids kept for the host: sandboxes' pid limits may add up to kernel.pid_max minus this
+    /// (default an eighth of pid_max, at least 2048).
+    #[arg(long, env = "BURROW_PID_RESERVE")]
+    pid_reserve: Option<u64>,
+}
+
+impl LimitArgs {
+    fn serve_limits(&self) -> burrow_server::serve::ServeLimits {
+        let mut l = burrow_server::serve::ServeLimits::from_open_files(
+            burrow_server::serve::raise_open_files_limit(),
+        );
+        l.header_timeout = std::time::Duration::from_secs(self.header_timeout.max(1));
+        l.body_timeout = std::time::Duration::from_secs(self.body_timeout.max(1));
+        l.body_min_rate = self.body_min_rate;
+        if let Some(n) = self.max_connections {
+            l.max_connections = n.max(1);
+            l.max_connections_per_ip = (l.max_connections / 4).max(1);
+        }
+        if let Some(n) = self.max_connections_per_ip {
+            l.max_connections_per_ip = n.max(1);
+        }
+        l.max_requests_per_connection = self.max_requests_per_connection.max(1);
+        l
+    }
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> Result<T> {
@@ -97,6 +152,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             None => Vec::new(),
         },
         hibernate_below_mib: args.hibernate_below_mib,
+        serve_limits: Some(args.limits.serve_limits()),
+        pid_reserve: args.limits.pid_reserve,
         callback_allow: args.callback_allow.clone(),
         callback_ca: match &args.callback_ca {
             Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),

@@ -264,6 +264,8 @@ impl Control {
             tool_calls: 0,
             network: self.warm_network(),
         };
+        // Warm sandboxes take their share of the host's pid budget like any other.
+        let _admitted = self.admit_warm(&plan.limits, &id).await?;
         let lock = self.lock_of(&id);
         let _guard = lock.lock().await;
         match self.build(rec).await {

@@ -464,6 +464,104 @@ pub async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
         .unwrap_or_else(|e| panic!("python in {id}: {e}"))
 }
 
+// ---- tools installed once from a registry (the E2B SDKs, schemathesis), kept under target/ ----
+
+/// What a registry client prints when it cannot reach its registry at all.
+pub fn registry_unreachable(log: &str) -> bool {
+    [
+        "Failed to establish a new connection",
+        "Temporary failure in name resolution",
+        "Network is unreachable",
+        "Connection refused",
+        "ENOTFOUND",
+        "EAI_AGAIN",
+        "ECONNREFUSED",
+        "ENETUNREACH",
+        "ETIMEDOUT",
+        "Max retries exceeded",
+        "Could not fetch URL",
+        // pip found no index at all: every package asked for has versions wherever PyPI answers.
+        "(from versions: none)",
+    ]
+    .iter()
+    .any(|m| log.contains(m))
+}
+
+/// Installs into `cache/name` once: into a directory of this process's own, then renamed into
+/// place (tests run in parallel processes, and the first to finish wins; the others use its
+/// copy). `install` gets the fresh directory and returns false when the registry could not be
+/// reached.
+pub fn cached_install(
+    cache: &Path,
+    name: &str,
+    install: impl FnOnce(&Path) -> bool,
+) -> Option<PathBuf> {
+    let dir = cache.join(name);
+    if dir.join(".installed").exists() {
+        return Some(dir);
+    }
+    std::fs::create_dir_all(cache).unwrap();
+    let tmp = cache.join(format!("{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    if !install(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return None;
+    }
+    std::fs::write(tmp.join(".installed"), name).unwrap();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        if dir.join(".installed").exists() {
+            // Another test process installed it first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        } else {
+            // A half-made copy from an interrupted run is in the way.
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).expect("put the installed tool in place");
+        }
+    }
+    Some(dir)
+}
+
+/// A venv at `cache/name` (made with Debian's python3) with `requirement` installed from PyPI.
+/// None, with the reason printed, when PyPI cannot be reached.
+pub fn pip_venv(cache: &Path, name: &str, requirement: &str) -> Option<PathBuf> {
+    cached_install(cache, name, |venv| {
+        let text = |o: &Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let o = Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv)
+            .output()
+            .expect("run python3 -m venv (scripts/deps installs python3-venv)");
+        assert!(o.status.success(), "python3 -m venv failed:\n{}", text(&o));
+        let o = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                requirement,
+            ])
+            .output()
+            .expect("run pip");
+        if o.status.success() {
+            return true;
+        }
+        let log = text(&o);
+        if registry_unreachable(&log) {
+            eprintln!("skipping: PyPI is unreachable, cannot install {requirement}:\n{log}");
+            return false;
+        }
+        panic!("pip install {requirement} failed:\n{log}");
+    })
+}
+
 impl TestServer {
     /// A server that sees `hosts` as its `/etc/hosts` (bound over it in a mount namespace of its
     /// own), so a test decides what names resolve to without DNS: editing the file in place
