@@ -1,4 +1,5 @@
-//! `burrow exec` and `burrow shell`: streamed commands and an interactive terminal.
+//! `burrow exec`, `burrow shell` and `burrow logs`: streamed commands, an interactive terminal,
+//! and the output of a process that runs on its own.
 
 use std::io::{IsTerminal, Write};
 
@@ -78,17 +79,10 @@ pub async fn run(args: ExecArgs, json: bool) -> Result<i32> {
     let forward = args.interactive || !std::io::stdin().is_terminal();
     let (input, mut output) = (session.input, session.output);
     tokio::spawn(forward_stdin(input, forward));
-    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     while let Some(o) = output.next().await? {
         match o {
-            Output::Stdout(b) => {
-                out.write_all(&b)?;
-                out.flush()?;
-            }
-            Output::Stderr(b) => {
-                err.write_all(&b)?;
-                err.flush()?;
-            }
+            Output::Stdout(b) => copy_out(&mut std::io::stdout(), &b)?,
+            Output::Stderr(b) => copy_out(&mut std::io::stderr(), &b)?,
             Output::Event(StreamEvent::Started { .. }) => {}
             Output::Event(StreamEvent::Exit {
                 exit_code,
@@ -108,6 +102,39 @@ pub async fn run(args: ExecArgs, json: bool) -> Result<i32> {
         }
     }
     bail!("the server closed the stream before the command finished")
+}
+
+/// Prints a background process's kept output (the guest keeps the last 1 MiB of each stream),
+/// then follows it until it exits; Ctrl-C stops following and leaves the process running.
+pub async fn logs(id: &str, pid: u32) -> Result<i32> {
+    let session = config::client()?.attach(id, pid).await?;
+    // The input half stays alive: closing the socket early would end the stream.
+    let (_input, mut output) = (session.input, session.output);
+    while let Some(o) = output.next().await? {
+        match o {
+            Output::Stdout(b) => copy_out(&mut std::io::stdout(), &b)?,
+            Output::Stderr(b) => copy_out(&mut std::io::stderr(), &b)?,
+            Output::Event(StreamEvent::Started { .. }) => {}
+            Output::Event(StreamEvent::Exit {
+                exit_code, signal, ..
+            }) => {
+                match (exit_code, signal) {
+                    (Some(c), _) => eprintln!("burrow: process {pid} exited with code {c}"),
+                    (None, Some(s)) => eprintln!("burrow: process {pid} was ended by signal {s}"),
+                    (None, None) => eprintln!("burrow: process {pid} has ended"),
+                }
+                return Ok(0);
+            }
+            Output::Event(StreamEvent::Error { code, message }) => bail!("{code}: {message}"),
+        }
+    }
+    bail!("the server closed the stream before the process ended")
+}
+
+/// Output as it comes, unbuffered: a person watching sees each line when the process writes it.
+fn copy_out(w: &mut impl Write, b: &[u8]) -> std::io::Result<()> {
+    w.write_all(b)?;
+    w.flush()
 }
 
 async fn forward_stdin(mut input: SessionInput, forward: bool) {

@@ -1,5 +1,6 @@
 //! The `burrow` binary: server (`up`), client commands, and the hidden `__init` entry that sets up
-//! a sandbox in a fresh process before any async runtime exists (CONVENTIONS.md, "Processes").
+//! a sandbox in a fresh process before any async runtime exists: forking into namespaces from a
+//! multi-threaded process is unsafe (docs/adr/0001).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,6 +27,9 @@ struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     json: bool,
+    /// Which saved server to talk to (`burrow profile ls`); `burrow up` saves under this name.
+    #[arg(long, global = true, env = "BURROW_PROFILE")]
+    profile: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,7 +41,11 @@ enum Command {
     /// Create a sandbox and print its id.
     Create(CreateArgs),
     /// List your sandboxes.
-    Ls,
+    Ls {
+        /// Only the ids, one a line (`burrow rm $(burrow ls -q)`).
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Show one sandbox.
     Get { id: String },
     /// Run a command in a sandbox, streaming its output; exits with the command's exit code.
@@ -62,8 +70,12 @@ enum Command {
     Resume { id: String },
     /// End every process of a sandbox but keep its files; `resume` starts it again.
     Hibernate { id: String },
-    /// List the processes started through the API in a sandbox.
+    /// List a sandbox's background processes: those started through the API, and those a
+    /// command left running (`sh -c 'server &'`), which keep that command's output.
     Ps { id: String },
+    /// Print a background process's output (the last 1 MiB of each stream is kept), then follow
+    /// it until it exits; Ctrl-C stops following, the process keeps running.
+    Logs { id: String, pid: u32 },
     /// Send a signal to a process in a sandbox (default SIGKILL).
     Kill {
         id: String,
@@ -88,6 +100,19 @@ enum Command {
     /// Operator commands.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// Saved servers: `burrow up` saves one per server; `--profile NAME` picks one per command.
+    #[command(subcommand)]
+    Profile(ProfileCommand),
+}
+
+#[derive(Subcommand)]
+enum ProfileCommand {
+    /// List the saved servers; `*` marks the current one.
+    Ls,
+    /// Make a profile the current one.
+    Use { name: String },
+    /// Forget a profile (the server itself is untouched).
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +192,26 @@ enum AdminCommand {
     SetPlan { name: String, plan: String },
     /// Print the OpenAPI document.
     Openapi,
+    /// Show a user's quota and usage, or set their override: `burrow admin quota alice
+    /// --sandboxes 10 --memory-mib 8192`; `--clear` returns them to their plan's quota.
+    Quota {
+        user: String,
+        /// Live sandboxes (starting, running, paused, hibernated).
+        #[arg(long)]
+        sandboxes: Option<u32>,
+        /// MiB of memory promised to live sandboxes.
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// MiB of disk promised to live sandboxes.
+        #[arg(long)]
+        disk_mib: Option<u64>,
+        /// Creates per second.
+        #[arg(long)]
+        creates_per_s: Option<u32>,
+        /// Remove the user's override.
+        #[arg(long, conflicts_with_all = ["sandboxes", "memory_mib", "disk_mib", "creates_per_s"])]
+        clear: bool,
+    },
 }
 
 #[derive(Args)]
@@ -216,7 +261,15 @@ fn main() {
     if std::env::args_os().nth(1).is_some_and(|a| a == "__init") {
         burrow_node::namespace::init::main();
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::InvalidSubcommand => {
+            let _ = e.print();
+            eprintln!("{}", commands_here());
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -229,6 +282,31 @@ fn main() {
     std::process::exit(code);
 }
 
+/// The commands valid where the command line named an unknown one (clap suggests only a
+/// close match, when there is one).
+fn commands_here() -> String {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    let mut path = vec!["burrow".to_string()];
+    for arg in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+        let Some(sub) = cmd.find_subcommand(&arg).cloned() else {
+            break;
+        };
+        path.push(arg);
+        cmd = sub;
+    }
+    let names: Vec<&str> = cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set())
+        .map(|s| s.get_name())
+        .collect();
+    format!(
+        "the commands of `{}` are: {}",
+        path.join(" "),
+        names.join(", ")
+    )
+}
+
 fn fail(e: anyhow::Error) -> ! {
     eprintln!("burrow: {e:#}");
     std::process::exit(1);
@@ -236,6 +314,7 @@ fn fail(e: anyhow::Error) -> ! {
 
 async fn run(cli: Cli) -> Result<i32> {
     let json = cli.json;
+    config::select(cli.profile);
     match cli.command {
         Command::Up(args) => up::run(args).await.map(|_| 0),
         Command::Create(a) => {
@@ -271,9 +350,13 @@ async fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Command::Ls => {
+        Command::Ls { quiet } => {
             let list = config::client()?.list().await?;
-            if json {
+            if quiet {
+                for s in list {
+                    println!("{}", s.id);
+                }
+            } else if json {
                 print_json(&list)?;
             } else {
                 println!(
@@ -340,11 +423,27 @@ async fn run(cli: Cli) -> Result<i32> {
                     } else {
                         format!("exit {}", p.exit_code.map_or("-".into(), |c| c.to_string()))
                     };
-                    println!("{:<8} {:<8} {:<5} {}", p.pid, state, p.pty, p.cmd.join(" "));
+                    // A command line is the sandbox's to choose: no newline or terminal escape
+                    // of it reaches this terminal as such.
+                    let cmd: String = p
+                        .cmd
+                        .join(" ")
+                        .chars()
+                        .flat_map(|c| {
+                            let esc: Vec<char> = if c.is_control() {
+                                c.escape_default().collect()
+                            } else {
+                                vec![c]
+                            };
+                            esc
+                        })
+                        .collect();
+                    println!("{:<8} {:<8} {:<5} {}", p.pid, state, p.pty, cmd);
                 }
             }
             Ok(0)
         }
+        Command::Logs { id, pid } => exec::logs(&id, pid).await,
         Command::Kill { id, pid, signal } => {
             config::client()?.signal(&id, pid, signal).await?;
             Ok(0)
@@ -414,6 +513,78 @@ async fn run(cli: Cli) -> Result<i32> {
             } else {
                 println!("{}", v["api_key"].as_str().unwrap_or_default());
             }
+            Ok(0)
+        }
+        Command::Profile(ProfileCommand::Ls) => {
+            let cfg = config::load();
+            if json {
+                // Keys stay in the file: the listing says only whether there is one.
+                let list: Vec<serde_json::Value> = cfg
+                    .profiles
+                    .iter()
+                    .map(|(name, p)| {
+                        serde_json::json!({
+                            "name": name,
+                            "url": p.url,
+                            "has_key": p.api_key.is_some(),
+                            "data_dir": p.data_dir,
+                            "current": cfg.current.as_deref() == Some(name),
+                        })
+                    })
+                    .collect();
+                print_json(&list)?;
+            } else {
+                println!("  {:<16} {:<28} {:<4} DATA", "NAME", "URL", "KEY");
+                for (name, p) in &cfg.profiles {
+                    let mark = if cfg.current.as_deref() == Some(name) {
+                        "*"
+                    } else {
+                        " "
+                    };
+                    println!(
+                        "{mark} {:<16} {:<28} {:<4} {}",
+                        name,
+                        p.url,
+                        if p.api_key.is_some() { "yes" } else { "no" },
+                        p.data_dir
+                            .as_ref()
+                            .map_or("-".into(), |d| d.display().to_string())
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Command::Profile(ProfileCommand::Use { name }) => {
+            config::use_profile(&name)?;
+            Ok(0)
+        }
+        Command::Profile(ProfileCommand::Rm { name }) => {
+            config::remove_profile(&name)?;
+            Ok(0)
+        }
+        Command::Admin(AdminCommand::Quota {
+            user,
+            sandboxes,
+            memory_mib,
+            disk_mib,
+            creates_per_s,
+            clear,
+        }) => {
+            let client = config::client()?;
+            let q = burrow_types::Quota {
+                sandboxes,
+                memory_mib,
+                disk_mib,
+                creates_per_s,
+            };
+            let v = if clear {
+                client.set_quota(&user, None).await?
+            } else if q != burrow_types::Quota::default() {
+                client.set_quota(&user, Some(&q)).await?
+            } else {
+                client.quota(&user).await?
+            };
+            print_json(&v)?;
             Ok(0)
         }
         Command::Admin(AdminCommand::SetPlan { name, plan }) => {

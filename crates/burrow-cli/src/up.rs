@@ -1,5 +1,6 @@
 //! `burrow up`: the server, the local node and the embedded database in one process.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -52,6 +53,61 @@ pub struct UpArgs {
     /// A PEM file of CA certificates trusted for `https://` callbacks besides the system's roots.
     #[arg(long, env = "BURROW_CALLBACK_CA")]
     callback_ca: Option<PathBuf>,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// How the API bounds its clients, and the host's pid budget (docs/api.md, "Limits").
+#[derive(Args)]
+struct LimitArgs {
+    /// Seconds a client has to send a request's headers (also how long a kept-alive connection
+    /// may sit idle).
+    #[arg(long, env = "BURROW_HEADER_TIMEOUT", default_value_t = 15)]
+    header_timeout: u64,
+    /// Seconds a request body has to start; after that it must keep up --body-min-rate.
+    #[arg(long, env = "BURROW_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout: u64,
+    /// Bytes per second a request body must average after --body-timeout.
+    #[arg(long, env = "BURROW_BODY_MIN_RATE", default_value_t = 500)]
+    body_min_rate: u64,
+    /// Open API connections in all (default: the open-files limit minus a quarter, at least
+    /// 1024, kept for the server's own work).
+    #[arg(long, env = "BURROW_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Open API connections from one client address (default: a quarter of --max-connections).
+    #[arg(long, env = "BURROW_MAX_CONNECTIONS_PER_IP")]
+    max_connections_per_ip: Option<usize>,
+    /// Requests on one kept-alive connection before the server closes it.
+    #[arg(
+        long,
+        env = "BURROW_MAX_REQUESTS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    max_requests_per_connection: u64,
+    /// Pids kept for the host: sandboxes' pid limits may add up to kernel.pid_max minus this
+    /// (default an eighth of pid_max, at least 2048).
+    #[arg(long, env = "BURROW_PID_RESERVE")]
+    pid_reserve: Option<u64>,
+}
+
+impl LimitArgs {
+    fn serve_limits(&self) -> burrow_server::serve::ServeLimits {
+        let mut l = burrow_server::serve::ServeLimits::from_open_files(
+            burrow_server::serve::raise_open_files_limit(),
+        );
+        l.header_timeout = std::time::Duration::from_secs(self.header_timeout.max(1));
+        l.body_timeout = std::time::Duration::from_secs(self.body_timeout.max(1));
+        l.body_min_rate = self.body_min_rate;
+        if let Some(n) = self.max_connections {
+            l.max_connections = n.max(1);
+            l.max_connections_per_ip = (l.max_connections / 4).max(1);
+        }
+        if let Some(n) = self.max_connections_per_ip {
+            l.max_connections_per_ip = n.max(1);
+        }
+        l.max_requests_per_connection = self.max_requests_per_connection.max(1);
+        l
+    }
 }
 
 fn positive_ratio(s: &str) -> std::result::Result<f64, String> {
@@ -69,10 +125,13 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str)
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
+    // Colour only for a person at a terminal: a log file or journal gets plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("BURROW_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
     if !rustix::process::geteuid().is_root() {
@@ -110,6 +169,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         hibernate_below_mib: args.hibernate_below_mib,
         min_free_mib: args.min_free_mib,
         disk_overcommit: args.disk_overcommit,
+        serve_limits: Some(args.limits.serve_limits()),
+        pid_reserve: args.limits.pid_reserve,
         callback_allow: args.callback_allow.clone(),
         callback_ca: match &args.callback_ca {
             Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
@@ -119,14 +180,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
     .await
     .context("starting the server")?;
     let url = format!("http://{}", server.local_addr);
-    // The CLI on this machine talks to this server without further set-up.
+    // The CLI on this machine talks to this server without further set-up, through a profile
+    // of its own: a second server never silently replaces the first one's URL and key.
     let key = server.bootstrap.generated_admin_key.clone().or(admin_key);
-    let mut cfg = config::load();
-    cfg.url = Some(url.clone());
-    if key.is_some() {
-        cfg.api_key = key.clone();
-    }
-    let saved = config::save(&cfg);
+    let saved = config::save_server(
+        config::selected().as_deref(),
+        &url,
+        server.local_addr.port(),
+        key,
+        &args.data_dir,
+    );
     eprintln!(
         "burrow is up at {url} (data in {})",
         args.data_dir.display()
@@ -135,7 +198,21 @@ pub async fn run(args: UpArgs) -> Result<()> {
         eprintln!("admin API key (shown once): {k}");
     }
     match saved {
-        Ok(p) => eprintln!("the CLI on this machine is configured in {}", p.display()),
+        Ok(s) if s.current == s.name => eprintln!(
+            "the CLI on this machine is configured in {} (profile {:?}, the current one){}",
+            s.path.display(),
+            s.name,
+            if s.has_key { "" } else { "; it holds no API key: set BURROW_API_KEY" }
+        ),
+        Ok(s) => eprintln!(
+            "the CLI on this machine is configured in {} as profile {:?}; the current profile is still {:?}: use `burrow --profile {} ...` or `burrow profile use {}`{}",
+            s.path.display(),
+            s.name,
+            s.current,
+            s.name,
+            s.name,
+            if s.has_key { "" } else { "; it holds no API key: set BURROW_API_KEY" }
+        ),
         Err(e) => eprintln!("could not write the CLI config: {e:#}"),
     }
     server

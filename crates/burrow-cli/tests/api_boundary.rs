@@ -53,7 +53,7 @@ async fn ask(
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
-/// Item 4 and ATTACKS.md A10: for a caller without rights, another tenant's running, paused
+/// Item 4 and attack A10 (docs/threat-model.md): for a caller without rights, another tenant's running, paused
 /// and deleted sandboxes and an id that never existed are indistinguishable on the path route,
 /// the Host route and envd; a caller with rights still learns the state.
 #[tokio::test(flavor = "multi_thread")]
@@ -478,7 +478,7 @@ async fn burrows_credentials_never_reach_the_sandbox_in_any_spelling() {
     assert!(echo.contains("Basic YXBwOm93bg=="), "{echo}");
 }
 
-/// Item 5 and ATTACKS.md A11: a user's plan bounds the plans they may ask for (every limit at
+/// Item 5 and attack A11 (docs/threat-model.md): a user's plan bounds the plans they may ask for (every limit at
 /// most their plan's); above it is `403 plan_not_allowed` naming what is allowed, before a warm
 /// sandbox is claimed; admins set plans by API and CLI; E2B creates take the user's own plan.
 #[tokio::test(flavor = "multi_thread")]
@@ -594,7 +594,7 @@ async fn a_users_plan_bounds_the_plans_they_may_ask_for() {
     assert!(warm.warm_hit);
 }
 
-/// Item 6 and ATTACKS.md A12: callback URLs at loopback, link-local/metadata, private ranges,
+/// Item 6 and attack A12 (docs/threat-model.md): callback URLs at loopback, link-local/metadata, private ranges,
 /// multicast or unspecified addresses are refused at create and at a new run, in every
 /// spelling, names included.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,4 +1,4 @@
-//! ATTACKS.md, run for real: from inside real sandboxes, and against the real API. Each test fails
+//! The attack list (docs/threat-model.md), run for real: from inside real sandboxes, and against the real API. Each test fails
 //! if the protection it names is removed. "Host intact" is checked with host-side sentinels.
 
 mod common;

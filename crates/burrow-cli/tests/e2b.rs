@@ -30,89 +30,15 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// What a registry client prints when it cannot reach its registry at all.
-fn unreachable(log: &str) -> bool {
-    [
-        "Failed to establish a new connection",
-        "Temporary failure in name resolution",
-        "Network is unreachable",
-        "Connection refused",
-        "ENOTFOUND",
-        "EAI_AGAIN",
-        "ECONNREFUSED",
-        "ENETUNREACH",
-        "ETIMEDOUT",
-        "Max retries exceeded",
-        "Could not fetch URL",
-        // pip found no index at all: e2b has many versions wherever PyPI answers.
-        "(from versions: none)",
-    ]
-    .iter()
-    .any(|m| log.contains(m))
-}
-
-/// Installs into a directory of this process's own, then renames it into place: tests run in
-/// parallel processes, and the first to finish wins (the others use its copy). `install` gets the
-/// fresh directory and returns false when the registry could not be reached.
 fn cached(name: &str, install: impl FnOnce(&Path) -> bool) -> Option<PathBuf> {
-    let dir = cache().join(name);
-    if dir.join(".installed").exists() {
-        return Some(dir);
-    }
-    std::fs::create_dir_all(cache()).unwrap();
-    let tmp = cache().join(format!("{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    if !install(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return None;
-    }
-    std::fs::write(tmp.join(".installed"), name).unwrap();
-    if std::fs::rename(&tmp, &dir).is_err() {
-        if dir.join(".installed").exists() {
-            // Another test process installed it first.
-            let _ = std::fs::remove_dir_all(&tmp);
-        } else {
-            // A half-made copy from an interrupted run is in the way.
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::rename(&tmp, &dir).expect("put the installed SDK in place");
-        }
-    }
-    Some(dir)
+    cached_install(&cache(), name, install)
 }
 
 /// A venv with `e2b==PY_SDK`, made with Debian's python3 and cached under target/. None (with
 /// the reason printed) when PyPI cannot be reached.
 fn python_sdk() -> Option<PathBuf> {
-    let venv = cached(&format!("py-{PY_SDK}"), |venv| {
-        let o = Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(venv)
-            .output()
-            .expect("run python3 -m venv (scripts/deps installs python3-venv)");
-        assert!(o.status.success(), "python3 -m venv failed:\n{}", text(&o));
-        let o = Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                &format!("e2b=={PY_SDK}"),
-            ])
-            .output()
-            .expect("run pip");
-        if o.status.success() {
-            return true;
-        }
-        let log = text(&o);
-        if unreachable(&log) {
-            eprintln!("skipping: PyPI is unreachable, cannot install e2b=={PY_SDK}:\n{log}");
-            return false;
-        }
-        panic!("pip install e2b=={PY_SDK} failed:\n{log}");
-    })?;
-    Some(venv.join("bin/python"))
+    pip_venv(&cache(), &format!("py-{PY_SDK}"), &format!("e2b=={PY_SDK}"))
+        .map(|venv| venv.join("bin/python"))
 }
 
 /// A node project with `e2b@JS_SDK`, cached under target/. None when npm cannot be reached.
@@ -138,7 +64,7 @@ fn js_sdk() -> Option<PathBuf> {
             return true;
         }
         let log = text(&o);
-        if unreachable(&log) {
+        if registry_unreachable(&log) {
             eprintln!(
                 "skipping: the npm registry is unreachable, cannot install e2b@{JS_SDK}:\n{log}"
             );

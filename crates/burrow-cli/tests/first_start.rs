@@ -33,22 +33,23 @@ fn first_start_prints_a_key_once_and_configures_the_cli() {
     };
     let start = |log: &std::path::Path| {
         let f = std::fs::File::create(log).unwrap();
-        Command::new(BURROW)
-            .args([
-                "up",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen",
-                &listen,
-            ])
-            .env("HOME", &home)
-            .env_remove("BURROW_ADMIN_KEY")
-            .env_remove("XDG_CONFIG_HOME")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .unwrap()
+        let mut cmd = Command::new(BURROW);
+        cmd.args([
+            "up",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            &listen,
+        ])
+        .env("HOME", &home)
+        .env_remove("BURROW_ADMIN_KEY")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("BURROW_PROFILE")
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f);
+        // Dies with this test process, however it ends.
+        spawn_tied(cmd).unwrap()
     };
     let cli = |args: &[&str]| {
         Command::new(BURROW)

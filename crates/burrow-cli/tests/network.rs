@@ -1,4 +1,4 @@
-//! Sandbox networking (issue 3) and ATTACKS.md N1-N7, run for real: `burrow up --network` inside a
+//! Sandbox networking (issue 3) and attacks N1-N7 (docs/threat-model.md), run for real: `burrow up --network` inside a
 //! network namespace this test makes, whose only "internet" is another namespace it makes (see
 //! `common/world.rs`). No packet leaves them. Each test fails if the protection it names is
 //! removed: every "unreachable" check has a twin that shows the same path works when allowed.
@@ -273,7 +273,7 @@ async fn bad_policies_and_ports_get_structured_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad_request"));
 }
 
-// ------------------------------------------------------------------ ATTACKS.md N1-N7
+// ------------------------------------------------------------------ attacks N1-N7
 
 #[tokio::test(flavor = "multi_thread")]
 async fn n1_no_raw_sockets_no_address_theft_no_shared_l2() {

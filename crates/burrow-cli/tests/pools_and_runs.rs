@@ -18,11 +18,12 @@ async fn run_sh(c: &Client, id: &str, script: &str) -> String {
     r.stdout
 }
 
-/// A server with a `tiny` plan (small disk, three tool calls per run) and the given pools.
+/// A server with a `tiny` plan (small disk, three tool calls per run) and the given pools. Its
+/// 64 pids let 250 live sandboxes fit the host's pid budget (docs/adr/0046).
 async fn server(pools: serde_json::Value, extra: &[(&str, &str)]) -> (TestServer, TempFiles) {
     let plans = tempfile::NamedTempFile::new().unwrap();
     let tiny = serde_json::json!([{ "name": "tiny", "limits": {
-        "cpu_millis": 500, "memory_mib": 256, "pids": 128, "disk_mib": 64, "nofile": 1024,
+        "cpu_millis": 500, "memory_mib": 256, "pids": 64, "disk_mib": 64, "nofile": 1024,
         "output_bytes": 1048576, "max_duration_s": 3600, "tool_calls": 3 } },
         { "name": "roomy", "limits": {
         "cpu_millis": 1500, "memory_mib": 768, "pids": 256, "disk_mib": 64, "nofile": 1024,

@@ -338,6 +338,25 @@ impl Client {
             .await
     }
 
+    /// A user's quota: plan, override, effective and usage (admin key required).
+    pub async fn quota(&self, user: &str) -> Result<serde_json::Value, ClientError> {
+        self.json(self.request(Method::GET, &format!("/v1/admin/users/{user}/quota")))
+            .await
+    }
+
+    /// Sets a user's quota override, or with `None` removes it (admin key required).
+    pub async fn set_quota(
+        &self,
+        user: &str,
+        quota: Option<&burrow_types::Quota>,
+    ) -> Result<serde_json::Value, ClientError> {
+        let path = format!("/v1/admin/users/{user}/quota");
+        match quota {
+            Some(q) => self.json(self.request(Method::PUT, &path).json(q)).await,
+            None => self.json(self.request(Method::DELETE, &path)).await,
+        }
+    }
+
     /// Gives a user another plan (admin key required). Returns the server's JSON: the user and
     /// `plans_allowed`.
     pub async fn set_user_plan(

@@ -183,7 +183,9 @@ pub fn resolve_user(spec: Option<&str>) -> Result<User, Fail> {
         }),
         _ => Err(Fail::new(
             codes::BAD_REQUEST,
-            format!("unknown user {spec:?}"),
+            format!(
+                "unknown user {spec:?}; use \"root\", \"user\", a numeric uid or a name in the sandbox's /etc/passwd"
+            ),
         )),
     }
 }

@@ -1,5 +1,8 @@
 //! Processes started through the guest: spawning (std::process::Command, never tokio::process),
-//! the one reaper, output buffering with bounded memory, stdin, timeouts and signals.
+//! the one reaper, output buffering with bounded memory, stdin, timeouts and signals, and the
+//! adoption of processes that keep a finished command's output pipes (`sh -c 'server &'`): their
+//! output is kept and readable like a background process's, and their pipes never break
+//! (docs/adr/0050).
 //!
 //! Invariant the reaper relies on: the runtime is current-thread, and `spawn` inserts a child into
 //! the table without an `.await` between fork and insert, so the reaper can never see a pid of
@@ -11,7 +14,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use burrow_proto::ExecSpec;
@@ -39,6 +42,10 @@ const POST_EXIT_DRAIN: usize = 4 << 20;
 /// Exited background processes stay listed (and attachable) this long, at most this many.
 const EXITED_TTL: Duration = Duration::from_secs(600);
 const EXITED_KEEP: usize = 64;
+/// How often, and how far apart, the guest looks again for the holder of pipes a command left
+/// when the best candidate is still a fork of that command before its exec (docs/adr/0050).
+const SETTLE_TRIES: u32 = 5;
+const SETTLE_WAIT: Duration = Duration::from_millis(20);
 /// Between SIGTERM and SIGKILL on timeout.
 pub const KILL_GRACE: Duration = Duration::from_secs(2);
 
@@ -87,6 +94,9 @@ struct OutState {
     exit: Option<ExitStatus>,
     exited_at: Option<Instant>,
     timed_out: bool,
+    /// Pipes a pump stopped reading because the process exited while someone else still held
+    /// their write ends; handed on to an adopted process once both pumps are done.
+    leftover: [Option<OwnedFd>; 2],
 }
 
 impl OutState {
@@ -150,12 +160,26 @@ impl OutState {
     }
 }
 
-/// One process started through the guest.
+/// One process started through the guest, or adopted from a command that ended while it still
+/// held that command's output.
 pub struct Proc {
     pub pid: u32,
-    pub cmd: Vec<String>,
+    /// The command line; an adopted process's is read again while it runs (it may have been
+    /// adopted between its fork and its exec, still looking like the shell that forked it).
+    cmd: Mutex<Vec<String>>,
+    adopted: bool,
     pub pty: bool,
     pub background: bool,
+    /// The session whose members may inherit this process's output pipes: a spawned process
+    /// leads its own (`setsid`); an adopted one is a member of its command's session.
+    sid: u32,
+    /// Signals go to the whole process group (a spawned process leads one) or, for an adopted
+    /// process that does not lead its group, to it alone.
+    group: bool,
+    /// For an adopted process that is not the guest's child: its start time, so a signal never
+    /// reaches a reused pid, and its end is noticed by looking (the reaper never sees it).
+    foreign_start: Option<u64>,
+    table: Weak<Table>,
     st: Mutex<OutState>,
     tx: watch::Sender<u64>,
     stdin: Mutex<Option<mpsc::Sender<StdinMsg>>>,
@@ -223,16 +247,39 @@ impl Proc {
         }
     }
 
-    /// Signals the process group, unless the process has already exited (its pid may be reused).
+    /// Signals the process group (an adopted process that leads no group: the process alone),
+    /// unless the process has already exited (its pid may be reused).
     pub fn signal_group(&self, sig: i32) -> Result<(), Fail> {
+        self.check_foreign();
         if self.exit().is_some() {
             return Err(Fail::new(codes::PROCESS_NOT_FOUND, "process has exited"));
         }
         let sig = Signal::try_from(sig)
             .map_err(|_| Fail::new(codes::BAD_REQUEST, format!("invalid signal {sig}")))?;
-        match killpg(Pid::from_raw(self.pid as i32), sig) {
+        let pid = Pid::from_raw(self.pid as i32);
+        let r = if self.group {
+            killpg(pid, sig)
+        } else {
+            nix::sys::signal::kill(pid, sig)
+        };
+        match r {
             Ok(()) | Err(Errno::ESRCH) => Ok(()),
             Err(e) => Err(Fail::io("signal", &io::Error::from(e))),
+        }
+    }
+
+    /// An adopted process that is not our child ends unseen by the reaper: record its end once
+    /// its pid is gone or belongs to a newer process (the pumps then hand its pipes on).
+    fn check_foreign(&self) {
+        let Some(start) = self.foreign_start else {
+            return;
+        };
+        let gone = stat_of(self.pid).is_none_or(|st| st.start != start || st.state == 'Z');
+        if self.exit().is_none() && gone {
+            self.set_exit(ExitStatus {
+                code: None,
+                signal: None,
+            });
         }
     }
 
@@ -254,11 +301,26 @@ impl Proc {
         lock(&self.stdin).clone()
     }
 
+    /// The command line, refreshed for an adopted process that is still `running` (its pid
+    /// cannot belong to anyone else until it is reaped, or for a foreign one, until
+    /// `check_foreign` says it ended).
+    fn cmd(&self, running: bool) -> Vec<String> {
+        let mut cmd = lock(&self.cmd);
+        if self.adopted && running {
+            let now = cmdline(self.pid);
+            if !now.is_empty() {
+                *cmd = now;
+            }
+        }
+        cmd.clone()
+    }
+
     pub fn info(&self) -> ProcessInfo {
+        self.check_foreign();
         let exit = self.exit();
         ProcessInfo {
             pid: self.pid,
-            cmd: self.cmd.clone(),
+            cmd: self.cmd(exit.is_none()),
             pty: self.pty,
             running: exit.is_none(),
             exit_code: exit.and_then(|e| e.code),
@@ -386,7 +448,8 @@ impl Table {
 
     pub fn list(&self) -> Vec<ProcessInfo> {
         self.prune();
-        let mut v: Vec<ProcessInfo> = lock(&self.procs).values().map(|p| p.info()).collect();
+        let procs: Vec<Arc<Proc>> = lock(&self.procs).values().cloned().collect();
+        let mut v: Vec<ProcessInfo> = procs.iter().map(|p| p.info()).collect();
         v.sort_by_key(|p| p.pid);
         v
     }
@@ -438,6 +501,111 @@ impl Table {
                 self.remove(&p);
             }
         }
+    }
+
+    /// Hands the output pipes `from` left behind (still held by others after it exited) to the
+    /// process that holds them: a member of `from`'s session, those seen holding the pipes and
+    /// the guest's own children (orphans reparented to it) first, else any process whose open
+    /// files show the pipes. It becomes a background entry, listed and attachable like one, with
+    /// the last [`OUT_CAP`] of each stream kept. With no holder to be found, the pipes are still
+    /// read to their end, so no writer ever meets a broken pipe (docs/adr/0050).
+    fn adopt(self: &Arc<Self>, from: &Proc, fds: [Option<OwnedFd>; 2]) {
+        let leaver = Leaver {
+            sid: from.sid,
+            pty: from.pty,
+            cmd: from.cmd(false),
+        };
+        let table = self.clone();
+        tokio::spawn(async move {
+            let mut fds = fds;
+            for attempt in 0.. {
+                match table.try_adopt(&leaver, fds, attempt < SETTLE_TRIES) {
+                    Ok(()) => return,
+                    Err(back) => fds = back,
+                }
+                // Meanwhile the output waits in the pipes; a writer blocks, never fails.
+                tokio::time::sleep(SETTLE_WAIT).await;
+            }
+        });
+    }
+
+    /// One look for the holder. `Err` gives the pipes back when the best candidate still looks
+    /// like a fork of the leaver that has not exec'd (or redirected its output) yet and
+    /// `may_wait`: `sh -c 'a >log & b &'` exits before its children have settled.
+    fn try_adopt(
+        self: &Arc<Self>,
+        leaver: &Leaver,
+        fds: [Option<OwnedFd>; 2],
+        may_wait: bool,
+    ) -> Result<(), [Option<OwnedFd>; 2]> {
+        let me = std::process::id();
+        let inodes: Vec<u64> = fds.iter().flatten().filter_map(pipe_inode).collect();
+        let taken: Vec<u32> = lock(&self.procs).keys().copied().collect();
+        let candidates: Vec<ProcStat> = all_pids()
+            .filter(|pid| *pid != me && !taken.contains(pid))
+            .filter_map(stat_of)
+            .filter(|st| st.state != 'Z')
+            .collect();
+        // Session members, except those whose open files we can see and which lack the pipes
+        // (a job that redirected its output); failing that, anyone seen holding them (a process
+        // that left the session with `setsid`).
+        let mut holders: Vec<(&ProcStat, Option<bool>)> = candidates
+            .iter()
+            .filter(|st| st.sid == leaver.sid)
+            .map(|st| (st, holds_any(st.pid, &inodes)))
+            .filter(|(_, holds)| *holds != Some(false))
+            .collect();
+        if holders.is_empty() {
+            holders = candidates
+                .iter()
+                .map(|st| (st, holds_any(st.pid, &inodes)))
+                .filter(|(_, holds)| *holds == Some(true))
+                .collect();
+        }
+        let best = holders
+            .into_iter()
+            .min_by_key(|(st, holds)| (*holds != Some(true), st.ppid != me, st.pid));
+        let Some((st, _)) = best else {
+            for fd in fds.into_iter().flatten() {
+                if let Ok(afd) = sys::register(fd) {
+                    tokio::spawn(discard(afd));
+                }
+            }
+            return Ok(());
+        };
+        let cmd = cmdline(st.pid);
+        if may_wait && cmd == leaver.cmd {
+            return Err(fds);
+        }
+        let mut out = OutState::default();
+        for (s, fd) in fds.iter().enumerate() {
+            out.done[s] = fd.is_none();
+        }
+        let (tx, _) = watch::channel(0u64);
+        let proc = Arc::new(Proc {
+            pid: st.pid,
+            cmd: Mutex::new(cmd),
+            adopted: true,
+            pty: leaver.pty,
+            background: true,
+            sid: st.sid,
+            group: st.pgrp == st.pid,
+            foreign_start: (st.ppid != me).then_some(st.start),
+            table: Arc::downgrade(self),
+            st: Mutex::new(out),
+            tx,
+            stdin: Mutex::new(None),
+            master: None,
+        });
+        // No `.await` since the scan: the reaper cannot have seen this pid end yet.
+        lock(&self.procs).insert(proc.pid, proc.clone());
+        self.prune();
+        for (s, fd) in fds.into_iter().enumerate() {
+            if let Some(fd) = fd {
+                spawn_pump(proc.clone(), s, fd);
+            }
+        }
+        Ok(())
     }
 
     /// Starts a process; returns it with a subscriber registered before any output exists.
@@ -595,9 +763,14 @@ impl Table {
         let (stdin_tx, stdin_rx) = mpsc::channel(4);
         let proc = Arc::new(Proc {
             pid,
-            cmd: spec.argv.clone(),
+            cmd: Mutex::new(spec.argv.clone()),
+            adopted: false,
             pty: with_tty,
             background: spec.background,
+            sid: pid,
+            group: true,
+            foreign_start: None,
+            table: Arc::downgrade(self),
             st: Mutex::new(st),
             tx,
             stdin: Mutex::new(in_fd.as_ref().map(|_| stdin_tx)),
@@ -659,10 +832,13 @@ fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Moves output from one pipe (or the pty master) into the process's buffer, pausing while the
 /// slowest reader is [`OUT_CAP`] behind. Never pauses when nobody is attached (background).
+/// Once the process has exited, what is already in the pipe is taken; if someone else still
+/// holds the pipe open, it is handed on ([`Table::adopt`]) instead of closed.
 async fn pump(proc: Arc<Proc>, s: usize, fd: AsyncFd<OwnedFd>) {
     let mut rx = proc.tx.subscribe();
     let mut buf = vec![0u8; READ_BUF];
     let mut after_exit = 0usize;
+    let mut held_by_others = false;
     loop {
         rx.borrow_and_update();
         let (allowed, exited) = {
@@ -677,7 +853,8 @@ async fn pump(proc: Arc<Proc>, s: usize, fd: AsyncFd<OwnedFd>) {
         }
         if exited {
             // The process is gone: take what is already in the pipe, stop at the first "empty"
-            // (a daemon holding the pipe open must not keep the stream alive).
+            // (a daemon holding the pipe open must not keep the stream alive, but it must not
+            // find its output broken either: the pipe is handed on).
             match read_fd(fd.get_ref(), &mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
@@ -685,11 +862,16 @@ async fn pump(proc: Arc<Proc>, s: usize, fd: AsyncFd<OwnedFd>) {
                     lock(&proc.st).push(s, &buf[..n], proc.background);
                     proc.bump();
                     if after_exit > POST_EXIT_DRAIN {
+                        held_by_others = true;
                         break;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break, // WouldBlock, or EIO from a pty whose slave is closed
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    held_by_others = true;
+                    break;
+                }
+                Err(_) => break, // EIO from a pty whose slave is closed
             }
             continue;
         }
@@ -714,8 +896,154 @@ async fn pump(proc: Arc<Proc>, s: usize, fd: AsyncFd<OwnedFd>) {
             }
         }
     }
-    lock(&proc.st).done[s] = true;
+    let handed_on = {
+        let mut st = lock(&proc.st);
+        st.done[s] = true;
+        if held_by_others {
+            st.leftover[s] = Some(fd.into_inner());
+        }
+        let all_done = st.done[0] && st.done[1];
+        all_done.then(|| std::mem::take(&mut st.leftover))
+    };
+    if handed_on.is_some() && proc.foreign_start.is_some() {
+        // Every holder of its pipes is gone; it may have ended unseen.
+        proc.check_foreign();
+    }
     proc.bump();
+    if let Some(fds) = handed_on.filter(|fds| fds.iter().any(Option::is_some)) {
+        if let Some(table) = proc.table.upgrade() {
+            table.adopt(&proc, fds);
+        }
+    }
+}
+
+/// Reads a pipe nobody can be found holding until its writers are gone, so none of them ever
+/// gets EPIPE; the output goes nowhere.
+async fn discard(fd: AsyncFd<OwnedFd>) {
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        let Ok(mut guard) = fd.readable().await else {
+            return;
+        };
+        match guard.try_io(|inner| read_fd(inner.get_ref(), &mut buf)) {
+            Ok(Ok(0)) => return,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(Err(_)) => return,
+            Err(_would_block) => {}
+        }
+    }
+}
+
+/// What adoption needs of the process that left its pipes behind.
+struct Leaver {
+    sid: u32,
+    pty: bool,
+    cmd: Vec<String>,
+}
+
+/// What the guest needs of `/proc/<pid>/stat`.
+struct ProcStat {
+    pid: u32,
+    state: char,
+    ppid: u32,
+    pgrp: u32,
+    sid: u32,
+    /// Clock ticks after boot; with the pid, names one process for good.
+    start: u64,
+}
+
+fn stat_of(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `comm` (field 2) is in parentheses and may hold anything, so parse after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (state); field N is f[N - 3].
+    Some(ProcStat {
+        pid,
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        sid: f.get(3)?.parse().ok()?,
+        start: f.get(19)?.parse().ok()?,
+    })
+}
+
+fn all_pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
+
+fn pipe_inode(fd: &OwnedFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd.as_raw_fd())
+        .ok()
+        .map(|st| st.st_ino)
+}
+
+/// Whether `pid` has one of the pipes open; `None` where we may not look. The guest lacks
+/// CAP_SYS_PTRACE, so it reads another user's `/proc/<pid>/fd` links as that user: the kernel
+/// judges that access by the filesystem uid and gid, which are per thread and put back at once.
+fn holds_any(pid: u32, inodes: &[u64]) -> Option<bool> {
+    let _as = FsIdentity::of(pid)?;
+    let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let mut seen = 0usize;
+    for entry in rd {
+        let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+        seen += 1;
+        let ino = link.to_str().and_then(|l| {
+            l.strip_prefix("pipe:[")?
+                .strip_suffix(']')?
+                .parse::<u64>()
+                .ok()
+        });
+        if ino.is_some_and(|ino| inodes.contains(&ino)) {
+            return Some(true);
+        }
+    }
+    // An empty listing says nothing (a process mid-exec, or one we were not shown).
+    (seen > 0).then_some(false)
+}
+
+/// This thread's filesystem uid and gid set to a process's owner while it lives, then restored.
+/// Only the calling thread changes (the raw syscalls, not the process-wide `setuid` family), and
+/// nothing else runs on it meanwhile: `adopt` does no `.await`.
+struct FsIdentity {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+impl FsIdentity {
+    fn of(pid: u32) -> Option<FsIdentity> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        // `Uid:` and `Gid:` list real, effective, saved and filesystem ids; take the effective.
+        let id = |key: &str| -> Option<u32> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            line.split_whitespace().nth(2)?.parse().ok()
+        };
+        let (uid, gid) = (id("Uid:")?, id("Gid:")?);
+        // The group while still root, the user last; put back in the reverse order (a non-zero
+        // fsuid drops the filesystem capabilities, not CAP_SETUID or CAP_SETGID).
+        let gid = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+        let uid = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+        Some(FsIdentity { uid, gid })
+    }
+}
+
+impl Drop for FsIdentity {
+    fn drop(&mut self) {
+        nix::unistd::setfsuid(self.uid);
+        nix::unistd::setfsgid(self.gid);
+    }
 }
 
 async fn write_all(fd: &AsyncFd<OwnedFd>, mut data: &[u8]) -> io::Result<()> {

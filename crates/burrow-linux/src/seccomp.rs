@@ -1,5 +1,5 @@
 //! The sandbox's seccomp filter: a deny list of the kernel surface agents have no use for and
-//! attackers do (ATTACKS.md K1, K3, K4, K11), answered with EPERM; `clone3` answers ENOSYS so libc
+//! attackers do (attacks K1, K3, K4, K11 in docs/threat-model.md), answered with EPERM; `clone3` answers ENOSYS so libc
 //! falls back to `clone`, whose flags a filter can inspect. Calls from any other architecture or
 //! ABI kill the process. See docs/adr/0003-seccomp-deny-list.md for why a deny list.
 

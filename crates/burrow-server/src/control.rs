@@ -17,20 +17,23 @@ use burrow_types::{
 };
 use tracing::{info, warn};
 
-use crate::auth::new_id;
-
+pub mod admission;
 pub mod net;
 pub mod storage;
 
+pub use admission::{Created, IdempotencyKey, PidBudget};
+
 pub const DEFAULT_IMAGE: &str = "system";
 pub const DEFAULT_HOT_WINDOW: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
-const MAX_METADATA_ENTRIES: usize = 64;
-const MAX_ENV_ENTRIES: usize = 256;
-const MAX_KV_BYTES: usize = 4096;
-const MAX_FILES: usize = 64;
-const MAX_FILES_BYTES: usize = 1024 * 1024;
-const MAX_TASK_BYTES: usize = 64 * 1024;
-const MAX_MEMORY_TOKENS: usize = 64;
+// What a create may hold (the OpenAPI document states the same bounds; lengths in characters).
+/// The longest idle timeout a sandbox can have (a year): any longer is no timeout at all, and
+/// every stored number must fit SQLite's signed 64-bit integers.
+pub use burrow_types::bounds::MAX_TIMEOUT_S;
+use burrow_types::bounds::{
+    ENV_ENTRIES as MAX_ENV_ENTRIES, FILES as MAX_FILES, FILE_CHARS, KEY_CHARS,
+    MEMORY_TOKENS as MAX_MEMORY_TOKENS, MEMORY_TOKEN_CHARS,
+    METADATA_ENTRIES as MAX_METADATA_ENTRIES, PATH_CHARS, TASK_CHARS, VALUE_CHARS,
+};
 /// Where a sandbox's run is readable inside it.
 pub const RUN_FILE: &str = "/etc/burrow/run.json";
 
@@ -46,8 +49,8 @@ pub enum ControlError {
         action: &'static str,
         needs: &'static str,
     },
-    #[error("unknown plan {0:?}")]
-    UnknownPlan(String),
+    #[error("unknown plan {name:?}; {}", choices("plans", known))]
+    UnknownPlan { name: String, known: Vec<String> },
     #[error("plan {plan:?} is above this user's plan {user_plan:?}; allowed: {}", .allowed.join(", "))]
     PlanNotAllowed {
         plan: String,
@@ -56,8 +59,8 @@ pub enum ControlError {
     },
     #[error("{0}")]
     CallbackNotAllowed(String),
-    #[error("unknown image {0:?}")]
-    UnknownImage(String),
+    #[error("unknown image {name:?}; {}", choices("images", known))]
+    UnknownImage { name: String, known: Vec<String> },
     #[error("{0}")]
     BadRequest(String),
     #[error("{}", .0.message)]
@@ -68,8 +71,8 @@ pub enum ControlError {
     RunEnded,
     #[error("the sandbox has no active run")]
     NoActiveRun,
-    #[error("unknown pool {0:?}")]
-    UnknownPool(String),
+    #[error("unknown pool {name:?}; {}", choices("pools", known))]
+    UnknownPool { name: String, known: Vec<String> },
     #[error("guest agent")]
     Guest(#[from] GuestError),
     #[error("node")]
@@ -88,6 +91,44 @@ pub enum ControlError {
     /// A resume failed; the sandbox is back where it was (its files kept) and says why.
     #[error("{}", .0.message)]
     ResumeFailed(ErrorReason),
+    /// A per-user quota would be exceeded; `details` names it (`quota`, `limit`, `observed`).
+    #[error("{}", details["message"].as_str().unwrap_or("quota exceeded"))]
+    QuotaExceeded {
+        details: serde_json::Value,
+        retry_after_s: u64,
+    },
+    /// The host's pid budget is promised to other sandboxes.
+    #[error("{}", .0["message"].as_str().unwrap_or("the host is full"))]
+    HostFull(serde_json::Value),
+    #[error(
+        "this Idempotency-Key was used with a different request; use a new key for a new request"
+    )]
+    IdempotencyKeyReused,
+    #[error("the first request with this Idempotency-Key is still being served; retry later")]
+    IdempotencyInProgress,
+    #[error("{field} must be between {min} and {max}")]
+    OutOfRange {
+        field: &'static str,
+        min: u64,
+        max: u64,
+    },
+}
+
+/// The error for an image this server does not have (only the built-in one, for now).
+pub fn unknown_image(name: String) -> ControlError {
+    ControlError::UnknownImage {
+        name,
+        known: vec![DEFAULT_IMAGE.to_string()],
+    }
+}
+
+/// The valid names, for an error about an unknown one: a user should not have to guess.
+pub fn choices(what: &str, known: &[String]) -> String {
+    if known.is_empty() {
+        return format!("this server has no {what}");
+    }
+    let list: Vec<String> = known.iter().map(|k| format!("{k:?}")).collect();
+    format!("this server has {what} {}", list.join(", "))
 }
 
 /// Serialises lifecycle operations on one sandbox (a delete waits for a create in flight).
@@ -111,7 +152,7 @@ pub struct Control {
     /// Last API activity per sandbox, for idle timeouts. Kept in memory: a database write per exec
     /// would cost more than the exec; after a restart every idle clock starts again.
     activity: Mutex<HashMap<String, std::time::Instant>>,
-    /// How long a paused sandbox keeps its processes before it hibernates (DESIGN.md §3).
+    /// How long a paused sandbox keeps its processes before it hibernates (8 h by default).
     hot_window: std::time::Duration,
     /// Sandbox networking (veth, firewall); `None`: sandboxes have loopback only.
     network: Option<Arc<burrow_node::network::Network>>,
@@ -134,6 +175,8 @@ pub struct Control {
     stopped: tokio::sync::broadcast::Sender<String>,
     /// Watermark and overcommit of the data filesystem; `None`: not checked.
     storage: Option<storage::StorageGuard>,
+    /// Quotas, the host's pid budget and creates in flight (`control/admission.rs`).
+    pub(crate) admission: admission::Admission,
 }
 
 impl Control {
@@ -160,7 +203,14 @@ impl Control {
             )),
             stopped: tokio::sync::broadcast::channel(1024).0,
             storage: None,
+            admission: admission::Admission::default(),
         }
+    }
+
+    /// The host's pid budget: `None` turns it off.
+    pub fn with_pid_budget(mut self, budget: Option<PidBudget>) -> Control {
+        self.admission = self.admission.with_pid_budget(budget);
+        self
     }
 
     pub fn with_storage(mut self, guard: storage::StorageGuard) -> Control {
@@ -303,6 +353,14 @@ impl Control {
         self.plans.contains_key(name)
     }
 
+    /// The error for a plan this server does not have, naming the ones it has.
+    pub fn unknown_plan(&self, name: &str) -> ControlError {
+        ControlError::UnknownPlan {
+            name: name.to_string(),
+            known: self.plan_names(),
+        }
+    }
+
     pub fn plan_names(&self) -> Vec<String> {
         self.plans.keys().cloned().collect()
     }
@@ -320,8 +378,18 @@ impl Control {
         user: &User,
         req: CreateSandbox,
     ) -> Result<Sandbox, ControlError> {
+        Ok(self.create_with(user, req, None).await?.sandbox)
+    }
+
+    /// A create with an optional idempotency key (see `control/admission.rs`).
+    pub async fn create_with(
+        self: &Arc<Self>,
+        user: &User,
+        req: CreateSandbox,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Created, ControlError> {
         let (this, user) = (self.clone(), user.clone());
-        tokio::spawn(async move { this.create_now(&user, req).await }).await?
+        tokio::spawn(async move { this.create_once(&user, req, key).await }).await?
     }
 
     pub async fn destroy(self: &Arc<Self>, user: &User, id: &str) -> Result<(), ControlError> {
@@ -350,14 +418,19 @@ impl Control {
 
     /// A new sandbox for `user`: claimed from a warm pool when one matches (its context injected),
     /// otherwise built cold at once. Nothing waits for a pool.
-    async fn create_now(&self, user: &User, req: CreateSandbox) -> Result<Sandbox, ControlError> {
+    async fn create_now(
+        &self,
+        user: &User,
+        req: CreateSandbox,
+        id: String,
+    ) -> Result<Sandbox, ControlError> {
         // Counted while it runs: the replenisher yields to creates (see `pool::replenish`).
         let _in_flight = CreateInFlight::start(self);
         let plan_name = req.plan.clone().unwrap_or_else(|| user.plan.clone());
         let plan = self
             .plans
             .get(&plan_name)
-            .ok_or_else(|| ControlError::UnknownPlan(plan_name.clone()))?
+            .ok_or_else(|| self.unknown_plan(&plan_name))?
             .clone();
         self.check_plan(user, &plan)?;
         let image = req
@@ -365,7 +438,7 @@ impl Control {
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if image != DEFAULT_IMAGE {
-            return Err(ControlError::UnknownImage(image));
+            return Err(unknown_image(image));
         }
         validate_map("env", &req.env, MAX_ENV_ENTRIES, true)?;
         validate_map("metadata", &req.metadata, MAX_METADATA_ENTRIES, false)?;
@@ -377,11 +450,7 @@ impl Control {
         }
         self.check_callback(req.run.as_ref()).await?;
         let hostname = req.hostname.as_deref().map(validate_hostname).transpose()?;
-        if req.timeout_s == Some(0) {
-            return Err(ControlError::BadRequest(
-                "timeout_s must be positive (leave it out for no timeout)".into(),
-            ));
-        }
+        validate_timeout(req.timeout_s)?;
         let claim = Claim {
             owner_id: user.id.clone(),
             plan: plan.name.clone(),
@@ -402,12 +471,15 @@ impl Control {
         let network = self.network_for_create(req.network)?;
         // A warm sandbox's disk is already promised; what it will write is not yet on the disk.
         self.check_free_space("a new sandbox")?;
+        // Quotas and the host's pid budget, last: nothing is made past them.
+        let admitted = self.admit(user, &plan, &id).await?;
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
         }
         self.check_new_disk(plan.limits.disk_mib)?;
-        let id = new_id(20);
+        // A cold build adds a computer: the host's pid budget must have room for it.
+        self.admit_build(&admitted).await?;
         let rec = SandboxRecord {
             id: id.clone(),
             owner_id: claim.owner_id,
@@ -599,7 +671,7 @@ impl Control {
     }
 
     /// The caller's sandbox, or `NotFound` — the same answer for another tenant's id as for an id
-    /// that never existed (ATTACKS.md A1).
+    /// that never existed (attack A1 in docs/threat-model.md).
     pub fn record(&self, user: &User, id: &str) -> Result<SandboxRecord, ControlError> {
         match self.store.sandbox(id)? {
             Some(r) if r.owner_id == user.id && r.state != SandboxState::Destroyed => Ok(r),
@@ -826,11 +898,7 @@ impl Control {
         req: SetTimeout,
     ) -> Result<Sandbox, ControlError> {
         let mut rec = self.record(user, id)?;
-        if req.timeout_s == Some(0) {
-            return Err(ControlError::BadRequest(
-                "timeout_s must be positive (null turns it off)".into(),
-            ));
-        }
+        validate_timeout(req.timeout_s)?;
         rec.timeout_s = req.timeout_s;
         rec.on_timeout = req.on_timeout.unwrap_or(rec.on_timeout);
         self.store.set_timeout(id, rec.timeout_s, rec.on_timeout)?;
@@ -1203,7 +1271,7 @@ impl Control {
         Ok(())
     }
 
-    /// Makes the store and the host agree after a start (DESIGN.md §3, crash safety). Every
+    /// Makes the store and the host agree after a start (docs/architecture.md, crash safety). Every
     /// row is checked against the host, whatever its state, and a transition a crash cut short
     /// (the row's intent) is finished or undone; anything on the host without a live row is
     /// removed. A sandbox whose files are kept is never cleaned because of an error here: its
@@ -1341,7 +1409,7 @@ impl Control {
                     return Ok(false);
                 }
                 // The processes are gone (a host reboot, a crash) but the disk is not: the
-                // sandbox comes back cold on the next resume (DESIGN.md §3). If what is left
+                // sandbox comes back cold on the next resume, its files kept. If what is left
                 // cannot be stopped, the files still stay and the row says why.
                 match self.stop_on_host(&id, runtime_of(rec)).await {
                     Ok(()) => self.store.set_hibernated(&id)?,
@@ -1560,6 +1628,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// An idle timeout is 1 s to a year (`None`: no timeout).
+pub fn validate_timeout(t: Option<u64>) -> Result<(), ControlError> {
+    match t {
+        Some(t) if !(1..=MAX_TIMEOUT_S).contains(&t) => Err(ControlError::OutOfRange {
+            field: "timeout_s",
+            min: 1,
+            max: MAX_TIMEOUT_S,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn validate_hostname(h: &str) -> Result<String, ControlError> {
     let ok = !h.is_empty()
         && h.len() <= 63
@@ -1576,15 +1656,22 @@ fn validate_hostname(h: &str) -> Result<String, ControlError> {
 }
 
 fn validate_files(files: &BTreeMap<String, String>) -> Result<(), ControlError> {
-    let total: usize = files.iter().map(|(k, v)| k.len() + v.len()).sum();
-    if files.len() > MAX_FILES || total > MAX_FILES_BYTES {
+    if files.len() > MAX_FILES {
         return Err(ControlError::BadRequest(format!(
-            "files: at most {MAX_FILES} files and {MAX_FILES_BYTES} bytes at create (upload more with PUT .../files)"
+            "files: at most {MAX_FILES} files at create (upload more with PUT .../files)"
         )));
     }
-    if let Some(bad) = files.keys().find(|p| p.is_empty() || p.contains('\0')) {
+    if let Some(bad) = files
+        .keys()
+        .find(|p| p.is_empty() || p.contains('\0') || p.chars().count() > PATH_CHARS)
+    {
         return Err(ControlError::BadRequest(format!(
-            "files: path {bad:?} is empty or contains NUL"
+            "files: path {bad:?} is empty, over {PATH_CHARS} characters or contains NUL"
+        )));
+    }
+    if let Some((p, _)) = files.iter().find(|(_, v)| v.chars().count() > FILE_CHARS) {
+        return Err(ControlError::BadRequest(format!(
+            "files: {p:?} is over {FILE_CHARS} characters (upload it with PUT .../files)"
         )));
     }
     Ok(())
@@ -1592,17 +1679,20 @@ fn validate_files(files: &BTreeMap<String, String>) -> Result<(), ControlError> 
 
 fn validate_run(run: &RunSpec) -> Result<(), ControlError> {
     validate_map("run.env", &run.env, MAX_ENV_ENTRIES, true)?;
-    if run.task.len() > MAX_TASK_BYTES {
+    let task = run.task.chars().count();
+    if task > TASK_CHARS {
         return Err(ControlError::BadRequest(format!(
-            "run.task is {} bytes, at most {MAX_TASK_BYTES} allowed",
-            run.task.len()
+            "run.task is {task} characters, at most {TASK_CHARS} allowed"
         )));
     }
     if run.memory_tokens.len() > MAX_MEMORY_TOKENS
-        || run.memory_tokens.iter().any(|t| t.len() > MAX_KV_BYTES)
+        || run
+            .memory_tokens
+            .iter()
+            .any(|t| t.chars().count() > MEMORY_TOKEN_CHARS)
     {
         return Err(ControlError::BadRequest(format!(
-            "run.memory_tokens: at most {MAX_MEMORY_TOKENS} tokens of {MAX_KV_BYTES} bytes each"
+            "run.memory_tokens: at most {MAX_MEMORY_TOKENS} tokens of {MEMORY_TOKEN_CHARS} characters each"
         )));
     }
     if let Some(url) = &run.callback_url {
@@ -1611,7 +1701,7 @@ fn validate_run(run: &RunSpec) -> Result<(), ControlError> {
     Ok(())
 }
 
-fn validate_map(
+pub fn validate_map(
     what: &str,
     map: &BTreeMap<String, String>,
     max_entries: usize,
@@ -1624,10 +1714,14 @@ fn validate_map(
         )));
     }
     for (k, v) in map {
-        if k.is_empty() || k.len() + v.len() > MAX_KV_BYTES || k.contains('\0') || v.contains('\0')
+        if k.is_empty()
+            || k.chars().count() > KEY_CHARS
+            || v.chars().count() > VALUE_CHARS
+            || k.contains('\0')
+            || v.contains('\0')
         {
             return Err(ControlError::BadRequest(format!(
-                "{what} entry {k:?} is empty, too long (over {MAX_KV_BYTES} bytes) or contains NUL"
+                "{what} entry {k:?} is empty, too long (names up to {KEY_CHARS} characters, values up to {VALUE_CHARS}) or contains NUL"
             )));
         }
         if env_names && k.contains('=') {
@@ -1659,7 +1753,7 @@ mod tests {
             .map(|i| (format!("f{i}"), String::new()))
             .collect();
         assert!(validate_files(&many).is_err());
-        let big = BTreeMap::from([("f".to_string(), "x".repeat(MAX_FILES_BYTES))]);
+        let big = BTreeMap::from([("f".to_string(), "x".repeat(FILE_CHARS + 1))]);
         assert!(validate_files(&big).is_err());
         for bad in ["", "a\0b"] {
             let m = BTreeMap::from([(bad.to_string(), String::new())]);
@@ -1668,7 +1762,7 @@ mod tests {
 
         assert!(validate_run(&RunSpec::default()).is_ok());
         let long_task = RunSpec {
-            task: "x".repeat(MAX_TASK_BYTES + 1),
+            task: "x".repeat(TASK_CHARS + 1),
             ..Default::default()
         };
         assert!(validate_run(&long_task).is_err());

@@ -1,5 +1,5 @@
 //! The burrow server: REST + WebSocket API, the control layer, and the local node, in one process
-//! with an embedded SQLite database (DESIGN.md §9, embedded default).
+//! with an embedded SQLite database (the single-machine default; docs/adr/0005).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +18,7 @@ mod dns;
 pub mod e2b;
 pub mod egress;
 pub mod pool;
+pub mod serve;
 
 use control::Control;
 
@@ -45,6 +46,11 @@ pub struct ServerConfig {
     pub min_free_mib: Option<u64>,
     /// Sandbox disks (sparse) may promise this many times the data filesystem's size.
     pub disk_overcommit: Option<f64>,
+    /// Connection caps and timeouts of the API; derived from the open-files limit when unset.
+    pub serve_limits: Option<serve::ServeLimits>,
+    /// Pids kept for the host: sandboxes' pid limits may add up to `pid_max` minus this (an
+    /// eighth of `pid_max`, at least 2048, when unset).
+    pub pid_reserve: Option<u64>,
     /// Ranges run callbacks may reach although the callback rules refuse them (loopback, private
     /// ranges, ...); never the sandboxes' range (`burrow up --callback-allow`).
     pub callback_allow: Vec<ipnet::IpNet>,
@@ -73,6 +79,12 @@ pub enum ServerError {
     E2b(#[from] e2b::FacadeError),
     #[error("sandbox network")]
     Network(#[from] burrow_node::network::NetError),
+    #[error(
+        "{path} is mode {mode:04o}: sandboxes run as unprivileged host users and must be able to \
+         pass through every directory above their files; give it search permission for others \
+         (at least mode 0711: chmod o+x {path})"
+    )]
+    DataDirNotTraversable { path: PathBuf, mode: u32 },
     #[error("--callback-ca is not a PEM bundle of certificates")]
     CallbackCa(#[source] reqwest::Error),
     #[error("run callbacks: {0}")]
@@ -97,6 +109,53 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     egress: Option<tokio::net::TcpListener>,
     state: api::AppState,
+    limits: serve::ServeLimits,
+}
+
+/// Makes the data directory (mode 0711) or checks an existing one. Sandboxes' root users are
+/// unprivileged host uids that must pass through it (and every directory above it) to reach their
+/// own files: the data directory itself is given search permission for others if it lacks it
+/// (nothing in it becomes listable), and an ancestor without it stops the start with a message
+/// naming it, rather than every create failing later with `EACCES`.
+fn prepare_data_dir(dir: &std::path::Path) -> Result<(), ServerError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let err = |path: &std::path::Path| {
+        let path = path.to_path_buf();
+        move |source| ServerError::DataDir { path, source }
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .map_err(err(dir))?;
+    }
+    let dir = std::fs::canonicalize(dir).map_err(err(dir))?;
+    let mode = std::fs::metadata(&dir)
+        .map_err(err(&dir))?
+        .permissions()
+        .mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(
+            &dir,
+            std::fs::Permissions::from_mode((mode | 0o011) & 0o7777),
+        )
+        .map_err(err(&dir))?;
+        info!(data_dir = %dir.display(), "gave the data directory search permission for others (sandboxes pass through it)");
+    }
+    for parent in dir.ancestors().skip(1) {
+        let mode = std::fs::metadata(parent)
+            .map_err(err(parent))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(ServerError::DataDirNotTraversable {
+                path: parent.to_path_buf(),
+                mode: mode & 0o7777,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A key made once and kept in the data directory (0600), so what it signs survives restarts:
@@ -136,7 +195,7 @@ impl Server {
             path: cfg.data_dir.clone(),
             source,
         };
-        std::fs::create_dir_all(&cfg.data_dir).map_err(dir_err)?;
+        prepare_data_dir(&cfg.data_dir)?;
         let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
         let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
@@ -147,6 +206,12 @@ impl Server {
         }
         let secret = key_file(&cfg.data_dir, "secret", false).map_err(dir_err)?;
         let callback_key = key_file(&cfg.data_dir, "callback.key", true).map_err(dir_err)?;
+        let pid_budget = control::admission::host_pid_max().map(|pid_max| control::PidBudget {
+            pid_max,
+            reserve: cfg
+                .pid_reserve
+                .unwrap_or_else(|| control::admission::default_pid_reserve(pid_max)),
+        });
         let sandbox_range = cfg.network.as_ref().and_then(|n| {
             ipnet::Ipv4Net::new(n.range.network(), n.range.prefix)
                 .ok()
@@ -165,6 +230,7 @@ impl Server {
         );
         callbacks.ready().map_err(ServerError::Callbacks)?;
         let mut control = Control::new(store, Arc::new(backend), plans)
+            .with_pid_budget(pid_budget)
             .with_hot_window(cfg.hot_window)
             .with_callbacks(callbacks)
             .with_secret(secret)
@@ -202,6 +268,15 @@ impl Server {
             std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
         )?);
         let report = control.reconcile().await?;
+        // Creates cut short by the last stop: their keys answer with what reconcile made of the
+        // sandbox, or are forgotten if none was made.
+        let (kept, dropped) = control.store().settle_idempotency_keys()?;
+        if kept + dropped > 0 {
+            info!(
+                kept,
+                dropped, "settled idempotency keys of interrupted creates"
+            );
+        }
         for (name, spec) in cfg.pools {
             control.put_pool(&name, spec)?;
         }
@@ -228,12 +303,16 @@ impl Server {
                 addr: cfg.listen,
                 source,
             })?;
+        let limits = cfg.serve_limits.unwrap_or_else(|| {
+            serve::ServeLimits::from_open_files(serve::raise_open_files_limit())
+        });
         Ok(Server {
             bootstrap,
             local_addr,
             listener,
             egress,
             state: api::AppState { control, e2b },
+            limits,
         })
     }
 
@@ -275,9 +354,7 @@ impl Server {
             }
         });
         let app = api::router(self.state);
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = serve::serve(self.listener, app, self.limits, shutdown).await;
         enforcer.abort();
         if let Some(p) = proxy {
             p.abort();

@@ -1,4 +1,4 @@
-//! Warm pools (DESIGN.md §4): sandboxes built ahead of time, owned by the internal pool user, and
+//! Warm pools (docs/adr/0007): sandboxes built ahead of time, owned by the internal pool user, and
 //! handed to a create in one SQL statement. The replenisher keeps each pool at its target size.
 
 use burrow_store::{now_rfc3339, now_unix, Claim, PoolRecord, SandboxRecord, POOL_OWNER};
@@ -106,11 +106,11 @@ impl Control {
         }
         let image = spec.image.unwrap_or_else(|| DEFAULT_IMAGE.to_string());
         if image != DEFAULT_IMAGE {
-            return Err(ControlError::UnknownImage(image));
+            return Err(crate::control::unknown_image(image));
         }
         let plan = spec.plan.unwrap_or_else(|| "free".to_string());
         if self.plan(&plan).is_none() {
-            return Err(ControlError::UnknownPlan(plan));
+            return Err(self.unknown_plan(&plan));
         }
         if spec.size > MAX_POOL_SIZE {
             return Err(ControlError::BadRequest(format!(
@@ -123,18 +123,29 @@ impl Control {
         self.pools()?
             .into_iter()
             .find(|p| p.name == name)
-            .ok_or_else(|| ControlError::UnknownPool(name.to_string()))
+            .ok_or_else(|| self.unknown_pool(name))
     }
 
     /// Forgets a pool and destroys its warm sandboxes (claimed ones are their users' now).
     pub async fn delete_pool(&self, name: &str) -> Result<(), ControlError> {
         if !self.store().delete_pool(name)? {
-            return Err(ControlError::UnknownPool(name.to_string()));
+            return Err(self.unknown_pool(name));
         }
         for rec in self.store().warm_sandboxes(name)? {
             self.destroy_warm(&rec).await;
         }
         Ok(())
+    }
+
+    /// The error for a pool that does not exist, naming the ones that do.
+    fn unknown_pool(&self, name: &str) -> ControlError {
+        ControlError::UnknownPool {
+            name: name.to_string(),
+            known: self
+                .pools()
+                .map(|ps| ps.into_iter().map(|p| p.name).collect())
+                .unwrap_or_default(),
+        }
     }
 
     pub fn pools(&self) -> Result<Vec<PoolStatus>, ControlError> {
@@ -265,6 +276,8 @@ impl Control {
             tool_calls: 0,
             network: self.warm_network(),
         };
+        // Warm sandboxes take their share of the host's pid budget like any other.
+        let _admitted = self.admit_warm(&plan.limits, &id).await?;
         let lock = self.lock_of(&id);
         let _guard = lock.lock().await;
         // The pool may have been deleted since this round began (its delete listed its warm
@@ -314,7 +327,7 @@ impl Control {
     }
 
     /// Under memory pressure, paused sandboxes hibernate before their hot window ends, the
-    /// longest-paused first, one per call (DESIGN.md §3).
+    /// longest-paused first, one per call: hibernating keeps their files and frees their memory.
     pub(crate) async fn relieve_memory_pressure(&self) {
         let Some(avail) = meminfo("MemAvailable:").map(|kib| kib / 1024) else {
             return;

@@ -67,7 +67,25 @@ const MIGRATIONS: &[&str] = &[
         VALUES ('pool', '(warm pool)', 'free', 0, '1970-01-01T00:00:00Z');",
     // 5: network settings (egress policy, public ports) as JSON.
     "ALTER TABLE sandboxes ADD COLUMN network TEXT;",
-    // 6: the lifecycle transition in flight (pausing, resuming, hibernating, destroying), written
+    // 6: idempotency keys of creates (per user, expiring) and per-user quota overrides.
+    "CREATE TABLE idempotency_keys (
+        user_id TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        sandbox_id TEXT NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        PRIMARY KEY (user_id, key)
+    );
+    CREATE INDEX idempotency_keys_expiry ON idempotency_keys(expires_at);
+    CREATE TABLE user_quotas (
+        user_id TEXT PRIMARY KEY REFERENCES users(id),
+        quota TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    );
+    CREATE TABLE store_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL);",
+    // 7: the lifecycle transition in flight (pausing, resuming, hibernating, destroying), written
     // before the host is touched so that reconcile can finish or undo it after a crash.
     "ALTER TABLE sandboxes ADD COLUMN intent TEXT;",
 ];

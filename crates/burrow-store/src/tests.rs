@@ -331,3 +331,160 @@ fn no_slot_past_the_top_of_the_uid_ranges_is_handed_out() {
     used.remove(&7);
     assert_eq!(free_slot(&used, top), Some(7));
 }
+
+fn file_store() -> (tempfile::TempDir, std::path::PathBuf, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("burrow.db");
+    let s = Store::open(&path).unwrap();
+    s.create_user("u1", "alice", "free", true).unwrap();
+    (dir, path, s)
+}
+
+#[test]
+fn the_database_and_its_companions_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_dir, path, s) = file_store();
+    s.insert_sandbox(&record("a", "u1")).unwrap();
+    for p in [path.clone(), sidecar(&path, "-wal"), sidecar(&path, "-shm")] {
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", p.display());
+    }
+    // A database an older server made world-readable is made private at the next open.
+    drop(s);
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _s = Store::open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn a_foreign_write_lock_makes_writes_busy_quickly_while_reads_go_on() {
+    let (_dir, path, s) = file_store();
+    s.insert_sandbox(&record("a", "u1")).unwrap();
+    // Another connection (SQLite locks per file, so it contends like another process would).
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let t = std::time::Instant::now();
+    let e = s.set_state("a", SandboxState::Running).unwrap_err();
+    assert!(e.is_busy(), "{e:?}");
+    assert_eq!(e.unavailable_code(), Some(codes::DATABASE_BUSY));
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "a write waited {:?} for a foreign lock",
+        t.elapsed()
+    );
+    // The next writes do not queue behind the lock either, and reads are served meanwhile.
+    assert!(s
+        .set_state("a", SandboxState::Running)
+        .unwrap_err()
+        .is_busy());
+    assert_eq!(
+        s.sandbox("a").unwrap().unwrap().state,
+        SandboxState::Starting
+    );
+    assert_eq!(s.sandboxes_of("u1").unwrap().len(), 1);
+    let h = s.health();
+    assert!(!h.writable);
+    assert_eq!(h.problem.as_ref().map(|p| p.0), Some(codes::DATABASE_BUSY));
+    other.execute_batch("ROLLBACK").unwrap();
+    // Health is probed at most once a second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    s.set_state("a", SandboxState::Running).unwrap();
+    assert!(s.health().writable, "{:?}", s.health());
+}
+
+#[test]
+fn idempotency_keys_hold_one_request_per_user_and_key() {
+    let (_dir, _path, s) = file_store();
+    s.create_user("u2", "bob", "free", false).unwrap();
+    assert_eq!(
+        s.claim_idempotency_key("u1", "k", "fp1", "sb1").unwrap(),
+        IdempotencyClaim::Reserved
+    );
+    // Another user's key of the same name is another key.
+    assert_eq!(
+        s.claim_idempotency_key("u2", "k", "fp9", "sb9").unwrap(),
+        IdempotencyClaim::Reserved
+    );
+    assert_eq!(
+        s.claim_idempotency_key("u1", "k", "fp1", "sb2").unwrap(),
+        IdempotencyClaim::Seen {
+            same_request: true,
+            sandbox_id: "sb1".into(),
+            done: false
+        }
+    );
+    s.finish_idempotency_key("u1", "k", "warm1").unwrap();
+    assert_eq!(
+        s.claim_idempotency_key("u1", "k", "fp2", "sb3").unwrap(),
+        IdempotencyClaim::Seen {
+            same_request: false,
+            sandbox_id: "warm1".into(),
+            done: true
+        }
+    );
+    // A failed create lets the key go; a finished one keeps it.
+    s.release_idempotency_key("u1", "k").unwrap();
+    assert!(s.idempotency_key("u1", "k").unwrap().is_some());
+    s.claim_idempotency_key("u1", "other", "fp", "sb4").unwrap();
+    s.release_idempotency_key("u1", "other").unwrap();
+    assert!(s.idempotency_key("u1", "other").unwrap().is_none());
+    // At start, a pending key with a sandbox row answers with it; one without is forgotten.
+    s.insert_sandbox(&record("sb5", "u1")).unwrap();
+    s.claim_idempotency_key("u1", "made", "fp", "sb5").unwrap();
+    s.claim_idempotency_key("u1", "lost", "fp", "sb6").unwrap();
+    // (bob's pending "k" had no sandbox row either.)
+    assert_eq!(s.settle_idempotency_keys().unwrap(), (1, 2));
+    assert_eq!(
+        s.idempotency_key("u1", "made").unwrap(),
+        Some(("fp".into(), "sb5".into(), true))
+    );
+    assert!(s.idempotency_key("u1", "lost").unwrap().is_none());
+}
+
+#[test]
+fn usage_counts_what_live_sandboxes_were_promised() {
+    let (_dir, _path, s) = file_store();
+    let free = Plan::defaults()[0].limits.clone();
+    for id in ["a", "b", "c", "d"] {
+        s.insert_sandbox(&record(id, "u1")).unwrap();
+    }
+    s.insert_sandbox(&warm("w", "p")).unwrap();
+    s.set_state("b", SandboxState::Hibernated).unwrap();
+    s.set_state("c", SandboxState::Destroyed).unwrap();
+    s.set_error(
+        "d",
+        &burrow_types::ErrorReason {
+            code: "x".into(),
+            message: "x".into(),
+            limit: None,
+            observed: None,
+        },
+    )
+    .unwrap();
+    let u = s.usage_of("u1", &[]).unwrap();
+    assert_eq!(
+        u,
+        Usage {
+            sandboxes: 2,
+            memory_mib: 2 * free.memory_mib,
+            disk_mib: 2 * free.disk_mib
+        }
+    );
+    assert_eq!(s.usage_of("u1", &["a".into()]).unwrap().sandboxes, 1);
+    // Pids are promised host-wide: warm sandboxes count.
+    assert_eq!(s.promised_pids(&[]).unwrap(), 3 * u64::from(free.pids));
+    assert_eq!(
+        s.promised_pids(&["w".into()]).unwrap(),
+        2 * u64::from(free.pids)
+    );
+    let q = burrow_types::Quota {
+        sandboxes: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(s.user_quota("u1").unwrap(), None);
+    s.set_user_quota("u1", Some(&q)).unwrap();
+    assert_eq!(s.user_quota("u1").unwrap(), Some(q));
+    s.set_user_quota("u1", None).unwrap();
+    assert_eq!(s.user_quota("u1").unwrap(), None);
+}

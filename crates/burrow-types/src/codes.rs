@@ -34,6 +34,20 @@ pub const RUN_ENDED: &str = "run_ended";
 pub const NO_RUN: &str = "no_run";
 pub const UNKNOWN_POOL: &str = "unknown_pool";
 pub const SANDBOX_DESTROYED: &str = "sandbox_destroyed";
+/// The database is locked by another process (or every connection is in use): retry shortly.
+pub const DATABASE_BUSY: &str = "database_busy";
+/// The database cannot be written (a read-only file or mount, an I/O error).
+pub const DATABASE_UNAVAILABLE: &str = "database_unavailable";
+/// A per-user quota (live sandboxes, memory, disk, creates per second) would be exceeded.
+pub const QUOTA_EXCEEDED: &str = "quota_exceeded";
+/// The host has no room for another sandbox (its process budget is promised to others).
+pub const HOST_FULL: &str = "host_full";
+/// An `Idempotency-Key` was used before with a different request.
+pub const IDEMPOTENCY_KEY_REUSED: &str = "idempotency_key_reused";
+/// The first request with this `Idempotency-Key` is still being served.
+pub const IDEMPOTENCY_IN_PROGRESS: &str = "idempotency_in_progress";
+/// The client sent its request body too slowly.
+pub const REQUEST_TIMEOUT: &str = "request_timeout";
 pub const PLAN_NOT_ALLOWED: &str = "plan_not_allowed";
 pub const CALLBACK_NOT_ALLOWED: &str = "callback_not_allowed";
 /// The host's data filesystem is (nearly) full, or sandbox disks would promise more than it may.

@@ -9,10 +9,42 @@ pub mod codes;
 pub mod limits;
 pub mod net;
 
-pub use limits::{Limits, Plan};
+pub use limits::{Limits, Plan, Quota};
 pub use net::{NetworkPatch, NetworkPolicy, PortInfo, SandboxNetwork, SetPort};
 
-/// Where a sandbox is in its lifecycle (DESIGN.md §3).
+/// What request bodies may hold. The OpenAPI document states the same bounds, and the server
+/// checks exactly these (lengths in characters, as JSON Schema counts them).
+pub mod bounds {
+    /// Entries of `env` (a create's or a run's).
+    pub const ENV_ENTRIES: usize = 256;
+    /// Entries of `metadata`.
+    pub const METADATA_ENTRIES: usize = 64;
+    /// Characters of a map key (env name, metadata key).
+    pub const KEY_CHARS: usize = 256;
+    /// Characters of a map value.
+    pub const VALUE_CHARS: usize = 4096;
+    /// Files given at create.
+    pub const FILES: usize = 64;
+    /// Characters of one file's content given at create (the 1 MiB body limit bounds them all).
+    pub const FILE_CHARS: usize = 1 << 20;
+    /// Characters of a path (the guest also refuses paths over 4096 bytes).
+    pub const PATH_CHARS: usize = 4096;
+    /// Characters of a run's task.
+    pub const TASK_CHARS: usize = 65536;
+    /// Memory tokens of a run, and characters of each.
+    pub const MEMORY_TOKENS: usize = 64;
+    pub const MEMORY_TOKEN_CHARS: usize = 4096;
+    /// Characters of a callback URL.
+    pub const URL_CHARS: usize = 2048;
+    /// Idle timeouts: 1 s to a year.
+    pub const MAX_TIMEOUT_S: u64 = 365 * 24 * 3600;
+    /// Command timeouts: 1 ms to a week.
+    pub const MAX_EXEC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+    /// Arguments of a command.
+    pub const ARGS: usize = 4096;
+}
+
+/// Where a sandbox is in its lifecycle (docs/architecture.md, "Lifecycle").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -131,6 +163,7 @@ impl OnTimeout {
 #[serde(deny_unknown_fields)]
 pub struct SetTimeout {
     /// Seconds without an API call before `on_timeout` applies; `null` turns the timeout off.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31536000))]
     pub timeout_s: Option<u64>,
     /// Unchanged when absent.
     #[serde(default)]
@@ -138,18 +171,25 @@ pub struct SetTimeout {
 }
 
 /// Body of `POST /v1/sandboxes`. Unknown fields are refused: owner, limits and host paths are the
-/// server's to decide (ATTACKS.md A5).
+/// server's to decide (attack A5 in docs/threat-model.md).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Image name; `system` (the default) is the host's `/usr` read-only with a generated `/etc`.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^system$"))]
     pub image: Option<String>,
-    /// Plan name (`free`, `pro`, `scale`); the default is the user's plan.
+    /// Plan name (`free`, `pro`, `scale`, or one the operator added); the default is the
+    /// user's plan.
     #[serde(default)]
     pub plan: Option<String>,
+    /// A DNS label (stored lower-case); the default is the sandbox's id.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+    )]
     pub hostname: Option<String>,
     /// Environment given to every command run in the sandbox.
     #[serde(default)]
@@ -158,6 +198,7 @@ pub struct CreateSandbox {
     pub metadata: BTreeMap<String, String>,
     /// Idle timeout in seconds (no API call for this long); off when absent.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 31536000))]
     pub timeout_s: Option<u64>,
     /// What the idle timeout does: `destroy` (default) or `pause`. An ephemeral sandbox is
     /// destroyed either way.
@@ -179,19 +220,28 @@ pub struct CreateSandbox {
     pub files: BTreeMap<String, String>,
 }
 
-/// One task given to a sandbox (DESIGN.md §1): what the agent is asked to do and what it needs.
+/// One task given to a sandbox: what the agent is asked to do and what it needs.
 /// Inside the sandbox it is readable at `/etc/burrow/run.json`; its `env` joins the sandbox's env.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunSpec {
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 65536))]
     pub task: String,
     /// Opaque tokens for the agent's memory store.
     #[serde(default)]
     pub memory_tokens: Vec<String>,
-    /// Told (HTTP POST, JSON) when the run ends.
+    /// Told (HTTP POST, JSON, signed) when the run ends: `http://` or `https://`; a target the
+    /// server's callback rules refuse is `403 callback_not_allowed`.
     #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            max_length = 2048,
+            pattern = "^https?://[A-Za-z0-9.-]+(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(/[!-~]*)?$"
+        )
+    )]
     pub callback_url: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -229,13 +279,15 @@ pub enum RunState {
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^system$"))]
     pub image: Option<String>,
     #[serde(default)]
     pub plan: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(maximum = 1000))]
     pub size: u32,
 }
 
-/// A warm pool and how it is doing (DESIGN.md §4).
+/// A warm pool and how it is doing (docs/adr/0007).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PoolStatus {
@@ -263,6 +315,7 @@ pub struct PoolStatus {
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// argv; the first element is looked up in `PATH`.
+    #[cfg_attr(feature = "openapi", schema(min_items = 1, max_items = 4096))]
     pub cmd: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
@@ -271,8 +324,10 @@ pub struct ExecRequest {
     /// `root` (default) or `user`, or a numeric uid.
     #[serde(default)]
     pub user: Option<String>,
-    /// After this the command gets SIGTERM, then SIGKILL after a grace period.
+    /// After this the command gets SIGTERM, then SIGKILL after a grace period (at most a week;
+    /// never past the sandbox's maximum duration).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 604800000))]
     pub timeout_ms: Option<u64>,
     /// Text written to the command's stdin, then closed (buffered exec only).
     #[serde(default)]
@@ -288,7 +343,9 @@ pub struct ExecRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PtySize {
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub cols: u16,
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65535))]
     pub rows: u16,
 }
 

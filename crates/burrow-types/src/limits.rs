@@ -1,4 +1,5 @@
-//! Plans and the limits they give a sandbox (DESIGN.md §6).
+//! Plans and the limits they give a sandbox: `free`, `pro` and `scale` by default, more or
+//! replaced with `burrow up --plans`.
 
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,9 @@ pub const UID_SLOTS: u32 = (u32::MAX - 0x1000_0000) / 65536;
 pub struct Plan {
     pub name: String,
     pub limits: Limits,
+    /// Per-user caps for this plan's users (none by default).
+    #[serde(default)]
+    pub quota: Quota,
 }
 
 pub const MIB: u64 = 1024 * 1024;
@@ -130,6 +134,7 @@ impl Plan {
                 disk_read_iops: DEFAULT_DISK_IOPS * scale,
                 disk_write_iops: DEFAULT_DISK_IOPS * scale,
             },
+            quota: Quota::default(),
         }
     }
 
@@ -140,6 +145,74 @@ impl Plan {
             Plan::with("pro", 1000, 1024, 2 * 3600),
             Plan::with("scale", 2000, 2048, 4 * 3600),
         ]
+    }
+}
+
+/// Caps on what one user may hold at once and how fast they may create (DESIGN.md §6). A plan
+/// sets them for its users; an operator can override them per user. Absent means no cap.
+/// "Live" sandboxes are those not destroyed and not in `error`: starting, running, paused and
+/// hibernated (a hibernated sandbox keeps its disk and gets its memory back when it resumes, so
+/// what it was promised still counts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Live sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1000000))]
+    pub sandboxes: Option<u32>,
+    /// Memory promised to live sandboxes (the sum of their memory limits), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1099511627776_i64))]
+    pub memory_mib: Option<u64>,
+    /// Disk promised to live sandboxes (the sum of their disk sizes: sparse disks are
+    /// promises), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1099511627776_i64))]
+    pub disk_mib: Option<u64>,
+    /// Creates per second, with bursts of as many.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1000000))]
+    pub creates_per_s: Option<u32>,
+}
+
+/// The largest value any quota field takes (what fits every counter with room to spare).
+pub const MAX_QUOTA_SANDBOXES: u32 = 1_000_000;
+pub const MAX_QUOTA_MIB: u64 = 1 << 40;
+
+impl Quota {
+    /// `over` where it says something, `self` elsewhere.
+    pub fn overridden_by(&self, over: &Quota) -> Quota {
+        Quota {
+            sandboxes: over.sandboxes.or(self.sandboxes),
+            memory_mib: over.memory_mib.or(self.memory_mib),
+            disk_mib: over.disk_mib.or(self.disk_mib),
+            creates_per_s: over.creates_per_s.or(self.creates_per_s),
+        }
+    }
+
+    /// The first field out of range, as `(field, max)`.
+    pub fn out_of_range(&self) -> Option<(&'static str, u64)> {
+        let big = |v: Option<u64>, max: u64| v.is_some_and(|v| v > max);
+        if big(
+            self.sandboxes.map(u64::from),
+            u64::from(MAX_QUOTA_SANDBOXES),
+        ) {
+            return Some(("sandboxes", u64::from(MAX_QUOTA_SANDBOXES)));
+        }
+        if big(self.memory_mib, MAX_QUOTA_MIB) {
+            return Some(("memory_mib", MAX_QUOTA_MIB));
+        }
+        if big(self.disk_mib, MAX_QUOTA_MIB) {
+            return Some(("disk_mib", MAX_QUOTA_MIB));
+        }
+        if big(
+            self.creates_per_s.map(u64::from),
+            u64::from(MAX_QUOTA_SANDBOXES),
+        ) {
+            return Some(("creates_per_s", u64::from(MAX_QUOTA_SANDBOXES)));
+        }
+        None
     }
 }
 

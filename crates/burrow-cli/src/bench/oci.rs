@@ -1,7 +1,7 @@
 //! The OCI runtime config (`config.json`) the bench gives `crun run`: the sandbox's rootfs read-only,
 //! the host's `/usr` bound read-only on top (as burrow's `system` image has it), fresh pid, mount,
 //! uts, ipc and net namespaces, no network, a small capability set, and no rlimit above the current
-//! hard limits (MACHINE.md: no CAP_SYS_RESOURCE here).
+//! hard limits (CAP_SYS_RESOURCE is not in this machine's bounding set, so a raise fails).
 
 use std::path::Path;
 

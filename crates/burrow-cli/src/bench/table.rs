@@ -46,7 +46,7 @@ pub struct Row {
     pub measure: String,
     #[serde(flatten)]
     pub value: Value,
-    /// DESIGN.md §10's target for this measure, if it has one.
+    /// The target for this measure (docs/performance.md), if it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -146,7 +146,7 @@ fn figures(v: &Value) -> String {
 /// Burrow's table: one line per measure, then the notes.
 pub fn render_rows(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<MEASURE_W$} {:>NUM_W$} {:>NUM_W$} {:>N_W$}  DESIGN.md §10 target\n",
+        "{:<MEASURE_W$} {:>NUM_W$} {:>NUM_W$} {:>N_W$}  target\n",
         "burrow", "p50", "p99", "n"
     );
     for r in rows {

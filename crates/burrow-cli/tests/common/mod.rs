@@ -133,21 +133,20 @@ impl TestServer {
             }
             None => Command::new(BURROW),
         };
-        let child = cmd
-            .args(["up", "--data-dir"])
+        cmd.args(["up", "--data-dir"])
             .arg(&self.data)
             .args(["--listen", &self.listen])
             .args(&self.args)
             .env("BURROW_ADMIN_KEY", &self.key)
             .env("HOME", &self.home)
             .env_remove("XDG_CONFIG_HOME")
+            .env_remove("BURROW_PROFILE")
             .env("BURROW_LOG", "info,burrow=debug")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn burrow up");
+            .stderr(log);
+        let child = spawn_tied(cmd).expect("spawn burrow up");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -164,6 +163,11 @@ impl TestServer {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The test's own temporary directory (data dir, HOME, the server's log).
+    pub fn dir(&self) -> &Path {
+        self._tmp.path()
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -194,6 +198,7 @@ impl TestServer {
     pub fn cli_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BURROW);
         c.args(args)
+            .env_remove("BURROW_PROFILE")
             .env("BURROW_URL", &self.url)
             .env("BURROW_API_KEY", &self.key)
             .env("HOME", &self.home)
@@ -230,9 +235,58 @@ impl Drop for TestServer {
     }
 }
 
+/// Starts `cmd` so that it dies with this test process, even when the test is killed outright
+/// (a timeout's SIGKILL runs no `Drop`): `PR_SET_PDEATHSIG` in the child. The kernel sends that
+/// signal when the *thread* that forked exits, so every tied child is forked by one thread that
+/// lives as long as the process.
+pub fn spawn_tied(cmd: Command) -> std::io::Result<Child> {
+    use std::os::unix::process::CommandExt;
+    use std::sync::mpsc;
+    type Job = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("tied-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let parent = std::process::id();
+                    // SAFETY: the closure runs between fork and exec and makes only two
+                    // async-signal-safe syscalls (prctl, getppid); it allocates nothing.
+                    unsafe {
+                        cmd.pre_exec(move || {
+                            rustix::process::set_parent_process_death_signal(Some(
+                                rustix::process::Signal::KILL,
+                            ))?;
+                            // The parent may have died before the prctl: then go at once.
+                            let ppid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
+                            if ppid != Some(parent as i32) {
+                                return Err(std::io::Error::other("the test process is gone"));
+                            }
+                            Ok(())
+                        });
+                    }
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the spawner thread");
+        std::sync::Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    tx.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply_tx))
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?;
+    reply_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
+}
+
 /// Sandboxes outlive their server by design, so a test process killed outright (no `Drop`) leaves
-/// its sandboxes running. Sweep the directories of test processes that no longer exist.
-fn sweep_dead_runs() {
+/// its sandboxes running (its server and helpers die with it: [`spawn_tied`]). Sweep the
+/// directories and namespaces of test processes that no longer exist.
+pub fn sweep_dead_runs() {
     let tmp = std::env::temp_dir();
     for name in list_dir(&tmp)
         .into_iter()
@@ -302,6 +356,11 @@ pub fn force_clean(id: &str) {
 /// Everything of sandbox `id` still on the host: cgroups, processes, mounts, loop devices,
 /// directories. Empty means destroyed cleanly.
 pub fn host_leftovers(srv: &TestServer, id: &str) -> Vec<String> {
+    host_leftovers_in(&srv.data, id)
+}
+
+/// [`host_leftovers`] for a data directory whose server is gone.
+pub fn host_leftovers_in(data: &Path, id: &str) -> Vec<String> {
     let mut left = Vec::new();
     for ctrl in CGROUP_CONTROLLERS {
         let dir = format!("/sys/fs/cgroup/{ctrl}/burrow/{id}");
@@ -335,7 +394,7 @@ pub fn host_leftovers(srv: &TestServer, id: &str) -> Vec<String> {
             left.push(format!("loop device {dev} -> {}", backing.trim()));
         }
     }
-    if srv.data.join("sandboxes").join(id).exists() {
+    if data.join("sandboxes").join(id).exists() {
         left.push("sandbox directory".into());
     }
     left
@@ -393,6 +452,104 @@ pub async fn py(c: &Client, id: &str, code: &str) -> ExecResult {
     c.exec(id, &req)
         .await
         .unwrap_or_else(|e| panic!("python in {id}: {e}"))
+}
+
+// ---- tools installed once from a registry (the E2B SDKs, schemathesis), kept under target/ ----
+
+/// What a registry client prints when it cannot reach its registry at all.
+pub fn registry_unreachable(log: &str) -> bool {
+    [
+        "Failed to establish a new connection",
+        "Temporary failure in name resolution",
+        "Network is unreachable",
+        "Connection refused",
+        "ENOTFOUND",
+        "EAI_AGAIN",
+        "ECONNREFUSED",
+        "ENETUNREACH",
+        "ETIMEDOUT",
+        "Max retries exceeded",
+        "Could not fetch URL",
+        // pip found no index at all: every package asked for has versions wherever PyPI answers.
+        "(from versions: none)",
+    ]
+    .iter()
+    .any(|m| log.contains(m))
+}
+
+/// Installs into `cache/name` once: into a directory of this process's own, then renamed into
+/// place (tests run in parallel processes, and the first to finish wins; the others use its
+/// copy). `install` gets the fresh directory and returns false when the registry could not be
+/// reached.
+pub fn cached_install(
+    cache: &Path,
+    name: &str,
+    install: impl FnOnce(&Path) -> bool,
+) -> Option<PathBuf> {
+    let dir = cache.join(name);
+    if dir.join(".installed").exists() {
+        return Some(dir);
+    }
+    std::fs::create_dir_all(cache).unwrap();
+    let tmp = cache.join(format!("{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    if !install(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return None;
+    }
+    std::fs::write(tmp.join(".installed"), name).unwrap();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        if dir.join(".installed").exists() {
+            // Another test process installed it first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        } else {
+            // A half-made copy from an interrupted run is in the way.
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&tmp, &dir).expect("put the installed tool in place");
+        }
+    }
+    Some(dir)
+}
+
+/// A venv at `cache/name` (made with Debian's python3) with `requirement` installed from PyPI.
+/// None, with the reason printed, when PyPI cannot be reached.
+pub fn pip_venv(cache: &Path, name: &str, requirement: &str) -> Option<PathBuf> {
+    cached_install(cache, name, |venv| {
+        let text = |o: &Output| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
+        let o = Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(venv)
+            .output()
+            .expect("run python3 -m venv (scripts/deps installs python3-venv)");
+        assert!(o.status.success(), "python3 -m venv failed:\n{}", text(&o));
+        let o = Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                requirement,
+            ])
+            .output()
+            .expect("run pip");
+        if o.status.success() {
+            return true;
+        }
+        let log = text(&o);
+        if registry_unreachable(&log) {
+            eprintln!("skipping: PyPI is unreachable, cannot install {requirement}:\n{log}");
+            return false;
+        }
+        panic!("pip install {requirement} failed:\n{log}");
+    })
 }
 
 impl TestServer {

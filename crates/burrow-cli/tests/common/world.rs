@@ -112,17 +112,15 @@ impl World {
         ]);
         let script = w._dir.path().join("fake_internet.py");
         std::fs::write(&script, FAKE_INTERNET_PY).unwrap();
-        w.fake = Some(
-            Command::new("/usr/sbin/ip")
-                .args(["netns", "exec", &i, "/usr/bin/python3"])
-                .arg(&script)
-                .arg(FAKE_HOST)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("start the fake internet"),
-        );
+        let mut fake = Command::new("/usr/sbin/ip");
+        // `ip netns exec` execs the program itself (no fork), so the tie reaches python.
+        fake.args(["netns", "exec", &i, "/usr/bin/python3"])
+            .arg(&script)
+            .arg(FAKE_HOST)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        w.fake = Some(super::spawn_tied(fake).expect("start the fake internet"));
         w.api = start_relay(&s);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !w
@@ -134,6 +132,11 @@ impl World {
             std::thread::sleep(Duration::from_millis(50));
         }
         w
+    }
+
+    /// The fake internet's process (it dies with the test process).
+    pub fn fake_pid(&self) -> u32 {
+        self.fake.as_ref().map(|c| c.id()).unwrap_or_default()
     }
 
     /// Where the test reaches the API (a relay into the server namespace).

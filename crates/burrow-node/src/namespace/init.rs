@@ -588,7 +588,7 @@ fn ip_batch(script: &str) -> Result<()> {
 }
 
 /// One veth pair: `eth0` inside with the sandbox's /32, the host end with the gateway address and
-/// a /32 route back. IPv6 is off on both ends (ATTACKS.md N5). Point to point: no bridge.
+/// a /32 route back. IPv6 is off on both ends (attack N5 in docs/threat-model.md). Point to point: no bridge.
 fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
     let (ifname, addr, gw) = (&net.ifname, net.address, net.gateway);
     let add = format!("link add {ifname} type veth peer name eth0 netns {pid}\n");

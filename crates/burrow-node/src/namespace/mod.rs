@@ -1,5 +1,5 @@
 //! The namespace backend: each sandbox is a set of fresh Linux namespaces, cgroups and an overlay
-//! root on a size-limited ext4 disk, with burrow's guest agent as PID 1 (DESIGN.md §2).
+//! root on a size-limited ext4 disk, with burrow's guest agent as PID 1 (docs/architecture.md).
 //!
 //! `create` re-executes the `burrow` binary as `burrow __init` (see [`init`]) and waits for the
 //! guest to answer; nothing of a sandbox is mounted on the host, and its PID 1 is not our child, so

@@ -62,11 +62,7 @@ pub async fn create_user(
     }
     let plan = req.plan.unwrap_or_else(|| "free".into());
     if !s.control.has_plan(&plan) {
-        return Err(HttpError::new(
-            StatusCode::BAD_REQUEST,
-            codes::UNKNOWN_PLAN,
-            format!("unknown plan {plan:?}"),
-        ));
+        return Err(s.control.unknown_plan(&plan).into());
     }
     let store = s.control.store();
     let internal = |e: burrow_store::StoreError| {

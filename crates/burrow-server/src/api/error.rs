@@ -1,10 +1,11 @@
 //! The one mapping from errors to HTTP: every error body is `{"code", "message"}` with a stable code.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::http::StatusCode;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use burrow_node::guest::GuestError;
+use burrow_store::StoreError;
 use burrow_types::{codes, ApiError, ErrorReason};
 
 use crate::control::{error_chain, ControlError};
@@ -16,6 +17,9 @@ pub struct HttpError {
     pub message: String,
     /// Structured facts about the error (for a limit: the reason with `limit` and `observed`).
     pub details: Option<serde_json::Value>,
+    /// Seconds after which the same request may succeed (`Retry-After`): busy, full or over a
+    /// rate.
+    pub retry_after: Option<u64>,
 }
 
 impl HttpError {
@@ -25,6 +29,7 @@ impl HttpError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
     }
 
@@ -33,6 +38,22 @@ impl HttpError {
         let mut e = HttpError::new(status, code, why.message.clone());
         e.details = serde_json::to_value(why).ok();
         e
+    }
+
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    /// `field` is outside `min..=max`: a 400 that names both.
+    pub fn out_of_range(field: &str, min: u64, max: u64) -> Self {
+        Self::bad_request(format!("{field} must be between {min} and {max}"))
+            .with_details(serde_json::json!({"field": field, "minimum": min, "maximum": max}))
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -54,14 +75,41 @@ impl IntoResponse for HttpError {
             tracing::error!(code = self.code, message = %self.message, "request failed");
         }
         let mut resp = (self.status, Json(self.body())).into_response();
-        // Full is temporary: say when to come back.
-        if self.status == StatusCode::INSUFFICIENT_STORAGE {
-            resp.headers_mut().insert(
-                axum::http::header::RETRY_AFTER,
-                crate::control::storage::RETRY_AFTER_S.into(),
-            );
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+/// Seconds to suggest before retrying, by what went wrong with the database.
+pub fn store_retry_after(e: &StoreError) -> u64 {
+    if e.is_busy() {
+        1
+    } else {
+        5
+    }
+}
+
+impl From<StoreError> for HttpError {
+    fn from(e: StoreError) -> Self {
+        match e.unavailable_code() {
+            Some(code) => {
+                let status = if code == codes::NO_SPACE {
+                    StatusCode::INSUFFICIENT_STORAGE
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                let retry = store_retry_after(&e);
+                HttpError::new(status, code, error_chain(&e)).with_retry_after(retry)
+            }
+            None => HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                error_chain(&e),
+            ),
+        }
     }
 }
 
@@ -124,16 +172,12 @@ impl From<ControlError> for HttpError {
             e @ ControlError::WrongState { .. } => {
                 HttpError::new(S::CONFLICT, codes::CONFLICT, e.to_string())
             }
-            ControlError::UnknownPlan(p) => HttpError::new(
-                S::BAD_REQUEST,
-                codes::UNKNOWN_PLAN,
-                format!("unknown plan {p:?}"),
-            ),
-            ControlError::UnknownImage(i) => HttpError::new(
-                S::BAD_REQUEST,
-                codes::UNKNOWN_IMAGE,
-                format!("unknown image {i:?}; this server has \"system\""),
-            ),
+            e @ ControlError::UnknownPlan { .. } => {
+                HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_PLAN, e.to_string())
+            }
+            e @ ControlError::UnknownImage { .. } => {
+                HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_IMAGE, e.to_string())
+            }
             ControlError::BadRequest(m) => HttpError::bad_request(m),
             ref e @ ControlError::PlanNotAllowed {
                 ref plan,
@@ -146,8 +190,10 @@ impl From<ControlError> for HttpError {
                 }));
                 h
             }
+            // A well-formed URL whose target the server's rules refuse (an operator can allow a
+            // range): a refusal like a plan above the user's, not a malformed request.
             ControlError::CallbackNotAllowed(m) => {
-                HttpError::new(S::BAD_REQUEST, codes::CALLBACK_NOT_ALLOWED, m)
+                HttpError::new(S::FORBIDDEN, codes::CALLBACK_NOT_ALLOWED, m)
             }
             e @ ControlError::NoNetwork => {
                 HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())
@@ -164,21 +210,53 @@ impl From<ControlError> for HttpError {
             e @ ControlError::NoActiveRun => {
                 HttpError::new(S::CONFLICT, codes::NO_RUN, e.to_string())
             }
-            e @ ControlError::UnknownPool(_) => {
+            e @ ControlError::UnknownPool { .. } => {
                 HttpError::new(S::NOT_FOUND, codes::UNKNOWN_POOL, e.to_string())
             }
             ControlError::Guest(g) => g.into(),
             ControlError::InsufficientStorage(why) => {
                 HttpError::with_reason(S::INSUFFICIENT_STORAGE, codes::INSUFFICIENT_STORAGE, &why)
+                    .with_retry_after(crate::control::storage::RETRY_AFTER_S)
             }
             ControlError::ResumeFailed(why) => {
                 HttpError::with_reason(S::INTERNAL_SERVER_ERROR, codes::RESUME_FAILED, &why)
+            }
+            ControlError::Store(e) => e.into(),
+            e @ ControlError::IdempotencyKeyReused => HttpError::new(
+                S::UNPROCESSABLE_ENTITY,
+                codes::IDEMPOTENCY_KEY_REUSED,
+                e.to_string(),
+            ),
+            e @ ControlError::IdempotencyInProgress => {
+                HttpError::new(S::CONFLICT, codes::IDEMPOTENCY_IN_PROGRESS, e.to_string())
+                    .with_retry_after(5)
+            }
+            ControlError::QuotaExceeded {
+                details,
+                retry_after_s,
+            } => HttpError::new(
+                S::TOO_MANY_REQUESTS,
+                codes::QUOTA_EXCEEDED,
+                details["message"].as_str().unwrap_or("quota exceeded"),
+            )
+            .with_details(details)
+            .with_retry_after(retry_after_s),
+            ControlError::HostFull(details) => HttpError::new(
+                S::SERVICE_UNAVAILABLE,
+                codes::HOST_FULL,
+                details["message"].as_str().unwrap_or("the host is full"),
+            )
+            .with_details(details)
+            .with_retry_after(30),
+            ControlError::OutOfRange { field, min, max } => {
+                HttpError::out_of_range(field, min, max)
             }
             ref e if crate::control::is_storage_full(e) => HttpError::new(
                 S::INSUFFICIENT_STORAGE,
                 codes::INSUFFICIENT_STORAGE,
                 format!("the host's data filesystem is full: {}", error_chain(e)),
-            ),
+            )
+            .with_retry_after(crate::control::storage::RETRY_AFTER_S),
             other => HttpError::new(
                 S::INTERNAL_SERVER_ERROR,
                 codes::INTERNAL,
@@ -188,8 +266,32 @@ impl From<ControlError> for HttpError {
     }
 }
 
+/// Whether an error (or one of its causes) is a request body that came too slowly.
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<crate::serve::BodyTimeout>() {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+/// The request body came too slowly: 408, and the connection is closed.
+pub fn body_timeout() -> HttpError {
+    HttpError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        codes::REQUEST_TIMEOUT,
+        "the request body arrived too slowly",
+    )
+}
+
 impl From<JsonRejection> for HttpError {
     fn from(r: JsonRejection) -> Self {
+        if is_body_timeout(&r) {
+            return body_timeout();
+        }
         // axum answers 422 for well-formed JSON of the wrong shape; to a client both are a bad request.
         match r.status() {
             StatusCode::PAYLOAD_TOO_LARGE => HttpError::new(
@@ -209,6 +311,12 @@ impl From<JsonRejection> for HttpError {
 
 impl From<QueryRejection> for HttpError {
     fn from(r: QueryRejection) -> Self {
+        HttpError::bad_request(r.body_text())
+    }
+}
+
+impl From<PathRejection> for HttpError {
+    fn from(r: PathRejection) -> Self {
         HttpError::bad_request(r.body_text())
     }
 }

@@ -2,18 +2,18 @@
 //! background processes (list, attach, signal, kill).
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::Json;
 use burrow_node::guest::ExecEvent;
 use burrow_proto::ExecSpec;
 use burrow_store::User;
-use burrow_types::{codes, ApiError, ExecRequest, ExecResult, ProcessInfo, PtySize};
+use burrow_types::{bounds, codes, ApiError, ExecRequest, ExecResult, ProcessInfo, PtySize};
 use serde::{Deserialize, Serialize};
 
 use super::error::HttpError;
-use super::extract::{ApiJson, ApiQuery, Caller};
+use super::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 use super::{ws, AppState};
 use crate::control::{error_chain, ControlError};
 
@@ -27,14 +27,79 @@ fn start_error(e: burrow_node::guest::GuestError) -> HttpError {
     h
 }
 
+/// Who a command or file operation acts as: `root`, `user` or a uid the sandbox maps (the
+/// OpenAPI document's pattern, checked here exactly).
+pub fn check_user(user: Option<&str>) -> Result<(), HttpError> {
+    let Some(u) = user else { return Ok(()) };
+    // A sandbox maps uids 0-65535; digits only, so `+1` or ` 1` are not uids.
+    let numeric = !u.is_empty()
+        && u.len() <= 5
+        && u.bytes().all(|b| b.is_ascii_digit())
+        && u.parse::<u32>().is_ok_and(|n| n <= 65535);
+    if u == "root" || u == "user" || numeric {
+        Ok(())
+    } else {
+        Err(HttpError::bad_request(format!(
+            "user {u:?} must be root, user or a uid from 0 to 65535"
+        )))
+    }
+}
+
+/// A WebSocket upgrade, or a JSON `426` for a plain HTTP request to a WebSocket route.
+pub struct Upgrade(pub WebSocketUpgrade);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Upgrade {
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(Upgrade)
+            .map_err(|r| {
+                HttpError::new(
+                    StatusCode::UPGRADE_REQUIRED,
+                    codes::BAD_REQUEST,
+                    format!("this route speaks WebSocket: {}", r.body_text()),
+                )
+            })
+    }
+}
+
 /// A buffered exec without `timeout_ms` is stopped after this, so no request waits forever.
 pub const DEFAULT_EXEC_TIMEOUT_MS: u64 = 60_000;
+/// The longest `timeout_ms` accepted (a week); a command never outlives its sandbox's maximum
+/// duration either way.
+pub const MAX_EXEC_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 const SIGKILL: i32 = 9;
 
-fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<ExecSpec, HttpError> {
+/// A command's timeout never outlives its sandbox's maximum duration.
+fn cap_timeout(mut spec: ExecSpec, rec: &burrow_store::SandboxRecord) -> ExecSpec {
+    let max_ms = rec.limits.max_duration_s.saturating_mul(1000);
+    spec.timeout_ms = spec.timeout_ms.map(|t| t.min(max_ms));
+    spec
+}
+
+/// Checks an exec request (before the sandbox is looked up or a tool call counted) and makes it
+/// the guest's spec.
+fn spec_of(req: ExecRequest, default_ms: Option<u64>) -> Result<ExecSpec, HttpError> {
     if req.cmd.is_empty() || req.cmd[0].is_empty() {
         return Err(HttpError::bad_request("cmd must name a program"));
     }
+    if req.cmd.len() > bounds::ARGS || req.cmd[0].chars().count() > bounds::PATH_CHARS {
+        return Err(HttpError::bad_request(format!(
+            "cmd: at most {} arguments, and a program name of at most {} characters",
+            bounds::ARGS,
+            bounds::PATH_CHARS
+        )));
+    }
+    crate::control::validate_map("env", &req.env, bounds::ENV_ENTRIES, true)?;
+    if let Some(cwd) = &req.cwd {
+        super::files::check_path("cwd", cwd)?;
+    }
+    check_user(req.user.as_deref())?;
     if req
         .cmd
         .iter()
@@ -46,12 +111,21 @@ fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<Exe
             "cmd and env must not contain NUL bytes",
         ));
     }
-    if req.timeout_ms == Some(0) {
-        return Err(HttpError::bad_request("timeout_ms must be positive"));
+    if let Some(t) = req.timeout_ms {
+        if !(1..=MAX_EXEC_TIMEOUT_MS).contains(&t) {
+            return Err(HttpError::out_of_range(
+                "timeout_ms",
+                1,
+                MAX_EXEC_TIMEOUT_MS,
+            ));
+        }
     }
     if let Some(p) = req.pty {
-        if p.cols == 0 || p.rows == 0 {
-            return Err(HttpError::bad_request("pty cols and rows must be positive"));
+        if p.cols == 0 {
+            return Err(HttpError::out_of_range("pty.cols", 1, u16::MAX.into()));
+        }
+        if p.rows == 0 {
+            return Err(HttpError::out_of_range("pty.rows", 1, u16::MAX.into()));
         }
     }
     Ok(ExecSpec {
@@ -61,7 +135,7 @@ fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<Exe
         user: req.user,
         pty: req.pty,
         stdin: req.stdin.is_some(),
-        timeout_ms: req.timeout_ms.or(default_ms).map(|t| t.min(max_ms)),
+        timeout_ms: req.timeout_ms.or(default_ms),
         background: req.background,
     })
 }
@@ -72,7 +146,7 @@ fn spec_of(req: ExecRequest, max_ms: u64, default_ms: Option<u64>) -> Result<Exe
 pub async fn exec(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResult>, HttpError> {
     if req.background || req.pty.is_some() {
@@ -80,13 +154,10 @@ pub async fn exec(
             "background and pty commands use /processes or the exec WebSocket, not buffered exec",
         ));
     }
-    let (rec, guest) = s.control.tool_call(&user, &id).await?;
     let stdin = req.stdin.clone().map(String::into_bytes);
-    let spec = spec_of(
-        req,
-        rec.limits.max_duration_s * 1000,
-        Some(DEFAULT_EXEC_TIMEOUT_MS),
-    )?;
+    let spec = spec_of(req, Some(DEFAULT_EXEC_TIMEOUT_MS))?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
+    let spec = cap_timeout(spec, &rec);
     let out = s
         .control
         .while_running(
@@ -112,12 +183,13 @@ pub async fn exec(
 }
 
 /// Streaming exec. The first client message is a JSON `ExecRequest`; then see `burrow_types::stream`.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec", responses((status = 101)))]
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/exec/ws", tag = "exec",
+    responses((status = 101, description = "switched to WebSocket"), (status = 426, body = ApiError, description = "not a WebSocket request")))]
 pub async fn exec_ws(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
-    upgrade: WebSocketUpgrade,
+    ApiPath(id): ApiPath<String>,
+    Upgrade(upgrade): Upgrade,
 ) -> Result<Response, HttpError> {
     let (rec, guest) = s.control.tool_call(&user, &id).await?;
     Ok(upgrade.on_upgrade(move |mut socket| async move {
@@ -140,8 +212,9 @@ pub async fn exec_ws(
                 return ws::fail(socket, codes::BAD_REQUEST, format!("bad ExecRequest: {e}")).await
             }
         };
-        let spec = match spec_of(req, rec.limits.max_duration_s * 1000, None) {
-            Ok(mut spec) => {
+        let spec = match spec_of(req, None) {
+            Ok(spec) => {
+                let mut spec = cap_timeout(spec, &rec);
                 // Streaming clients send stdin themselves.
                 spec.stdin = true;
                 spec
@@ -159,26 +232,32 @@ pub async fn exec_ws(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TerminalQuery {
     #[serde(default)]
+    #[param(minimum = 1, maximum = 65535)]
     pub cols: Option<u16>,
     #[serde(default)]
+    #[param(minimum = 1, maximum = 65535)]
     pub rows: Option<u16>,
-    /// `root` (default) or `user`.
+    /// `root` (default), `user` or a uid from 0 to 65535.
     #[serde(default)]
+    #[param(
+        pattern = "^(root|user|[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+    )]
     pub user: Option<String>,
 }
 
 /// An interactive login shell under a PTY; same messages as the exec WebSocket.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/terminal", params(TerminalQuery), tag = "exec", responses((status = 101)))]
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/terminal", params(TerminalQuery), tag = "exec",
+    responses((status = 101, description = "switched to WebSocket"), (status = 426, body = ApiError, description = "not a WebSocket request")))]
 pub async fn terminal(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<TerminalQuery>,
-    upgrade: WebSocketUpgrade,
+    Upgrade(upgrade): Upgrade,
 ) -> Result<Response, HttpError> {
-    let (rec, guest) = s.control.guest(&user, &id)?;
     let req = ExecRequest {
         cmd: vec!["/bin/bash".into(), "-l".into()],
         user: q.user,
@@ -188,7 +267,9 @@ pub async fn terminal(
         }),
         ..Default::default()
     };
-    let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
+    let spec = spec_of(req, None)?;
+    let (rec, guest) = s.control.guest(&user, &id)?;
+    let mut spec = cap_timeout(spec, &rec);
     spec.stdin = true;
     Ok(upgrade.on_upgrade(move |socket| async move {
         match guest.exec_stream(spec).await {
@@ -204,21 +285,23 @@ pub struct Started {
 }
 
 /// Start a background process; it keeps running after this request and can be attached later.
+/// Its stdin comes through attach (`stdin` here must be absent or empty).
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/processes", request_body = ExecRequest, tag = "processes",
     responses((status = 201, body = Started), (status = 404, body = ApiError)))]
 pub async fn start_process(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> Result<(StatusCode, Json<Started>), HttpError> {
-    let (rec, guest) = s.control.tool_call(&user, &id).await?;
-    if req.stdin.is_some() {
+    if req.stdin.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(HttpError::bad_request(
             "a background process takes stdin through attach, not `stdin`",
         ));
     }
-    let mut spec = spec_of(req, rec.limits.max_duration_s * 1000, None)?;
+    let spec = spec_of(req, None)?;
+    let (rec, guest) = s.control.tool_call(&user, &id).await?;
+    let mut spec = cap_timeout(spec, &rec);
     spec.background = true;
     spec.stdin = true;
     let (_input, mut output) = guest.exec_stream(spec).await.map_err(start_error)?;
@@ -236,7 +319,7 @@ pub async fn start_process(
 pub async fn list_processes(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<ProcessInfo>>, HttpError> {
     let (_, guest) = s.control.guest(&user, &id)?;
     Ok(Json(guest.list_processes().await?))
@@ -253,11 +336,11 @@ pub struct SignalRequest {
 pub async fn signal_process(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
     ApiJson(req): ApiJson<SignalRequest>,
 ) -> Result<StatusCode, HttpError> {
     if !(1..=64).contains(&req.signal) {
-        return Err(HttpError::bad_request("signal must be between 1 and 64"));
+        return Err(HttpError::out_of_range("signal", 1, 64));
     }
     signal(&s, &user, &id, pid, req.signal).await
 }
@@ -268,7 +351,7 @@ pub async fn signal_process(
 pub async fn kill_process(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path((id, pid)): Path<(String, u32)>,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
 ) -> Result<StatusCode, HttpError> {
     signal(&s, &user, &id, pid, SIGKILL).await
 }
@@ -286,12 +369,13 @@ async fn signal(
 }
 
 /// Re-attach to a background process: its kept output, then live output and its exit.
-#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{pid}/attach", tag = "processes", responses((status = 101)))]
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/processes/{pid}/attach", tag = "processes",
+    responses((status = 101, description = "switched to WebSocket"), (status = 426, body = ApiError, description = "not a WebSocket request")))]
 pub async fn attach(
     State(s): State<AppState>,
     Caller(user): Caller,
-    Path((id, pid)): Path<(String, u32)>,
-    upgrade: WebSocketUpgrade,
+    ApiPath((id, pid)): ApiPath<(String, u32)>,
+    Upgrade(upgrade): Upgrade,
 ) -> Result<Response, HttpError> {
     let (_, guest) = s.control.guest(&user, &id)?;
     // Attach before upgrading so an unknown pid is a plain 404.

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use burrow_types::codes;
+use burrow_types::{codes, ApiError};
 use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::control::Control;
@@ -23,6 +23,7 @@ pub mod network;
 pub mod openapi;
 pub mod pools;
 pub mod ports;
+pub mod quotas;
 pub mod sandboxes;
 mod ws;
 
@@ -120,6 +121,12 @@ fn api_router(state: AppState) -> Router {
         )
         .route("/v1/callback-key", get(callbacks::callback_key))
         .route("/v1/admin/network", get(network::firewall))
+        .route(
+            "/v1/admin/users/{name}/quota",
+            get(quotas::get_quota)
+                .put(quotas::put_quota)
+                .delete(quotas::delete_quota),
+        )
         .route("/v1/pools", get(pools::list_pools))
         .route(
             "/v1/pools/{name}",
@@ -156,17 +163,49 @@ fn api_router(state: AppState) -> Router {
 
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct Health {
+    /// `ok`, or `degraded` when something the server needs works only in part (`problems` says
+    /// what).
     pub status: &'static str,
     pub backend: &'static str,
     pub version: &'static str,
+    /// The database: reads go on while it cannot be written, but creates and other changes
+    /// answer `503` with `Retry-After`.
+    pub database: DatabaseHealth,
+    /// What is wrong now, with the stable code the failing requests answer with.
+    pub problems: Vec<ApiError>,
 }
 
-/// Liveness; needs no key.
-#[utoipa::path(get, path = "/v1/health", responses((status = 200, body = Health)))]
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct DatabaseHealth {
+    pub writable: bool,
+}
+
+/// Liveness and what works; needs no key. Always `200` while the server answers: `status` and
+/// `problems` say whether anything is degraded (the database locked by another process or
+/// unwritable).
+#[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
 pub async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Health> {
+    let db = state.control.store().health();
+    let problems: Vec<ApiError> = db
+        .problem
+        .iter()
+        .map(|(code, message)| ApiError {
+            code: code.to_string(),
+            message: message.clone(),
+            details: None,
+        })
+        .collect();
     Json(Health {
-        status: "ok",
+        status: if problems.is_empty() {
+            "ok"
+        } else {
+            "degraded"
+        },
         backend: state.control.backend_name(),
         version: env!("CARGO_PKG_VERSION"),
+        database: DatabaseHealth {
+            writable: db.writable,
+        },
+        problems,
     })
 }

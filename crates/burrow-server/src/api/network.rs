@@ -42,9 +42,11 @@ pub async fn patch_network(
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PortQuery {
     /// Also return a signed URL valid for this many seconds (at most a week).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 604800)]
     pub signed_ttl_s: Option<u64>,
 }
 

@@ -92,7 +92,7 @@ impl Control {
     }
 
     /// The sandbox's access token: an HMAC of its id, so it is never stored and works for that
-    /// sandbox alone (DESIGN.md §5).
+    /// sandbox alone (docs/adr/0012).
     pub fn access_token(&self, id: &str) -> String {
         access_token_with(&self.secret, id)
     }

@@ -1,4 +1,4 @@
-//! The E2B-compatible facade (DESIGN.md §8): E2B's REST API and the in-sandbox daemon protocol
+//! The E2B-compatible facade (docs/e2b.md, docs/adr/0020): E2B's REST API and the in-sandbox daemon protocol
 //! ("envd": Connect-RPC `process.Process` and `filesystem.Filesystem`, `GET/POST /files`,
 //! `GET /health`), so the unmodified `e2b` SDKs drive burrow. Everything here translates onto
 //! the control layer and the guest client; there is no second sandbox implementation.

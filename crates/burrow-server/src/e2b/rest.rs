@@ -16,12 +16,15 @@ use serde_json::{json, Value};
 
 use super::{Facade, ENVD_VERSION};
 use crate::api::error::HttpError;
-use crate::api::extract::Caller;
+use crate::api::extract::{fingerprint, Caller, IdempotencyHeader};
 use crate::api::AppState;
+use crate::control::{IdempotencyKey, MAX_TIMEOUT_S};
 
 /// E2B's default sandbox timeout when a create names none.
 const DEFAULT_TIMEOUT_S: u64 = 300;
 const DEFAULT_PAGE: usize = 100;
+/// The most sandboxes one page of `GET /v2/sandboxes` may ask for.
+const MAX_LIST_LIMIT: usize = 1000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -45,23 +48,60 @@ pub fn router() -> Router<AppState> {
         .route("/v2/sandboxes/{id}/logs", get(unsupported_logs))
 }
 
-/// An E2B error body.
+/// An E2B error body (`{"code": <status>, "message"}`), with `Retry-After` when burrow's own
+/// answer had one (busy, full, over a quota).
 #[derive(Debug)]
-pub struct E2bError(StatusCode, String);
+pub struct E2bError {
+    status: StatusCode,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl E2bError {
+    fn new(status: StatusCode, message: String) -> E2bError {
+        E2bError {
+            status,
+            message,
+            retry_after: None,
+        }
+    }
+}
 
 impl IntoResponse for E2bError {
     fn into_response(self) -> Response {
-        (
-            self.0,
-            Json(json!({"code": self.0.as_u16(), "message": self.1})),
+        let mut resp = (
+            self.status,
+            Json(json!({"code": self.status.as_u16(), "message": self.message})),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
 impl From<HttpError> for E2bError {
     fn from(e: HttpError) -> Self {
-        E2bError(e.status, e.message)
+        E2bError {
+            status: e.status,
+            message: e.message,
+            retry_after: e.retry_after,
+        }
+    }
+}
+
+/// A number outside what burrow accepts, named by E2B's field name.
+fn out_of_range(field: &str, min: u64, max: u64) -> E2bError {
+    bad(format!("{field} must be between {min} and {max}"))
+}
+
+/// E2B's timeouts (seconds) fit burrow's idle timeout range.
+fn check_timeout(field: &str, t: Option<u64>) -> Result<(), E2bError> {
+    match t {
+        Some(t) if !(1..=MAX_TIMEOUT_S).contains(&t) => Err(out_of_range(field, 1, MAX_TIMEOUT_S)),
+        _ => Ok(()),
     }
 }
 
@@ -72,11 +112,11 @@ impl From<crate::control::ControlError> for E2bError {
 }
 
 fn bad(m: impl Into<String>) -> E2bError {
-    E2bError(StatusCode::BAD_REQUEST, m.into())
+    E2bError::new(StatusCode::BAD_REQUEST, m.into())
 }
 
 fn unsupported(feature: &str, why: &str) -> E2bError {
-    E2bError(
+    E2bError::new(
         StatusCode::NOT_IMPLEMENTED,
         format!("{feature} is not supported by burrow's E2B facade: {why}"),
     )
@@ -101,13 +141,32 @@ async fn unsupported_logs() -> E2bError {
     )
 }
 
+/// A request body, read whole (within the API's body limit and timeouts), with E2B-shaped errors.
+pub struct E2bBody(axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for E2bBody {
+    type Rejection = E2bError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::body::Bytes::from_request(req, state).await {
+            Ok(b) => Ok(E2bBody(b)),
+            Err(r) if crate::api::error::is_body_timeout(&r) => {
+                Err(crate::api::error::body_timeout().into())
+            }
+            Err(r) => Err(E2bError::new(r.status(), r.body_text())),
+        }
+    }
+}
+
 /// JSON bodies are read leniently (E2B clients send fields burrow ignores); a malformed one is a
 /// 400 in E2B's shape.
 fn body<T: serde::de::DeserializeOwned + Default>(raw: &axum::body::Bytes) -> Result<T, E2bError> {
     if raw.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(raw).map_err(|e| bad(format!("malformed JSON body: {e}")))
+    let value: Value =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("malformed JSON body: {e}")))?;
+    crate::api::extract::from_json_value(value).map_err(E2bError::from)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -300,13 +359,25 @@ fn listed(f: &Facade, rec: &SandboxRecord, detail: bool) -> Value {
 async fn create(
     State(s): State<AppState>,
     Caller(user): Caller,
-    raw: axum::body::Bytes,
+    IdempotencyHeader(key): IdempotencyHeader,
+    E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: NewSandbox = body(&raw)?;
     check_options(&req)?;
+    // The key's fingerprint is the body as parsed (field order and whitespace do not count).
+    let key = match key {
+        Some(key) => {
+            let parsed: Value = body(&raw)?;
+            Some(IdempotencyKey {
+                fingerprint: fingerprint("e2b", &parsed),
+                key,
+            })
+        }
+        None => None,
+    };
     let template = req.template_id.clone().unwrap_or_else(|| "base".into());
     let Some(image) = s.e2b.image_for(&template) else {
-        return Err(E2bError(
+        return Err(E2bError::new(
             StatusCode::NOT_FOUND,
             format!(
                 "template {template:?} not found: this server maps {} (BURROW_E2B_TEMPLATES adds more)",
@@ -315,9 +386,7 @@ async fn create(
         ));
     };
     let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
-    if timeout == 0 {
-        return Err(bad("timeout must be positive"));
-    }
+    check_timeout("timeout", Some(timeout))?;
     let create = CreateSandbox {
         image: Some(image.to_string()),
         env: req.env_vars.unwrap_or_default(),
@@ -335,9 +404,20 @@ async fn create(
         )?,
         ..Default::default()
     };
-    let sb = s.control.create(&user, create).await?;
-    let rec = s.control.record(&user, &sb.id)?;
-    Ok((StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response())
+    let made = s.control.create_with(&user, create, key).await?;
+    // A replayed create answers with its sandbox whatever it became since (E2B has no state for
+    // "destroyed": the record is read whatever its state).
+    let rec = match s.control.store().sandbox(&made.sandbox.id) {
+        Ok(Some(rec)) if rec.owner_id == user.id => rec,
+        Ok(_) => return Err(crate::control::ControlError::NotFound.into()),
+        Err(e) => return Err(HttpError::from(e).into()),
+    };
+    let mut resp = (StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response();
+    if made.replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
 }
 
 #[derive(Debug, Default)]
@@ -363,10 +443,13 @@ fn list_query(pairs: Vec<(String, String)>) -> Result<ListQuery, E2bError> {
                 })
             }
             "limit" => {
-                q.limit = Some(
-                    v.parse()
-                        .map_err(|_| bad(format!("limit {v:?} is not a number")))?,
-                )
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| out_of_range("limit", 1, MAX_LIST_LIMIT as u64))?;
+                if !(1..=MAX_LIST_LIMIT).contains(&n) {
+                    return Err(out_of_range("limit", 1, MAX_LIST_LIMIT as u64));
+                }
+                q.limit = Some(n)
             }
             "nextToken" => q.next_token = Some(v),
             "order" => q.order = Some(v),
@@ -426,7 +509,7 @@ fn matching(
         .control
         .store()
         .sandboxes_of(&user.id)
-        .map_err(|e| E2bError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        .map_err(|e| E2bError::from(HttpError::from(e)))?
         .into_iter()
         .filter(|r| {
             matches!(
@@ -472,7 +555,7 @@ async fn list_v2(
 ) -> Result<Response, E2bError> {
     let q = list_query(pairs)?;
     let recs = matching(&s, &user, &q)?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
         None => 0,
         Some(t) => recs
@@ -505,7 +588,7 @@ async fn detail(
         rec.state,
         SandboxState::Running | SandboxState::Paused | SandboxState::Hibernated
     ) {
-        return Err(E2bError(
+        return Err(E2bError::new(
             StatusCode::NOT_FOUND,
             format!("sandbox {id} is {} and cannot be used", rec.state.as_str()),
         ));
@@ -530,7 +613,7 @@ async fn pause(
 ) -> Result<StatusCode, E2bError> {
     let rec = s.control.record(&user, &id)?;
     if matches!(rec.state, SandboxState::Paused | SandboxState::Hibernated) {
-        return Err(E2bError(
+        return Err(E2bError::new(
             StatusCode::CONFLICT,
             format!("sandbox {id} is already paused"),
         ));
@@ -551,14 +634,12 @@ fn apply_timeout(
     s: &AppState,
     user: &burrow_store::User,
     id: &str,
-    timeout: Option<u64>,
+    (field, timeout): (&str, Option<u64>),
     auto_pause: Option<bool>,
 ) -> Result<(), E2bError> {
+    check_timeout(field, timeout)?;
     let rec = s.control.record(user, id)?;
     let t = timeout.or(rec.timeout_s);
-    if t == Some(0) {
-        return Err(bad("timeout must be positive"));
-    }
     s.control.set_timeout(
         user,
         id,
@@ -580,18 +661,19 @@ async fn resume(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     let rec = s.control.record(&user, &id)?;
     if rec.state == SandboxState::Running {
-        return Err(E2bError(
+        return Err(E2bError::new(
             StatusCode::CONFLICT,
             format!("sandbox {id} is already running"),
         ));
     }
+    check_timeout("timeout", req.timeout)?;
     s.control.resume(&user, &id).await?;
-    apply_timeout(&s, &user, &id, req.timeout, req.auto_pause)?;
+    apply_timeout(&s, &user, &id, ("timeout", req.timeout), req.auto_pause)?;
     let rec = s.control.record(&user, &id)?;
     Ok((StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response())
 }
@@ -602,9 +684,10 @@ async fn connect(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
+    check_timeout("timeout", req.timeout)?;
     let rec = s.control.record(&user, &id)?;
     let status = match rec.state {
         SandboxState::Running => StatusCode::OK,
@@ -613,14 +696,14 @@ async fn connect(
             StatusCode::CREATED
         }
         other => {
-            return Err(E2bError(
+            return Err(E2bError::new(
                 StatusCode::NOT_FOUND,
                 format!("sandbox {id} is {} and cannot be connected", other.as_str()),
             ))
         }
     };
     if req.timeout.is_some() {
-        apply_timeout(&s, &user, &id, req.timeout, None)?;
+        apply_timeout(&s, &user, &id, ("timeout", req.timeout), None)?;
     }
     let rec = s.control.record(&user, &id)?;
     Ok((status, Json(created(&s.e2b, &rec))).into_response())
@@ -630,13 +713,13 @@ async fn set_timeout(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     let Some(t) = req.timeout else {
         return Err(bad("timeout is required"));
     };
-    apply_timeout(&s, &user, &id, Some(t), None)?;
+    apply_timeout(&s, &user, &id, ("timeout", Some(t)), None)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -651,10 +734,10 @@ async fn refresh(
     State(s): State<AppState>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    raw: axum::body::Bytes,
+    E2bBody(raw): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let req: RefreshBody = body(&raw)?;
-    apply_timeout(&s, &user, &id, req.duration, None)?;
+    apply_timeout(&s, &user, &id, ("duration", req.duration), None)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -749,8 +832,8 @@ mod tests {
             ..Default::default()
         };
         let e = check_options(&req).err().unwrap();
-        assert_eq!(e.0, StatusCode::NOT_IMPLEMENTED);
-        assert!(e.1.contains("mcp"));
+        assert_eq!(e.status, StatusCode::NOT_IMPLEMENTED);
+        assert!(e.message.contains("mcp"));
         let ok = NewSandbox {
             network: Some(json!({"allowPublicTraffic": true})),
             ..Default::default()
