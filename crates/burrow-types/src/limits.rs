@@ -148,7 +148,7 @@ impl Plan {
     }
 }
 
-/// Caps on what one user may hold at once and how fast they may create (DESIGN.md §6). A plan
+/// Caps on what one user may hold at once and how fast they may create. A plan
 /// sets them for its users; an operator can override them per user. Absent means no cap.
 /// "Live" sandboxes are those not destroyed and not in `error`: starting, running, paused and
 /// hibernated (a hibernated sandbox keeps its disk and gets its memory back when it resumes, so
