@@ -40,7 +40,7 @@ pub fn check_user(user: Option<&str>) -> Result<(), HttpError> {
         Ok(())
     } else {
         Err(HttpError::bad_request(format!(
-            "user {u:?} must be root, user or a uid from 0 to 65535"
+            "user {u:?} is unknown: use \"root\", \"user\" or a uid from 0 to 65535"
         )))
     }
 }
