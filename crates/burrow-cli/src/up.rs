@@ -33,6 +33,14 @@ pub struct UpArgs {
     /// (MiB; default a twentieth of the host's memory).
     #[arg(long, env = "BURROW_HIBERNATE_BELOW_MIB")]
     hibernate_below_mib: Option<u64>,
+    /// Refuse creates and uploads (507, with Retry-After) while the data filesystem has less
+    /// free than this, in MiB (default: 5% of it, between 256 MiB and 10 GiB).
+    #[arg(long, env = "BURROW_MIN_FREE_MIB")]
+    min_free_mib: Option<u64>,
+    /// Sandbox disks are sparse: together they may promise this many times the data
+    /// filesystem's size (default 20: 5,000 disks of 1 GiB on 256 GiB).
+    #[arg(long, env = "BURROW_DISK_OVERCOMMIT", value_parser = positive_ratio)]
+    disk_overcommit: Option<f64>,
     /// A range run callbacks may reach although the callback rules refuse it (loopback, private
     /// ranges, link-local, the server's own addresses), as a CIDR (`127.0.0.0/8`, `fd00::/8`;
     /// repeatable). The sandboxes' range can never be opened.
@@ -102,6 +110,13 @@ impl LimitArgs {
     }
 }
 
+fn positive_ratio(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path, what: &str) -> Result<T> {
     serde_json::from_slice(
         &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
@@ -152,6 +167,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
             None => Vec::new(),
         },
         hibernate_below_mib: args.hibernate_below_mib,
+        min_free_mib: args.min_free_mib,
+        disk_overcommit: args.disk_overcommit,
         serve_limits: Some(args.limits.serve_limits()),
         pid_reserve: args.limits.pid_reserve,
         callback_allow: args.callback_allow.clone(),

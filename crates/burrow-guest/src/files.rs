@@ -534,7 +534,20 @@ impl Writer {
         self.file.write_all(data).map_err(|e| Fail::io("write", &e))
     }
 
+    /// Flushes the file to the disk before it is reported saved: on a sparse image over a full
+    /// host disk the write-back fails, and the caller must hear it now rather than lose the file
+    /// later.
     pub fn finish(self) -> Result<FileStat, Fail> {
+        if let Err(e) = self.file.sync_all() {
+            let mut fail = Fail::io("saving the file (fsync)", &e);
+            if e.raw_os_error() == Some(libc::EIO) {
+                fail.code = codes::NO_SPACE;
+                fail.message.push_str(
+                    " (the sandbox's disk could not be written; the host's data filesystem may be full)",
+                );
+            }
+            return Err(fail);
+        }
         let md = self.file.metadata().map_err(|e| Fail::io("stat", &e))?;
         Ok(to_stat(
             self.path.as_path(),

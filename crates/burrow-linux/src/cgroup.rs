@@ -318,6 +318,21 @@ impl<F: CgroupFs> Cgroups<F> {
         }
     }
 
+    /// Whether the sandbox's cgroup is frozen (or freezing) now; `None` when it has no freezer.
+    pub fn frozen(&self, id: &str) -> Option<bool> {
+        match &self.layout {
+            Layout::V1(_) => {
+                let d = self.dir_of("freezer", id)?;
+                let state = self.fs.read(&d.join("freezer.state")).ok()?;
+                Some(state.trim() != "THAWED")
+            }
+            Layout::V2(_) => {
+                let v = self.fs.read(&self.dirs(id)[0].join("cgroup.freeze")).ok()?;
+                Some(v.trim() == "1")
+            }
+        }
+    }
+
     /// Freezes the sandbox and waits (up to `wait`) until the kernel reports every task frozen.
     pub fn freeze(&self, id: &str, wait: Duration) -> io::Result<()> {
         self.set_frozen(id, true)?;

@@ -1,6 +1,11 @@
 //! Loop devices: a file attached as a block device, so an ext4 image can be mounted as a
 //! size-limited disk. Attached with LO_FLAGS_AUTOCLEAR: the kernel detaches the device by itself
 //! when its last user (the mount) goes away, so a crashed or killed sandbox leaks no device.
+//!
+//! An image is never attached twice: two ext4 mounts of one image through two devices corrupt it.
+//! [`attach`] checks every loop device's backing file by device and inode number (not by the path
+//! string: a path can be spelled many ways) under the same lock it takes to pick a free device, so
+//! two attaches of one image by burrow processes cannot both pass.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -46,11 +51,17 @@ pub struct LoopDevice {
     _dev: File,
 }
 
-/// Attaches `image` to a free loop device.
 const TRIES: u32 = 32;
 
+/// Attaches `image` to a free loop device. Fails with [`io::ErrorKind::ResourceBusy`] when a loop
+/// device already has this very file (same device and inode) attached: the image is in use.
 pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
+    let st = nix::sys::stat::fstat(backing.as_raw_fd()).map_err(io::Error::from)?;
+    let inode = FileId {
+        dev: st.st_dev,
+        ino: st.st_ino,
+    };
     let ctl = OpenOptions::new()
         .read(true)
         .write(true)
@@ -61,6 +72,14 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     if unsafe { libc::flock(ctl.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(io::Error::last_os_error());
+    }
+    // Checked under the lock: another burrow attaching the same image waits for this one, then
+    // sees its device.
+    if let Some(dev) = devices_backing(inode).into_iter().next() {
+        return Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!("{} is already attached to {dev}", image.display()),
+        ));
     }
     // Another program (losetup) may still take the free device between GET_FREE and CONFIGURE:
     // retry then.
@@ -98,6 +117,67 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
     ))
 }
 
+/// A file's identity: its device and inode numbers, however its path is spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// The identity of the file at `path` (following symlinks, like the attach that opened it).
+    pub fn of(path: &Path) -> io::Result<FileId> {
+        let st = nix::sys::stat::stat(path).map_err(io::Error::from)?;
+        Ok(FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+}
+
+/// Names (`/dev/loopN`) of the loop devices whose backing file is `file` (see [`attached`]).
+pub fn devices_backing(file: FileId) -> Vec<String> {
+    attached()
+        .into_iter()
+        .filter(|(_, f)| *f == file)
+        .map(|(dev, _)| dev)
+        .collect()
+}
+
+/// Every bound loop device (`/dev/loopN`) with its backing file's identity: one pass over the
+/// devices, for callers that check many images at once.
+///
+/// The identity is the device and inode of the file `backing_file` names. The kernel writes that
+/// path from the open file itself (`d_path`), so it is the file's current path however the image
+/// was spelled at attach, and a file renamed or replaced since shows as `(deleted)` (and matches
+/// nothing). The devices themselves are never opened: an open of a loop device racing with the
+/// last close of its mount can leave an autoclear device attached with no user, forever.
+pub fn attached() -> Vec<(String, FileId)> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for name in rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("loop"))
+    {
+        // Unbound devices have no `loop/backing_file`.
+        let Ok(text) = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        else {
+            continue;
+        };
+        let path = text.trim_end_matches('\n');
+        if path.ends_with(" (deleted)") {
+            continue;
+        }
+        if let Ok(file) = FileId::of(Path::new(path)) {
+            found.push((format!("/dev/{name}"), file));
+        }
+    }
+    found
+}
+
 /// Loop devices whose backing file path contains `needle` (for leak checks and clean-up).
 pub fn devices_backed_by(needle: &str) -> Vec<String> {
     let Ok(rd) = std::fs::read_dir("/sys/block") else {
@@ -117,6 +197,127 @@ pub fn devices_backed_by(needle: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Needs root (loop devices): an image attached once cannot be attached again, whatever path
+    /// names it, and is free again once its device is gone.
+    #[test]
+    fn an_image_is_never_attached_twice() {
+        if !rustix_is_root() {
+            eprintln!("skipping: attaching loop devices needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(4 << 20)
+            .unwrap();
+        let first = attach(&img).unwrap();
+        let id = FileId::of(&img).unwrap();
+        assert_eq!(devices_backing(id), [first.path.display().to_string()]);
+        // Another spelling of the same file: a symlink and a hard link.
+        let sym = dir.path().join("sym.img");
+        std::os::unix::fs::symlink(&img, &sym).unwrap();
+        let hard = dir.path().join("hard.img");
+        std::fs::hard_link(&img, &hard).unwrap();
+        for other in [&img, &sym, &hard] {
+            let err = attach(other).err().expect("attached twice");
+            assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        }
+        // Autoclear: with our handle closed and nothing mounted, the device detaches itself.
+        drop(first);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !devices_backing(id).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "device never detached"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let again = attach(&hard).unwrap();
+        drop(again);
+    }
+
+    /// Needs root: images attached, mounted and released over and over while other threads
+    /// scan the devices. Every attach works and every device detaches by itself: a scan that
+    /// opened the devices could keep one attached forever (seen when it did).
+    #[test]
+    fn scanning_never_keeps_a_device_attached() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        if !rustix_is_root() {
+            eprintln!("skipping: attaching loop devices and mounting need root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let scanners: Vec<_> = (0..2)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = attached();
+                    }
+                })
+            })
+            .collect();
+        let workers: Vec<_> = (0..3)
+            .map(|i| {
+                let img = dir.path().join(format!("img{i}"));
+                let mnt = dir.path().join(format!("m{i}"));
+                std::fs::create_dir(&mnt).unwrap();
+                std::fs::File::create(&img)
+                    .unwrap()
+                    .set_len(16 << 20)
+                    .unwrap();
+                let mkfs = std::process::Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&img)
+                    .status()
+                    .unwrap();
+                assert!(mkfs.success());
+                std::thread::spawn(move || {
+                    let id = FileId::of(&img).unwrap();
+                    for _ in 0..40 {
+                        let lo = attach(&img).unwrap();
+                        nix::mount::mount(
+                            Some(&lo.path),
+                            &mnt,
+                            Some("ext4"),
+                            nix::mount::MsFlags::empty(),
+                            None::<&str>,
+                        )
+                        .unwrap();
+                        drop(lo);
+                        nix::mount::umount(&mnt).unwrap();
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(10);
+                        while !devices_backing(id).is_empty() {
+                            assert!(
+                                std::time::Instant::now() < deadline,
+                                "{} stayed attached",
+                                img.display()
+                            );
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let results: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        stop.store(true, Ordering::Relaxed);
+        for s in scanners {
+            s.join().unwrap();
+        }
+        for r in results {
+            r.unwrap();
+        }
+    }
+
+    fn rustix_is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
 
     #[test]
     fn layouts_match_the_kernel_headers() {

@@ -142,3 +142,20 @@ pub fn set_hostname_of(pid: u32, name: &str) -> io::Result<()> {
     .join()
     .map_err(|_| io::Error::other("hostname thread panicked"))?
 }
+
+/// Size and free space of the filesystem holding `path`, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsSpace {
+    pub total: u64,
+    /// Free to unprivileged writers (what is left before the filesystem refuses writes).
+    pub available: u64,
+}
+
+pub fn fs_space(path: &std::path::Path) -> io::Result<FsSpace> {
+    let st = nix::sys::statvfs::statvfs(path)?;
+    let unit = st.fragment_size() as u64;
+    Ok(FsSpace {
+        total: (st.blocks() as u64).saturating_mul(unit),
+        available: (st.blocks_available() as u64).saturating_mul(unit),
+    })
+}

@@ -50,6 +50,15 @@ pub enum NodeError {
     UnknownImage(String),
     #[error("sandbox setup failed: {0}")]
     Setup(String),
+    /// The data filesystem is full (the message is what failed).
+    #[error("no space left on the host's data filesystem: {0}")]
+    NoSpace(String),
+    /// A cold start found no disk to start from: the sandbox's files are gone.
+    #[error("the sandbox's disk {} is missing", .0.display())]
+    DiskMissing(PathBuf),
+    /// The sandbox's disk is still attached (a stop that did not finish, or a second start).
+    #[error("the disk of sandbox {0} is still in use")]
+    DiskBusy(String),
     #[error("host resource {what}")]
     Host {
         what: String,
@@ -64,9 +73,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Short name shown in node status (`namespace`, `gvisor`, `microvm`).
     fn name(&self) -> &'static str;
 
-    /// Builds and starts the sandbox; returns once its guest agent accepts connections.
-    /// On error nothing of the sandbox is left on the host.
+    /// Builds and starts a new sandbox; returns once its guest agent accepts connections.
+    /// On error nothing of the sandbox is left on the host (a disk it did not make excepted).
     fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError>;
+
+    /// Starts fresh processes on the disk a sandbox already has (a cold resume). Never makes a
+    /// disk and never removes one: on error nothing of the sandbox runs and its disk is as it
+    /// was. `DiskMissing` when there is no disk to start from.
+    fn start(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
+        Err(NodeError::Setup(format!(
+            "the {} backend cannot start sandbox {} cold",
+            self.name(),
+            spec.id
+        )))
+    }
 
     /// Ends every process of the sandbox and removes everything it had on the host: cgroups,
     /// mounts, loop devices, files. Idempotent; works with `info` unknown (after a crash mid-create).
@@ -85,6 +105,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Thaws a paused sandbox.
     fn resume(&self, id: &str) -> Result<(), NodeError>;
+
+    /// Whether the sandbox's processes are frozen now (`None`: it has none, or the backend
+    /// cannot tell). Reconcile compares this with the row.
+    fn frozen(&self, _id: &str) -> Option<bool> {
+        None
+    }
+
+    /// Whether any process of the sandbox runs on the host (a hibernated one must have none).
+    fn active(&self, _id: &str) -> bool {
+        false
+    }
+
+    /// Ids of this node's sandboxes whose disk is attached now, found in one pass (reconcile
+    /// asks once for every sandbox).
+    fn disks_in_use(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Rewrites a running sandbox's resource limits (a warm sandbox claimed with another plan's
     /// CPU, memory or process limits). The disk size and open-file limit are fixed at create.

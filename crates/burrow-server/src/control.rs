@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use burrow_node::guest::{GuestClient, GuestError};
 use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 use burrow_store::{
-    now_rfc3339, now_unix, Claim, RunRecord, SandboxRecord, Store, StoreError, User, POOL_OWNER,
+    now_rfc3339, now_unix, Claim, Intent, RunRecord, SandboxRecord, Store, StoreError, User,
+    POOL_OWNER,
 };
 use burrow_types::{
     codes, CreateSandbox, ErrorReason, OnTimeout, Plan, RunSpec, RunState, RunStatus, Sandbox,
@@ -18,6 +19,7 @@ use tracing::{info, warn};
 
 pub mod admission;
 pub mod net;
+pub mod storage;
 
 pub use admission::{Created, IdempotencyKey, PidBudget};
 
@@ -83,6 +85,12 @@ pub enum ControlError {
     Network(#[source] burrow_node::network::NetError),
     #[error("this server gives sandboxes no network (start it with `burrow up --network`)")]
     NoNetwork,
+    /// The data filesystem is (nearly) full, or disks would promise more than it may hold.
+    #[error("{}", .0.message)]
+    InsufficientStorage(ErrorReason),
+    /// A resume failed; the sandbox is back where it was (its files kept) and says why.
+    #[error("{}", .0.message)]
+    ResumeFailed(ErrorReason),
     /// A per-user quota would be exceeded; `details` names it (`quota`, `limit`, `observed`).
     #[error("{}", details["message"].as_str().unwrap_or("quota exceeded"))]
     QuotaExceeded {
@@ -165,6 +173,8 @@ pub struct Control {
     /// Ids of sandboxes that just stopped running (paused, hibernated, destroyed), so calls
     /// waiting on their guest answer at once instead of hanging on a frozen or dead agent.
     stopped: tokio::sync::broadcast::Sender<String>,
+    /// Watermark and overcommit of the data filesystem; `None`: not checked.
+    storage: Option<storage::StorageGuard>,
     /// Quotas, the host's pid budget and creates in flight (`control/admission.rs`).
     pub(crate) admission: admission::Admission,
 }
@@ -192,6 +202,7 @@ impl Control {
                 Vec::new(),
             )),
             stopped: tokio::sync::broadcast::channel(1024).0,
+            storage: None,
             admission: admission::Admission::default(),
         }
     }
@@ -200,6 +211,29 @@ impl Control {
     pub fn with_pid_budget(mut self, budget: Option<PidBudget>) -> Control {
         self.admission = self.admission.with_pid_budget(budget);
         self
+    }
+
+    pub fn with_storage(mut self, guard: storage::StorageGuard) -> Control {
+        self.storage = Some(guard);
+        self
+    }
+
+    /// Refuses new data (`insufficient_storage`) while the data filesystem is under its
+    /// watermark; `what` names the refused operation.
+    pub fn check_free_space(&self, what: &str) -> Result<(), ControlError> {
+        match &self.storage {
+            Some(g) => g.check_free(what),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a new disk of `disk_mib` past the watermark or the overcommit ratio.
+    fn check_new_disk(&self, disk_mib: u64) -> Result<(), ControlError> {
+        let Some(g) = &self.storage else {
+            return Ok(());
+        };
+        g.check_free("a new sandbox")?;
+        g.check_promise(self.store.promised_disk_mib()?, disk_mib)
     }
 
     /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause
@@ -435,12 +469,15 @@ impl Control {
         };
         // Checked before a warm sandbox is claimed: a bad policy must not cost one.
         let network = self.network_for_create(req.network)?;
+        // A warm sandbox's disk is already promised; what it will write is not yet on the disk.
+        self.check_free_space("a new sandbox")?;
         // Quotas and the host's pid budget, last: nothing is made past them.
         let admitted = self.admit(user, &plan, &id).await?;
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
         }
+        self.check_new_disk(plan.limits.disk_mib)?;
         // A cold build adds a computer: the host's pid budget must have room for it.
         self.admit_build(&admitted).await?;
         let rec = SandboxRecord {
@@ -502,45 +539,56 @@ impl Control {
             }
         };
         let backend = self.backend.clone();
-        let built = tokio::task::spawn_blocking(move || backend.create(&spec)).await?;
-        // The sandbox's firewall chain goes in before the API answers; until then the base
-        // rules drop everything from its interface.
-        let built = match built {
-            Ok(runtime) => match self.attach_net(&rec) {
-                Ok(()) => Ok(runtime),
-                Err(e) => {
-                    let _ = self.backend.destroy(&id, Some(&runtime));
-                    let _ = self.detach_net(&id);
-                    warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
-                    self.store.set_error(
-                        &id,
-                        &reason(
-                            codes::INTERNAL,
-                            format!("create failed: {}", error_chain(&e)),
-                        ),
-                    )?;
-                    return Err(e);
+        let runtime = match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
+            Ok(r) => r,
+            Err(e) => {
+                // `create` left nothing of a new sandbox on the host.
+                warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
+                let e = ControlError::from(e);
+                let code = if is_storage_full(&e) {
+                    codes::INSUFFICIENT_STORAGE
+                } else {
+                    codes::INTERNAL
+                };
+                let why = reason(code, format!("create failed: {}", error_chain(&e)));
+                if let Err(se) = self.store.set_error(&id, &why) {
+                    warn!(sandbox_id = %id, error = %error_chain(&se), "recording the failure; reconcile cleans the row");
                 }
-            },
-            Err(e) => Err(e),
+                return Err(e);
+            }
         };
-        match built {
-            Ok(runtime) => {
-                let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
+        // The runtime is recorded first, so a crash from here on finds the computer by its pid.
+        // The sandbox's firewall chain goes in before the API answers; until then the base rules
+        // drop everything from its interface.
+        let ready = serde_json::to_value(&runtime)
+            .map_err(|e| ControlError::Store(e.into()))
+            .and_then(|value| {
                 self.store.set_built(&id, &value)?;
+                self.attach_net(&rec)?;
+                Ok(value)
+            });
+        match ready {
+            Ok(value) => {
                 rec.runtime = Some(value);
                 rec.started_at = now_unix();
                 info!(sandbox_id = %id, pid = runtime.pid, pool = rec.pool.as_deref(), "sandbox built");
                 Ok(rec)
             }
             Err(e) => {
+                // Built but not ready: the computer goes. If even the row cannot be written (a
+                // full database), it stays `starting`, which reconcile cleans at the next start.
                 warn!(sandbox_id = %id, error = %error_chain(&e), "create failed");
-                let reason = reason(
+                let why = reason(
                     codes::INTERNAL,
                     format!("create failed: {}", error_chain(&e)),
                 );
-                self.store.set_error(&id, &reason)?;
-                Err(e.into())
+                let _ = self.store.set_error(&id, &why);
+                let backend = self.backend.clone();
+                let id2 = id.clone();
+                let _ = tokio::task::spawn_blocking(move || backend.destroy(&id2, Some(&runtime)))
+                    .await;
+                let _ = self.detach_net(&id);
+                Err(e)
             }
         }
     }
@@ -861,6 +909,13 @@ impl Control {
     /// Applies idle timeouts and the plans' maximum durations; run about once a second.
     pub async fn enforce_limits(&self) -> Result<(), ControlError> {
         self.relieve_memory_pressure().await;
+        for (id, intent) in self.store.intents()? {
+            if intent == Intent::Destroying {
+                if let Err(e) = self.finish_destroy(&id).await {
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "finishing a delete failed; retrying");
+                }
+            }
+        }
         for rec in self.store.live_sandboxes()? {
             // Warm sandboxes have no user and no clock until a create claims them.
             if rec.owner_id == POOL_OWNER
@@ -914,7 +969,12 @@ impl Control {
     async fn end_with_error(&self, id: &str, reason: ErrorReason) -> Result<(), ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let Some(rec) = self.store.sandbox(id)? else {
+        // Re-read under the lock: it may have been deleted or hibernated meanwhile.
+        let Some(rec) = self
+            .store
+            .sandbox(id)?
+            .filter(|r| matches!(r.state, SandboxState::Running | SandboxState::Paused))
+        else {
             return Ok(());
         };
         warn!(sandbox_id = %id, code = %reason.code, "hard limit hit; destroying the computer");
@@ -929,19 +989,44 @@ impl Control {
         let _guard = lock.lock().await;
         // Re-read under the lock: a concurrent delete may have finished meanwhile.
         let rec = self.record(user, id)?;
+        // The intent first: from here on a crash finishes the delete at the next start instead of
+        // bringing the sandbox back (its run's callback may already have said it was destroyed).
+        self.store.set_intent(id, Some(Intent::Destroying))?;
         let why = reason(
             codes::SANDBOX_DESTROYED,
             "the sandbox was destroyed (deleted, or its idle timeout fired)".into(),
         );
         self.close_run(&rec, Some(why), true)?;
+        // On failure the intent stays: a retried delete, the limits loop or the next start
+        // finishes it.
         self.destroy_on_host(&rec).await?;
         self.store.set_state(id, SandboxState::Destroyed)?;
         info!(sandbox_id = %id, "sandbox destroyed");
         Ok(())
     }
 
+    /// Finishes a delete that failed earlier (its row still says `destroying`), unless one is
+    /// in flight (the sandbox's lock is held).
+    async fn finish_destroy(&self, id: &str) -> Result<(), ControlError> {
+        let lock = self.locks.get(id);
+        let Ok(_guard) = lock.try_lock() else {
+            return Ok(());
+        };
+        if self.store.intents()?.get(id) != Some(&Intent::Destroying) {
+            return Ok(());
+        }
+        let Some(rec) = self.store.sandbox(id)? else {
+            return Ok(());
+        };
+        self.destroy_on_host(&rec).await?;
+        self.store.set_state(id, SandboxState::Destroyed)?;
+        info!(sandbox_id = %id, "unfinished delete finished");
+        Ok(())
+    }
+
     /// Hot pause: files are synced to the sandbox's disk, then every process is frozen in place
-    /// (memory, open connections and pids stay).
+    /// (memory, open connections and pids stay). A pause that fails leaves the sandbox running,
+    /// thawed: the row and the host never disagree.
     async fn pause_now(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
@@ -953,15 +1038,39 @@ impl Control {
                 needs: "running",
             });
         }
+        // Nothing on the host changes while the files are synced, so no intent yet.
         sync_files(&rec).await?;
+        self.store.set_intent(id, Some(Intent::Pausing))?;
         let backend = self.backend.clone();
         let id2 = id.to_string();
-        tokio::task::spawn_blocking(move || backend.pause(&id2)).await??;
-        self.store.set_paused(id)?;
+        let paused = match tokio::task::spawn_blocking(move || backend.pause(&id2)).await {
+            Ok(Ok(())) => self.store.set_paused(id).map_err(ControlError::from),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = paused {
+            warn!(sandbox_id = %id, error = %error_chain(&e), "pause failed; thawing");
+            self.thaw(id).await;
+            // If even this fails (a full database) the row says `pausing`, which reconcile
+            // undoes by thawing.
+            let _ = self.store.set_intent(id, None);
+            return Err(e);
+        }
         self.announce_stopped(id);
         rec.state = SandboxState::Paused;
         info!(sandbox_id = %id, "sandbox paused");
         Ok(self.api(&rec))
+    }
+
+    /// Thaws whatever of the sandbox is frozen, saying so if it cannot.
+    async fn thaw(&self, id: &str) {
+        let backend = self.backend.clone();
+        let id2 = id.to_string();
+        match tokio::task::spawn_blocking(move || backend.resume(&id2)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(sandbox_id = %id, error = %error_chain(&e), "thawing failed"),
+            Err(e) => warn!(sandbox_id = %id, error = %error_chain(&e), "thawing failed"),
+        }
     }
 
     /// Resume: a paused sandbox is thawed (hot: its processes carry on where they were); a
@@ -970,25 +1079,27 @@ impl Control {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;
-        let backend = self.backend.clone();
         match rec.state {
             SandboxState::Paused => {
+                self.store.set_intent(id, Some(Intent::Resuming))?;
+                let backend = self.backend.clone();
                 let id2 = id.to_string();
-                tokio::task::spawn_blocking(move || backend.resume(&id2)).await??;
-                self.store.set_state(id, SandboxState::Running)?;
-            }
-            SandboxState::Hibernated => {
-                let spec = self.with_net(spec_of(&rec), &rec)?;
-                let runtime = tokio::task::spawn_blocking(move || backend.create(&spec)).await??;
-                if let Err(e) = self.attach_net(&rec) {
-                    let _ = self.backend.stop(id, Some(&runtime));
-                    return Err(e);
+                if let Err(e) = tokio::task::spawn_blocking(move || backend.resume(&id2)).await? {
+                    let _ = self.store.set_intent(id, None);
+                    return Err(e.into());
                 }
-                let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
-                self.store.set_running(id, &value)?;
-                rec.runtime = Some(value);
-                rec.started_at = now_unix();
+                // A crash before this line leaves `paused` + `resuming` with thawed processes:
+                // reconcile finishes the resume. A store that cannot record it (a full database)
+                // gets the sandbox frozen again, so the row and the host still agree.
+                if let Err(e) = self.store.set_state(id, SandboxState::Running) {
+                    let backend = self.backend.clone();
+                    let id2 = id.to_string();
+                    let _ = tokio::task::spawn_blocking(move || backend.pause(&id2)).await;
+                    let _ = self.store.set_intent(id, None);
+                    return Err(e.into());
+                }
             }
+            SandboxState::Hibernated => rec = self.start_cold(rec).await?,
             other => {
                 return Err(ControlError::WrongState {
                     state: other.as_str(),
@@ -998,9 +1109,101 @@ impl Control {
             }
         }
         rec.state = SandboxState::Running;
+        rec.error = None;
         self.touch(id);
         info!(sandbox_id = %id, "sandbox resumed");
         Ok(self.api(&rec))
+    }
+
+    /// A cold start of a hibernated sandbox on its own disk. The row says `resuming` before
+    /// the host is touched; a crash before it says `running` is undone by reconcile (whatever
+    /// started is stopped, so a second resume can never attach the disk a second time).
+    async fn start_cold(&self, mut rec: SandboxRecord) -> Result<SandboxRecord, ControlError> {
+        let id = rec.id.clone();
+        self.store.set_intent(&id, Some(Intent::Resuming))?;
+        let spec = match self.with_net(spec_of(&rec), &rec) {
+            Ok(s) => s,
+            Err(e) => return Err(self.resume_failed(&rec, e, None).await),
+        };
+        let backend = self.backend.clone();
+        let runtime = match tokio::task::spawn_blocking(move || backend.start(&spec)).await? {
+            Ok(r) => r,
+            Err(e) => return Err(self.resume_failed(&rec, e.into(), None).await),
+        };
+        let ready = serde_json::to_value(&runtime)
+            .map_err(|e| ControlError::Store(e.into()))
+            .and_then(|value| {
+                self.attach_net(&rec)?;
+                self.store.set_running(&id, &value)?;
+                Ok(value)
+            });
+        match ready {
+            Ok(value) => {
+                rec.runtime = Some(value);
+                rec.started_at = now_unix();
+                Ok(rec)
+            }
+            Err(e) => Err(self.resume_failed(&rec, e, Some(runtime)).await),
+        }
+    }
+
+    /// A cold start failed: whatever it started is stopped, the disk is left as it is, and the
+    /// row goes back to `hibernated` with the reason, so a later resume can try again. Only a
+    /// disk that is itself gone makes the sandbox `error` (`sandbox_lost`).
+    async fn resume_failed(
+        &self,
+        rec: &SandboxRecord,
+        e: ControlError,
+        runtime: Option<RuntimeInfo>,
+    ) -> ControlError {
+        let id = rec.id.clone();
+        warn!(sandbox_id = %id, error = %error_chain(&e), "cold resume failed; the files are kept");
+        if let Some(rt) = runtime {
+            let backend = self.backend.clone();
+            let id2 = id.clone();
+            match tokio::task::spawn_blocking(move || backend.stop(&id2, Some(&rt))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(se)) => {
+                    warn!(sandbox_id = %id, error = %error_chain(&se), "stopping a failed resume; reconcile retries")
+                }
+                Err(se) => {
+                    warn!(sandbox_id = %id, error = %error_chain(&se), "stopping a failed resume; reconcile retries")
+                }
+            }
+        }
+        let _ = self.detach_net(&id);
+        if let ControlError::Node(NodeError::DiskMissing(_)) = &e {
+            let why = reason(
+                codes::SANDBOX_LOST,
+                format!("the sandbox's files are gone: {}", error_chain(&e)),
+            );
+            if let Err(se) = self.store.set_error(&id, &why) {
+                warn!(sandbox_id = %id, error = %error_chain(&se), "recording a lost sandbox");
+            }
+            return ControlError::ResumeFailed(why);
+        }
+        let full = is_storage_full(&e);
+        let why = reason(
+            if full {
+                codes::INSUFFICIENT_STORAGE
+            } else {
+                codes::RESUME_FAILED
+            },
+            format!(
+                "the resume failed; the sandbox's files are kept and it can be resumed once the \
+                 cause is fixed: {}",
+                error_chain(&e)
+            ),
+        );
+        if let Err(se) = self.store.set_hibernated_error(&id, &why) {
+            // The row still says `hibernated` + `resuming`: reconcile stops what may run.
+            warn!(sandbox_id = %id, error = %error_chain(&se), "recording a failed resume");
+        }
+        if full {
+            ControlError::InsufficientStorage(why)
+        } else {
+            ControlError::ResumeFailed(why)
+        }
     }
 
     /// Hibernate: files are synced and kept, every process ends. A later resume starts cold.
@@ -1013,7 +1216,13 @@ impl Control {
         let _guard = lock.lock().await;
         let mut rec = self.record(user, id)?;
         match rec.state {
-            SandboxState::Running => sync_files(&rec).await?,
+            // A sync that fails (a full host disk) does not stop the hibernation: ending the
+            // processes loses nothing more, and the unmount writes back what it can.
+            SandboxState::Running => {
+                if let Err(e) = sync_files(&rec).await {
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "syncing before hibernating failed");
+                }
+            }
             // Paused sandboxes were synced when they paused and cannot run `sync` now.
             SandboxState::Paused => {}
             other => {
@@ -1024,12 +1233,15 @@ impl Control {
                 })
             }
         }
+        // From here on a crash (or a failed stop) is finished by reconcile or a retry: stop is
+        // idempotent.
+        self.store.set_intent(id, Some(Intent::Hibernating))?;
+        self.announce_stopped(id);
         let backend = self.backend.clone();
         let (id2, runtime) = (id.to_string(), runtime_of(&rec));
         tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
         self.detach_net(id)?;
         self.store.set_hibernated(id)?;
-        self.announce_stopped(id);
         rec.state = SandboxState::Hibernated;
         rec.runtime = None;
         info!(sandbox_id = %id, "sandbox hibernated");
@@ -1046,68 +1258,49 @@ impl Control {
         Ok(())
     }
 
-    /// Makes the store and the host agree after a start (docs/architecture.md, crash safety): running
-    /// sandboxes whose computer still answers are adopted, interrupted creates and lost sandboxes
-    /// are cleaned and marked `error`, and anything on the host without a live row is removed.
+    async fn stop_on_host(
+        &self,
+        id: &str,
+        runtime: Option<RuntimeInfo>,
+    ) -> Result<(), ControlError> {
+        self.announce_stopped(id);
+        let backend = self.backend.clone();
+        let id2 = id.to_string();
+        tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
+        self.detach_net(id)?;
+        Ok(())
+    }
+
+    /// Makes the store and the host agree after a start (docs/architecture.md, crash safety). Every
+    /// row is checked against the host, whatever its state, and a transition a crash cut short
+    /// (the row's intent) is finished or undone; anything on the host without a live row is
+    /// removed. A sandbox whose files are kept is never cleaned because of an error here: its
+    /// directory stays and the next start tries again. `docs/architecture.md` has the table.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ControlError> {
         let mut report = ReconcileReport::default();
         let mut keep = HashSet::new();
+        let intents = self.store.intents()?;
+        let pools: HashSet<String> = self.store.pools()?.into_iter().map(|p| p.name).collect();
+        let backend = self.backend.clone();
+        let attached: HashSet<String> = tokio::task::spawn_blocking(move || backend.disks_in_use())
+            .await?
+            .into_iter()
+            .collect();
         for rec in self.store.live_sandboxes()? {
-            let (code, message, list) = match rec.state {
-                SandboxState::Running | SandboxState::Paused => {
-                    if self.still_alive(&rec).await {
-                        keep.insert(rec.id.clone());
-                        report.adopted.push(rec.id.clone());
-                        continue;
-                    }
-                    if rec.owner_id == POOL_OWNER || rec.ephemeral {
-                        // No one's files: a lost warm or ephemeral sandbox is simply gone.
-                        self.store.set_state(&rec.id, SandboxState::Destroyed)?;
-                        report.lost.push(rec.id.clone());
-                        continue;
-                    }
-                    // The processes are gone (a host reboot, a crash) but the disk is not: the
-                    // sandbox comes back cold on the next resume, its files kept.
-                    let backend = self.backend.clone();
-                    let (id, runtime) = (rec.id.clone(), runtime_of(&rec));
-                    match tokio::task::spawn_blocking(move || backend.stop(&id, runtime.as_ref()))
-                        .await?
-                    {
-                        Ok(()) => {
-                            self.store.set_hibernated(&rec.id)?;
-                            keep.insert(rec.id.clone());
-                            report.hibernated.push(rec.id.clone());
-                            continue;
-                        }
-                        Err(e) => {
-                            warn!(sandbox_id = %rec.id, error = %error_chain(&e), "could not keep a lost sandbox's files")
-                        }
-                    }
-                    (
-                        codes::SANDBOX_LOST,
-                        "the sandbox's processes ended and its files could not be kept",
-                        &mut report.lost,
-                    )
-                }
-                SandboxState::Starting => (
-                    codes::CREATE_INTERRUPTED,
-                    "the server stopped while the sandbox was being created",
-                    &mut report.interrupted,
-                ),
-                // Files without processes: nothing to adopt, but the disk must stay.
-                SandboxState::Hibernated => {
+            let intent = intents.get(&rec.id).copied();
+            let disk_attached = attached.contains(&rec.id);
+            match self
+                .reconcile_one(&rec, intent, disk_attached, &pools, &mut report)
+                .await
+            {
+                Ok(true) => {
                     keep.insert(rec.id.clone());
-                    continue;
                 }
-                SandboxState::Error | SandboxState::Destroyed => continue,
-            };
-            // The row says what happened before the host is touched, so a failed clean-up is
-            // retried at the next start rather than forgotten.
-            self.store
-                .set_error(&rec.id, &reason(code, message.into()))?;
-            list.push(rec.id.clone());
-            if let Err(e) = self.destroy_on_host(&rec).await {
-                warn!(sandbox_id = %rec.id, error = %error_chain(&e), "clean-up failed; retried at the next start");
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(sandbox_id = %rec.id, state = rec.state.as_str(), intent = intent.map(Intent::as_str), error = %error_chain(&e), "reconciling failed; its files are kept and the next start retries");
+                    keep.insert(rec.id.clone());
+                }
             }
         }
         let backend = self.backend.clone();
@@ -1128,19 +1321,140 @@ impl Control {
         Ok(report)
     }
 
-    async fn still_alive(&self, rec: &SandboxRecord) -> bool {
+    /// One row against the host. Returns whether the sandbox's directory stays.
+    async fn reconcile_one(
+        &self,
+        rec: &SandboxRecord,
+        intent: Option<Intent>,
+        disk_attached: bool,
+        pools: &HashSet<String>,
+        report: &mut ReconcileReport,
+    ) -> Result<bool, ControlError> {
+        let id = rec.id.clone();
+        let warm = rec.owner_id == POOL_OWNER;
+        let orphan = warm
+            && rec.state != SandboxState::Starting
+            && !rec.pool.as_ref().is_some_and(|p| pools.contains(p));
+        if intent == Some(Intent::Destroying) || orphan {
+            // A delete the crash cut short is finished; a warm sandbox whose pool no longer
+            // exists belongs to no one and goes too.
+            self.destroy_on_host(rec).await?;
+            self.store.set_state(&id, SandboxState::Destroyed)?;
+            if orphan {
+                report.orphans.push(id);
+            } else {
+                report.finished.push(id);
+            }
+            return Ok(false);
+        }
+        match rec.state {
+            SandboxState::Starting => {
+                // A new (or just claimed) sandbox: nobody's files yet. The row says what
+                // happened before the host is touched, so a failed clean-up is retried.
+                self.store.set_error(
+                    &id,
+                    &reason(
+                        codes::CREATE_INTERRUPTED,
+                        "the server stopped while the sandbox was being created".into(),
+                    ),
+                )?;
+                report.interrupted.push(id.clone());
+                if let Err(e) = self.destroy_on_host(rec).await {
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "clean-up failed; retried at the next start");
+                }
+                Ok(false)
+            }
+            SandboxState::Hibernated => {
+                // Files and no processes. A cold resume the crash cut short may have started
+                // processes on the disk before their pid was recorded: they are stopped (and
+                // the disk detached) rather than adopted blind.
+                let backend = self.backend.clone();
+                let id2 = id.clone();
+                let active = tokio::task::spawn_blocking(move || backend.active(&id2)).await?;
+                if active || disk_attached || intent.is_some() {
+                    self.stop_on_host(&id, None).await?;
+                    self.store.set_hibernated(&id)?;
+                    report.rolled_back.push(id);
+                }
+                Ok(true)
+            }
+            SandboxState::Running | SandboxState::Paused => {
+                if intent == Some(Intent::Hibernating) {
+                    // Asked for and begun: finished.
+                    self.stop_on_host(&id, runtime_of(rec)).await?;
+                    self.store.set_hibernated(&id)?;
+                    report.hibernated.push(id);
+                    return Ok(true);
+                }
+                // An interrupted pause is undone (the row still says running) and an
+                // interrupted hot resume is finished (the user asked to run): either way the
+                // processes run. A paused row without an intent stays frozen.
+                let want_frozen = rec.state == SandboxState::Paused && intent.is_none();
+                if self.adopt(rec, want_frozen).await? {
+                    let settled = if want_frozen {
+                        SandboxState::Paused
+                    } else {
+                        SandboxState::Running
+                    };
+                    if intent.is_some() || settled != rec.state {
+                        self.store.set_state(&id, settled)?;
+                    }
+                    report.adopted.push(id);
+                    return Ok(true);
+                }
+                if warm || rec.ephemeral {
+                    // No one's files: a lost warm or ephemeral sandbox is simply gone.
+                    self.store.set_state(&id, SandboxState::Destroyed)?;
+                    report.lost.push(id);
+                    return Ok(false);
+                }
+                // The processes are gone (a host reboot, a crash) but the disk is not: the
+                // sandbox comes back cold on the next resume, its files kept. If what is left
+                // cannot be stopped, the files still stay and the row says why.
+                match self.stop_on_host(&id, runtime_of(rec)).await {
+                    Ok(()) => self.store.set_hibernated(&id)?,
+                    Err(e) => self.store.set_hibernated_error(
+                        &id,
+                        &reason(
+                            codes::SANDBOX_LOST,
+                            format!(
+                                "the sandbox's processes ended and cleaning up after them failed \
+                                 ({}); its files are kept",
+                                error_chain(&e)
+                            ),
+                        ),
+                    )?,
+                }
+                report.hibernated.push(id);
+                Ok(true)
+            }
+            SandboxState::Error | SandboxState::Destroyed => Ok(false),
+        }
+    }
+
+    /// Whether a running or paused sandbox's computer is still there (its PID 1, same start
+    /// time), after freezing or thawing it as `frozen` says; a running one must also answer.
+    async fn adopt(&self, rec: &SandboxRecord, frozen: bool) -> Result<bool, ControlError> {
         let Some(runtime) = runtime_of(rec) else {
-            return false;
+            return Ok(false);
         };
         let backend = self.backend.clone();
         let (id, rt) = (rec.id.clone(), runtime.clone());
-        let alive = tokio::task::spawn_blocking(move || backend.probe(&id, &rt)).await;
-        if !matches!(alive, Ok(Liveness::Alive)) {
-            return false;
+        let alive = tokio::task::spawn_blocking(move || backend.probe(&id, &rt)).await?;
+        if alive != Liveness::Alive {
+            return Ok(false);
         }
+        let backend = self.backend.clone();
+        let id = rec.id.clone();
+        tokio::task::spawn_blocking(move || match backend.frozen(&id) {
+            Some(now) if now == frozen => Ok(()),
+            None if !frozen => Ok(()),
+            _ if frozen => backend.pause(&id),
+            _ => backend.resume(&id),
+        })
+        .await??;
         // A paused sandbox's guest is frozen and cannot answer; its live PID 1 is proof enough.
-        rec.state == SandboxState::Paused
-            || GuestClient::new(runtime.guest_socket).ping().await.is_ok()
+        Ok(frozen || GuestClient::new(runtime.guest_socket).ping().await.is_ok())
     }
 }
 
@@ -1168,27 +1482,70 @@ impl Drop for CreateInFlight<'_> {
     }
 }
 
-/// sync(2) inside the sandbox: flushes its disk (and only what it can see) to the image file.
+/// Flushes the sandbox's disk (and only what it can see) to the image file, from inside:
+/// `syncfs` of the root and `/workspace`, which, unlike sync(2), reports a write-back that failed
+/// (a full host disk under a sparse image): the sandbox's files are not saved, and the caller
+/// says so rather than claim they were.
 async fn sync_files(rec: &SandboxRecord) -> Result<(), ControlError> {
     let runtime = runtime_of(rec).ok_or(ControlError::NotRunning("starting"))?;
     let sync = burrow_proto::ExecSpec {
-        argv: vec!["sync".into()],
+        argv: vec![
+            "/usr/bin/sync".into(),
+            "-f".into(),
+            "/".into(),
+            "/workspace".into(),
+        ],
         timeout_ms: Some(30_000),
         ..Default::default()
     };
-    GuestClient::new(runtime.guest_socket)
+    let out = GuestClient::new(runtime.guest_socket)
         .exec_buffered(sync, None, 4096)
         .await?;
-    Ok(())
+    if out.exit_code == Some(0) {
+        return Ok(());
+    }
+    let detail = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let detail = if out.timed_out {
+        "sync did not finish in 30 s".to_string()
+    } else {
+        detail
+    };
+    Err(ControlError::InsufficientStorage(ErrorReason {
+        code: codes::INSUFFICIENT_STORAGE.into(),
+        message: format!(
+            "the sandbox's files could not be saved to its disk ({detail}); the host's data \
+             filesystem may be full. Free space, then hibernate and resume the sandbox to remount \
+             its disk"
+        ),
+        limit: None,
+        observed: None,
+    }))
+}
+
+/// Whether an error comes down to a full data filesystem (or database).
+pub(crate) fn is_storage_full(e: &ControlError) -> bool {
+    match e {
+        ControlError::InsufficientStorage(_) => true,
+        ControlError::Node(NodeError::NoSpace(_)) => true,
+        ControlError::Store(s) => s.is_disk_full(),
+        _ => false,
+    }
 }
 
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
     pub adopted: Vec<String>,
-    /// Their processes were gone; their files are kept and a resume starts them cold.
+    /// Their processes were gone (or a hibernation was cut short); their files are kept and a
+    /// resume starts them cold.
     pub hibernated: Vec<String>,
     pub lost: Vec<String>,
     pub interrupted: Vec<String>,
+    /// Deletes a crash cut short, finished.
+    pub finished: Vec<String>,
+    /// Hibernated sandboxes with something running or attached (a cold resume cut short), stopped.
+    pub rolled_back: Vec<String>,
+    /// Warm sandboxes of pools that no longer exist, destroyed.
+    pub orphans: Vec<String>,
     /// Host leftovers with no live row.
     pub cleaned: Vec<String>,
 }

@@ -41,6 +41,11 @@ pub struct ServerConfig {
     /// Paused sandboxes hibernate early while the host has less memory available than this
     /// (MiB); a twentieth of the host's memory when unset.
     pub hibernate_below_mib: Option<u64>,
+    /// Creates and uploads are refused (`507`) while the data filesystem has less free than
+    /// this (MiB); default 5% of it, between 256 MiB and 10 GiB.
+    pub min_free_mib: Option<u64>,
+    /// Sandbox disks (sparse) may promise this many times the data filesystem's size.
+    pub disk_overcommit: Option<f64>,
     /// Connection caps and timeouts of the API; derived from the open-files limit when unset.
     pub serve_limits: Option<serve::ServeLimits>,
     /// Pids kept for the host: sandboxes' pid limits may add up to `pid_max` minus this (an
@@ -233,6 +238,11 @@ impl Server {
         if let Some(mib) = cfg.hibernate_below_mib {
             control = control.with_hibernate_below_mib(mib);
         }
+        control = control.with_storage(control::storage::StorageGuard::new(
+            cfg.data_dir.clone(),
+            cfg.min_free_mib,
+            cfg.disk_overcommit,
+        ));
         // The egress proxy's port is taken before any sandbox could be redirected to it.
         let mut egress = None;
         if let Some(net) = cfg.network.clone() {
@@ -276,6 +286,9 @@ impl Server {
             lost = report.lost.len(),
             interrupted = report.interrupted.len(),
             cleaned = report.cleaned.len(),
+            finished_deletes = report.finished.len(),
+            rolled_back = report.rolled_back.len(),
+            orphans = report.orphans.len(),
             "reconciled sandboxes with the host"
         );
         let listener = tokio::net::TcpListener::bind(cfg.listen)

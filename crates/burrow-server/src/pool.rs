@@ -186,7 +186,19 @@ impl Control {
         }
         let counts = self.store().pool_counts()?;
         let mut builds = Vec::new();
-        for p in self.store().pools()? {
+        let pools = self.store().pools()?;
+        // Every sandbox belongs to someone visible: warm ones of a deleted pool go.
+        let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
+        for rec in self.store().warm_sandboxes_outside(&names)? {
+            info!(sandbox_id = %rec.id, pool = rec.pool.as_deref(), "destroying a warm sandbox of a pool that no longer exists");
+            self.destroy_warm(&rec).await;
+        }
+        // Below the watermark the disk is kept for what sandboxes already hold.
+        if let Err(e) = self.check_free_space("refilling pools") {
+            warn!(error = %error_chain(&e), "not refilling pools");
+            return Ok(false);
+        }
+        for p in pools {
             let c = counts.get(&p.name).cloned().unwrap_or_default();
             let have = c.ready + c.starting;
             if have > p.size {
@@ -268,8 +280,20 @@ impl Control {
         let _admitted = self.admit_warm(&plan.limits, &id).await?;
         let lock = self.lock_of(&id);
         let _guard = lock.lock().await;
+        // The pool may have been deleted since this round began (its delete listed its warm
+        // sandboxes before this row existed): nothing is built for a pool that is gone.
+        if !self.pool_exists(&pool.name)? {
+            return Ok(());
+        }
         match self.build(rec).await {
-            Ok(_) => {
+            Ok(rec) => {
+                // Deleted while this one was built: it is destroyed here, not left running for
+                // no one to see.
+                if !self.pool_exists(&pool.name)? {
+                    self.store().set_state(&id, SandboxState::Destroyed)?;
+                    self.destroy_on_host(&rec).await?;
+                    return Ok(());
+                }
                 self.store().set_state(&id, SandboxState::Running)?;
                 Ok(())
             }
@@ -279,6 +303,10 @@ impl Control {
                 Err(e)
             }
         }
+    }
+
+    fn pool_exists(&self, name: &str) -> Result<bool, ControlError> {
+        Ok(self.store().pools()?.iter().any(|p| p.name == name))
     }
 
     async fn destroy_warm(&self, rec: &SandboxRecord) {

@@ -72,6 +72,11 @@ impl From<rusqlite::Error> for StoreError {
 }
 
 impl StoreError {
+    /// The database could not grow: its filesystem is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Full(_))
+    }
+
     /// The database is busy (locked by another process, or every connection in use): the same
     /// call is likely to work in a moment.
     pub fn is_busy(&self) -> bool {
@@ -152,6 +157,39 @@ pub struct SandboxRecord {
     /// Network settings (egress policy, public ports) as the control layer's JSON; `None` when
     /// the sandbox has no network.
     pub network: Option<serde_json::Value>,
+}
+
+/// A lifecycle transition in flight. The row keeps its settled `state` (what the sandbox was
+/// before the transition) and names the transition in `intent` before the host is touched; the
+/// write that settles the new state clears it. A row with an intent after a restart is a
+/// transition a crash interrupted, for reconcile to finish or undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Intent {
+    Pausing,
+    Resuming,
+    Hibernating,
+    Destroying,
+}
+
+impl Intent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Intent::Pausing => "pausing",
+            Intent::Resuming => "resuming",
+            Intent::Hibernating => "hibernating",
+            Intent::Destroying => "destroying",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Intent> {
+        Some(match s {
+            "pausing" => Intent::Pausing,
+            "resuming" => Intent::Resuming,
+            "hibernating" => Intent::Hibernating,
+            "destroying" => Intent::Destroying,
+            _ => return None,
+        })
+    }
 }
 
 /// The id of the internal user that owns warm sandboxes until they are claimed. It has no API key.
@@ -466,10 +504,12 @@ impl Store {
         })
     }
 
-    /// The computer runs (after a create or a cold resume): its maximum duration counts from now.
+    /// The computer runs (after a create or a cold resume): its maximum duration counts from now,
+    /// and the reason of an earlier failed resume is cleared.
     pub fn set_running(&self, id: &str, runtime: &serde_json::Value) -> Result<(), StoreError> {
         self.exec(
-            "UPDATE sandboxes SET state = 'running', runtime = ?2, updated_at = ?3, started_at = ?4 WHERE id = ?1",
+            "UPDATE sandboxes SET state = 'running', runtime = ?2, updated_at = ?3, started_at = ?4, \
+             error = NULL, intent = NULL WHERE id = ?1",
             params![id, runtime.to_string(), now_rfc3339(), now_unix()],
         )?;
         Ok(())
@@ -510,7 +550,7 @@ impl Store {
     /// Frozen now: the hot window counts from here.
     pub fn set_paused(&self, id: &str) -> Result<(), StoreError> {
         self.exec(
-            "UPDATE sandboxes SET state = 'paused', paused_at = ?2, updated_at = ?3 WHERE id = ?1",
+            "UPDATE sandboxes SET state = 'paused', paused_at = ?2, updated_at = ?3, intent = NULL WHERE id = ?1",
             params![id, now_unix(), now_rfc3339()],
         )?;
         Ok(())
@@ -518,7 +558,7 @@ impl Store {
 
     pub fn set_state(&self, id: &str, state: SandboxState) -> Result<(), StoreError> {
         self.exec(
-            "UPDATE sandboxes SET state = ?2, updated_at = ?3 WHERE id = ?1",
+            "UPDATE sandboxes SET state = ?2, updated_at = ?3, intent = NULL WHERE id = ?1",
             params![id, state.as_str(), now_rfc3339()],
         )?;
         Ok(())
@@ -527,16 +567,71 @@ impl Store {
     /// A hibernated sandbox has files but no processes, so no runtime to find.
     pub fn set_hibernated(&self, id: &str) -> Result<(), StoreError> {
         self.exec(
-            "UPDATE sandboxes SET state = 'hibernated', runtime = NULL, updated_at = ?2 WHERE id = ?1",
+            "UPDATE sandboxes SET state = 'hibernated', runtime = NULL, updated_at = ?2, intent = NULL \
+             WHERE id = ?1",
             params![id, now_rfc3339()],
         )?;
         Ok(())
     }
 
+    /// Hibernated, with why its last resume failed: the files are kept and a resume may be tried
+    /// again once the cause is gone.
+    pub fn set_hibernated_error(&self, id: &str, reason: &ErrorReason) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE sandboxes SET state = 'hibernated', runtime = NULL, error = ?2, updated_at = ?3, \
+             intent = NULL WHERE id = ?1",
+            params![id, serde_json::to_string(reason)?, now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Names the transition about to start (or clears it with `None`), before the host is touched.
+    pub fn set_intent(&self, id: &str, intent: Option<Intent>) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE sandboxes SET intent = ?2, updated_at = ?3 WHERE id = ?1",
+            params![id, intent.map(Intent::as_str), now_rfc3339()],
+        )?;
+        Ok(())
+    }
+
+    /// Transitions in flight, by sandbox id (after a crash: the ones it interrupted).
+    pub fn intents(&self) -> Result<BTreeMap<String, Intent>, StoreError> {
+        self.read(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT id, intent FROM sandboxes WHERE intent IS NOT NULL")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (id, intent) = row?;
+                let intent = Intent::parse(&intent).ok_or(StoreError::BadState(intent))?;
+                out.insert(id, intent);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Sum of the disk sizes (MiB) promised to sandboxes that hold a disk on this host: every
+    /// sandbox that is not destroyed or in error. Sparse images take host space only as they
+    /// fill, so this is what the host has promised, not what it uses. (`error` rows had their
+    /// computer and disk destroyed.)
+    pub fn promised_disk_mib(&self) -> Result<u64, StoreError> {
+        self.read(|conn| {
+            let total: i64 = conn.query_row(
+                "SELECT COALESCE(SUM(json_extract(limits, '$.disk_mib')), 0) FROM sandboxes \
+                 WHERE state IN ('starting', 'running', 'paused', 'hibernated')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(total.max(0) as u64)
+        })
+    }
+
     /// Moves a sandbox to `error`, keeping the reason. Its computer is gone or going.
     pub fn set_error(&self, id: &str, reason: &ErrorReason) -> Result<(), StoreError> {
         self.exec(
-            "UPDATE sandboxes SET state = 'error', error = ?2, runtime = NULL, updated_at = ?3 WHERE id = ?1",
+            "UPDATE sandboxes SET state = 'error', error = ?2, runtime = NULL, updated_at = ?3, intent = NULL \
+             WHERE id = ?1",
             params![id, serde_json::to_string(reason)?, now_rfc3339()],
         )?;
         Ok(())
@@ -766,6 +861,20 @@ impl Store {
                  AND state IN ('starting', 'running') ORDER BY created_at, id"
             ),
             [pool],
+        )
+    }
+
+    /// Ready warm sandboxes whose pool is none of `pools` (a pool deleted while they were built).
+    pub fn warm_sandboxes_outside(
+        &self,
+        pools: &[String],
+    ) -> Result<Vec<SandboxRecord>, StoreError> {
+        self.query_sandboxes(
+            &format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE owner_id = 'pool' AND state = 'running' \
+                 AND (pool IS NULL OR pool NOT IN (SELECT value FROM json_each(?1))) ORDER BY created_at, id"
+            ),
+            [serde_json::to_string(pools)?],
         )
     }
 

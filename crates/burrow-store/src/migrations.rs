@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
         updated_at TEXT NOT NULL
     );
     CREATE TABLE store_probe (id INTEGER PRIMARY KEY, at INTEGER NOT NULL);",
+    // 7: the lifecycle transition in flight (pausing, resuming, hibernating, destroying), written
+    // before the host is touched so that reconcile can finish or undo it after a crash.
+    "ALTER TABLE sandboxes ADD COLUMN intent TEXT;",
 ];
 
 pub fn apply(conn: &Connection) -> rusqlite::Result<()> {

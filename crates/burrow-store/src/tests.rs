@@ -238,6 +238,82 @@ fn tool_calls_count_up_and_a_new_run_starts_at_zero() {
 }
 
 #[test]
+fn an_intent_lasts_until_the_next_settled_state() {
+    let s = store_with_users();
+    s.insert_sandbox(&record("a", "u1")).unwrap();
+    s.insert_sandbox(&record("b", "u1")).unwrap();
+    s.set_running("a", &serde_json::json!({"pid": 1})).unwrap();
+    s.set_intent("a", Some(Intent::Pausing)).unwrap();
+    s.set_intent("b", Some(Intent::Destroying)).unwrap();
+    assert_eq!(
+        s.intents().unwrap(),
+        BTreeMap::from([
+            ("a".to_string(), Intent::Pausing),
+            ("b".to_string(), Intent::Destroying)
+        ])
+    );
+    // The write that settles a state clears the intent; the state itself is untouched until then.
+    assert_eq!(
+        s.sandbox("a").unwrap().unwrap().state,
+        SandboxState::Running
+    );
+    s.set_paused("a").unwrap();
+    s.set_state("b", SandboxState::Destroyed).unwrap();
+    assert!(s.intents().unwrap().is_empty());
+    // A failed resume: hibernated, with why; a later start clears the reason.
+    s.set_intent("a", Some(Intent::Resuming)).unwrap();
+    let why = ErrorReason {
+        code: "resume_failed".into(),
+        message: "no".into(),
+        limit: None,
+        observed: None,
+    };
+    s.set_hibernated_error("a", &why).unwrap();
+    let r = s.sandbox("a").unwrap().unwrap();
+    assert_eq!((r.state, r.error), (SandboxState::Hibernated, Some(why)));
+    assert!(s.intents().unwrap().is_empty());
+    s.set_running("a", &serde_json::json!({"pid": 2})).unwrap();
+    assert_eq!(s.sandbox("a").unwrap().unwrap().error, None);
+}
+
+#[test]
+fn promised_disks_count_every_sandbox_that_holds_one() {
+    let s = store_with_users();
+    let disk = Plan::defaults()[0].limits.disk_mib;
+    for id in ["a", "b", "c", "d"] {
+        s.insert_sandbox(&record(id, "u1")).unwrap();
+    }
+    s.set_hibernated("b").unwrap();
+    s.set_state("c", SandboxState::Destroyed).unwrap();
+    let why = ErrorReason {
+        code: "create_interrupted".into(),
+        message: "x".into(),
+        limit: None,
+        observed: None,
+    };
+    s.set_error("d", &why).unwrap();
+    assert_eq!(s.promised_disk_mib().unwrap(), 2 * disk);
+}
+
+#[test]
+fn warm_sandboxes_of_pools_that_are_gone_are_found() {
+    let s = store_with_users();
+    for (id, pool) in [("w1", "kept"), ("w2", "gone"), ("w3", "gone")] {
+        s.insert_sandbox(&warm(id, pool)).unwrap();
+    }
+    s.set_running("w1", &serde_json::json!({"pid": 1})).unwrap();
+    s.set_running("w2", &serde_json::json!({"pid": 2})).unwrap();
+    // w3 is still being built: its builder checks the pool itself.
+    let ids: Vec<_> = s
+        .warm_sandboxes_outside(&["kept".to_string()])
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, ["w2"]);
+}
+
+#[test]
 fn no_slot_past_the_top_of_the_uid_ranges_is_handed_out() {
     let top = burrow_types::limits::UID_SLOTS;
     let mut used: BTreeSet<u32> = (0..top).filter(|s| *s != top - 1).collect();

@@ -50,3 +50,7 @@ pub const IDEMPOTENCY_IN_PROGRESS: &str = "idempotency_in_progress";
 pub const REQUEST_TIMEOUT: &str = "request_timeout";
 pub const PLAN_NOT_ALLOWED: &str = "plan_not_allowed";
 pub const CALLBACK_NOT_ALLOWED: &str = "callback_not_allowed";
+/// The host's data filesystem is (nearly) full, or sandbox disks would promise more than it may.
+pub const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
+/// A resume could not start the sandbox; its files are kept and a later resume may succeed.
+pub const RESUME_FAILED: &str = "resume_failed";

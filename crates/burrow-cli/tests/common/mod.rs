@@ -60,17 +60,7 @@ impl TestServer {
 
     /// A server with extra environment (e.g. `BURROW_PLANS`).
     pub async fn start_with_env(env: &[(&str, &str)]) -> TestServer {
-        sweep_dead_runs();
-        let mut s = Self::start_unspawned();
-        let listen = format!("127.0.0.1:{}", free_port());
-        s.url = format!("http://{listen}");
-        s.listen = listen;
-        s.env = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        s.spawn().await;
-        s
+        Self::start_with(None, env, &[]).await
     }
 
     /// A server with sandbox networking, inside a world of network namespaces made for this test
@@ -563,6 +553,32 @@ pub fn pip_venv(cache: &Path, name: &str, requirement: &str) -> Option<PathBuf> 
 }
 
 impl TestServer {
+    /// A server on a data directory the test prepared (e.g. a small filesystem it mounted),
+    /// with extra environment and `burrow up` arguments. The directory is the caller's to
+    /// remove, after this server is dropped.
+    pub async fn start_on_data(data: PathBuf, env: &[(&str, &str)], args: &[&str]) -> TestServer {
+        Self::start_with(Some(data), env, args).await
+    }
+
+    /// A server on a loopback port, on `data` (or a fresh temporary data directory).
+    async fn start_with(data: Option<PathBuf>, env: &[(&str, &str)], args: &[&str]) -> TestServer {
+        sweep_dead_runs();
+        let mut s = Self::start_unspawned();
+        if let Some(data) = data {
+            s.data = data;
+        }
+        let listen = format!("127.0.0.1:{}", free_port());
+        s.url = format!("http://{listen}");
+        s.listen = listen;
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.args = args.iter().map(|a| a.to_string()).collect();
+        s.spawn().await;
+        s
+    }
+
     /// A server that sees `hosts` as its `/etc/hosts` (bound over it in a mount namespace of its
     /// own), so a test decides what names resolve to without DNS: editing the file in place
     /// changes the answer at once. `env` as for [`TestServer::start_with_env`].

@@ -133,6 +133,69 @@ impl NamespaceBackend {
         self.cfg.data_dir.join("sandboxes").join(id)
     }
 
+    fn disk_of(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("disk.img")
+    }
+
+    /// Runs `__init` and waits for the guest to answer. On failure everything it started is
+    /// stopped; the directory and disk are removed only when `fresh` (this call made them), so a
+    /// failed cold start never costs a sandbox its files.
+    fn boot(&self, spec: &SandboxSpec, fresh: bool) -> Result<RuntimeInfo, NodeError> {
+        let started = Instant::now();
+        let undo = |info: Option<&RuntimeInfo>| {
+            let r = if fresh {
+                self.destroy(&spec.id, info)
+            } else {
+                self.stop(&spec.id, info)
+            };
+            if let Err(e) = r {
+                tracing::warn!(sandbox_id = %spec.id, error = %e, "cleaning up a failed start");
+            }
+        };
+        let reply = match self.run_init(spec) {
+            Ok(r) => r,
+            // Refused before anything was made: the disk is someone else's now (their
+            // processes, their loop device), and waiting for it to detach would wait for them.
+            Err(e @ NodeError::DiskBusy(_)) => return Err(e),
+            Err(e) => {
+                undo(None);
+                return Err(e);
+            }
+        };
+        let info = RuntimeInfo {
+            pid: reply.pid,
+            pid_start: reply.pid_start,
+            guest_socket: self.sandbox_dir(&spec.id).join("guest.sock"),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match ping(&info.guest_socket) {
+                Ok(()) => break,
+                Err(e)
+                    if Instant::now() >= deadline
+                        || self.probe(&spec.id, &info) == Liveness::Gone =>
+                {
+                    undo(Some(&info));
+                    return Err(NodeError::Setup(format!(
+                        "the guest agent did not answer: {e}"
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        tracing::debug!(sandbox_id = %spec.id, ms = started.elapsed().as_millis() as u64, "sandbox built");
+        Ok(info)
+    }
+
+    /// Loop devices that have this sandbox's disk attached (by the image's device and inode;
+    /// by path when the image is gone).
+    fn disk_devices(&self, id: &str) -> Vec<String> {
+        match loopdev::FileId::of(&self.disk_of(id)) {
+            Ok(file) => loopdev::devices_backing(file),
+            Err(_) => loopdev::devices_backed_by(&format!("/sandboxes/{id}/")),
+        }
+    }
+
     fn run_init(&self, spec: &SandboxSpec) -> Result<init::InitReply, NodeError> {
         let base = uid_base(spec.uid_slot).ok_or_else(|| {
             NodeError::Setup(format!(
@@ -178,9 +241,15 @@ impl NamespaceBackend {
             .wait_with_output()
             .map_err(host_err("waiting for __init"))?;
         if !out.status.success() {
-            return Err(NodeError::Setup(
-                String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            ));
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            // `__init` reports io errors as text; a full data filesystem must still read as one.
+            if msg.contains(&std::io::Error::from_raw_os_error(libc::ENOSPC).to_string()) {
+                return Err(NodeError::NoSpace(msg));
+            }
+            if msg.contains("is already attached to") {
+                return Err(NodeError::DiskBusy(spec.id.clone()));
+            }
+            return Err(NodeError::Setup(msg));
         }
         serde_json::from_slice(&out.stdout).map_err(|e| {
             NodeError::Setup(format!(
@@ -226,37 +295,20 @@ impl Backend for NamespaceBackend {
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
-        let started = Instant::now();
-        let reply = match self.run_init(spec) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = self.destroy(&spec.id, None);
-                return Err(e);
-            }
-        };
-        let info = RuntimeInfo {
-            pid: reply.pid,
-            pid_start: reply.pid_start,
-            guest_socket: self.sandbox_dir(&spec.id).join("guest.sock"),
-        };
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            match ping(&info.guest_socket) {
-                Ok(()) => break,
-                Err(e)
-                    if Instant::now() >= deadline
-                        || self.probe(&spec.id, &info) == Liveness::Gone =>
-                {
-                    let _ = self.destroy(&spec.id, Some(&info));
-                    return Err(NodeError::Setup(format!(
-                        "the guest agent did not answer: {e}"
-                    )));
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
+        // A new sandbox: whatever a failure leaves is ours to remove. An id whose disk already
+        // exists is not new, and its disk is not ours to remove.
+        let fresh = !self.disk_of(&spec.id).exists();
+        self.boot(spec, fresh)
+    }
+
+    fn start(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
+        // Without this check `__init` would make an empty disk and the sandbox would come back
+        // without its files, as if nothing had happened.
+        let disk = self.disk_of(&spec.id);
+        if !disk.is_file() {
+            return Err(NodeError::DiskMissing(disk));
         }
-        tracing::debug!(sandbox_id = %spec.id, ms = started.elapsed().as_millis() as u64, "sandbox built");
-        Ok(info)
+        self.boot(spec, false)
     }
 
     fn destroy(&self, id: &str, info: Option<&RuntimeInfo>) -> Result<(), NodeError> {
@@ -292,13 +344,10 @@ impl Backend for NamespaceBackend {
         // The loop device detaches itself once the disk's last mount namespace is gone. Wait for
         // it: "stopped" must mean the disk is no longer mounted anywhere, or a cold start could
         // mount the same ext4 image twice.
-        let needle = format!("/sandboxes/{id}/");
         let deadline = Instant::now() + KILL_TIMEOUT * 3;
-        while !loopdev::devices_backed_by(&needle).is_empty() {
+        while !self.disk_devices(id).is_empty() {
             if Instant::now() >= deadline {
-                return Err(NodeError::Setup(format!(
-                    "the disk of sandbox {id} is still in use"
-                )));
+                return Err(NodeError::DiskBusy(id.to_string()));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -316,6 +365,29 @@ impl Backend for NamespaceBackend {
         self.cgroups
             .freeze(id, Duration::from_secs(5))
             .map_err(host_err("freezing the sandbox"))
+    }
+
+    fn frozen(&self, id: &str) -> Option<bool> {
+        self.cgroups.frozen(id)
+    }
+
+    fn active(&self, id: &str) -> bool {
+        !self.cgroups.procs(id).is_empty()
+    }
+
+    fn disks_in_use(&self) -> Vec<String> {
+        let attached: std::collections::HashSet<loopdev::FileId> =
+            loopdev::attached().into_iter().map(|(_, f)| f).collect();
+        if attached.is_empty() {
+            return Vec::new();
+        }
+        self.host_sandboxes()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| {
+                loopdev::FileId::of(&self.disk_of(id)).is_ok_and(|f| attached.contains(&f))
+            })
+            .collect()
     }
 
     fn resume(&self, id: &str) -> Result<(), NodeError> {

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use burrow_node::guest::GuestError;
 use burrow_store::StoreError;
-use burrow_types::{codes, ApiError};
+use burrow_types::{codes, ApiError, ErrorReason};
 
 use crate::control::{error_chain, ControlError};
 
@@ -31,6 +31,13 @@ impl HttpError {
             details: None,
             retry_after: None,
         }
+    }
+
+    /// An error whose structured reason (a limit, a failed resume) goes in `details`.
+    pub fn with_reason(status: StatusCode, code: &'static str, why: &ErrorReason) -> Self {
+        let mut e = HttpError::new(status, code, why.message.clone());
+        e.details = serde_json::to_value(why).ok();
+        e
     }
 
     pub fn with_retry_after(mut self, secs: u64) -> Self {
@@ -192,13 +199,7 @@ impl From<ControlError> for HttpError {
                 HttpError::new(S::CONFLICT, codes::NETWORK_UNAVAILABLE, e.to_string())
             }
             ControlError::ToolCallsExceeded(why) => {
-                let mut e = HttpError::new(
-                    S::TOO_MANY_REQUESTS,
-                    codes::TOOL_ITERATIONS_EXCEEDED,
-                    why.message.clone(),
-                );
-                e.details = serde_json::to_value(&why).ok();
-                e
+                HttpError::with_reason(S::TOO_MANY_REQUESTS, codes::TOOL_ITERATIONS_EXCEEDED, &why)
             }
             e @ ControlError::Interrupted(_) => {
                 HttpError::new(S::CONFLICT, codes::SANDBOX_NOT_RUNNING, e.to_string())
@@ -213,6 +214,13 @@ impl From<ControlError> for HttpError {
                 HttpError::new(S::NOT_FOUND, codes::UNKNOWN_POOL, e.to_string())
             }
             ControlError::Guest(g) => g.into(),
+            ControlError::InsufficientStorage(why) => {
+                HttpError::with_reason(S::INSUFFICIENT_STORAGE, codes::INSUFFICIENT_STORAGE, &why)
+                    .with_retry_after(crate::control::storage::RETRY_AFTER_S)
+            }
+            ControlError::ResumeFailed(why) => {
+                HttpError::with_reason(S::INTERNAL_SERVER_ERROR, codes::RESUME_FAILED, &why)
+            }
             ControlError::Store(e) => e.into(),
             e @ ControlError::IdempotencyKeyReused => HttpError::new(
                 S::UNPROCESSABLE_ENTITY,
@@ -243,6 +251,12 @@ impl From<ControlError> for HttpError {
             ControlError::OutOfRange { field, min, max } => {
                 HttpError::out_of_range(field, min, max)
             }
+            ref e if crate::control::is_storage_full(e) => HttpError::new(
+                S::INSUFFICIENT_STORAGE,
+                codes::INSUFFICIENT_STORAGE,
+                format!("the host's data filesystem is full: {}", error_chain(e)),
+            )
+            .with_retry_after(crate::control::storage::RETRY_AFTER_S),
             other => HttpError::new(
                 S::INTERNAL_SERVER_ERROR,
                 codes::INTERNAL,

@@ -183,6 +183,7 @@ async fn write_body(
     mode: Option<u32>,
     chunks: &mut axum::body::BodyDataStream,
 ) -> Result<FileStat, HttpError> {
+    s.control.check_free_space("an upload")?;
     let (_, guest) = s.control.tool_call(user, id).await?;
     let mut upload = guest.write_file(q.path, mode, q.user).await?;
     while let Some(chunk) = chunks.next().await {

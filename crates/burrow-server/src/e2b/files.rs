@@ -126,6 +126,15 @@ pub async fn upload(
                 .into(),
         );
     }
+    // Under the data filesystem's watermark, new data is refused before any of it is written.
+    if let Err(e) = s.control.check_free_space("an upload") {
+        let mut r = envd_error(StatusCode::INSUFFICIENT_STORAGE, e.to_string());
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            crate::control::storage::RETRY_AFTER_S.into(),
+        );
+        return r;
+    }
     let mut written = Vec::new();
     if ct.starts_with("multipart/form-data") {
         let mut mp = match Multipart::from_request(req, &s).await {
