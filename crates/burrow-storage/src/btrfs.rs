@@ -524,7 +524,11 @@ fn purge_trash(p: &Prepared) -> Result<usize, StorageError> {
             }
         };
         drop(fd);
-        let r = delete_nested(&p.root, id, 0).and_then(|()| btrfs::subvol_delete(&p.trash, &name));
+        // Deleting a subvolume inside a volume reserves metadata in that volume: a volume at its
+        // limit (a full sandbox) would refuse with EDQUOT. It is being deleted: lift its limit.
+        let r = btrfs::set_limit(&p.root, id, None)
+            .and_then(|()| delete_nested(&p.root, id, 0))
+            .and_then(|()| btrfs::subvol_delete(&p.trash, &name));
         match r {
             Ok(()) => done += 1,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}

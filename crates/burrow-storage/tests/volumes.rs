@@ -522,3 +522,51 @@ fn select_prefers_btrfs_where_the_kernel_has_simple_quotas() {
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
     let _ = Path::new("/");
 }
+
+#[test]
+fn a_full_volume_attaches_again_with_new_owners_and_is_destroyed() {
+    if !require_root("full volumes") {
+        return;
+    }
+    for kind in kinds("full btrfs volumes") {
+        let dir = TestDir::new("fullvol");
+        let s = storage(kind, &dir);
+        let vol = s.create("full", 32 * MIB).unwrap();
+        let mnt = dir.path.join("m1");
+        let v = vol.clone();
+        let (_, e) = in_private_ns(move || {
+            let a = attach(&v, &mnt);
+            as_uid(OWNERS.user);
+            fill(&a.workspace().join("f"), 64 * MIB)
+        });
+        assert_eq!(e, Some(limit_errno(kind)), "{kind:?}");
+        // A cold resume: the same owners, then another uid range (a sandbox given a new slot).
+        for (n, owners) in [
+            (2, OWNERS),
+            (
+                3,
+                burrow_storage::Owners {
+                    root: OWNERS.root + 65536,
+                    user: OWNERS.user + 65536,
+                },
+            ),
+        ] {
+            let mnt = dir.path.join(format!("m{n}"));
+            std::fs::create_dir_all(&mnt).unwrap();
+            let v = vol.clone();
+            let r = in_private_ns(move || {
+                let a = v.attach(&mnt, owners)?;
+                let md = std::fs::metadata(a.workspace()).unwrap();
+                Ok::<_, StorageError>(std::os::unix::fs::MetadataExt::uid(&md))
+            });
+            assert_eq!(
+                r.unwrap(),
+                owners.user,
+                "{kind:?}: attach {n} of a full volume"
+            );
+        }
+        s.destroy("full").unwrap();
+        s.purge().unwrap();
+        assert_eq!(s.list().unwrap().pending_deletes, 0, "{kind:?}");
+    }
+}
