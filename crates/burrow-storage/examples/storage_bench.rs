@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use burrow_storage::{
-    BtrfsConfig, BtrfsPool, Ext4Config, Ext4Loop, Kind, Owners, Storage, Volume,
-};
+use burrow_storage::{BtrfsConfig, BtrfsPool, Ext4Config, Ext4Loop, Kind, Owners, Storage, Volume};
 use nix::mount::{MntFlags, MsFlags};
 
 const MIB: u64 = 1024 * 1024;
@@ -213,7 +211,10 @@ fn bench(kind: Kind, dir: &Path, n: usize) -> Result<Vec<Row>> {
         let _ = holder.join();
         rows.push(row(&format!("snapshot, {label} of files"), snap));
         rows.push(row(&format!("clone → ready, {label}"), clone));
-        rows.push(row(&format!("destroy, {label} clone (caller's wait)"), destroy));
+        rows.push(row(
+            &format!("destroy, {label} clone (caller's wait)"),
+            destroy,
+        ));
         rows.push(row(&format!("delete snapshot, {label}"), delete_snap));
         rows.push(row(&format!("background delete, {label} clone"), purge));
         s.destroy(&src)?;

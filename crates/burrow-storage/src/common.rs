@@ -127,8 +127,8 @@ pub(crate) fn entries(dir: impl AsFd) -> Result<Vec<String>, StorageError> {
     )
     .map_err(errno("reopening a directory"))?;
     let mut out = Vec::new();
-    let mut d = rustix::fs::Dir::read_from(&fd).map_err(errno("reading a directory"))?;
-    while let Some(e) = d.next() {
+    let d = rustix::fs::Dir::read_from(&fd).map_err(errno("reading a directory"))?;
+    for e in d {
         let e = e.map_err(errno("reading a directory"))?;
         let name = e.file_name().to_string_lossy().into_owned();
         if name != "." && name != ".." {

@@ -100,6 +100,17 @@ impl Volume {
                 *device
             }
             VolumeSource::Ext4 { image } => {
+                // One ext4 filesystem mounted through two loop devices would be corrupted: a
+                // volume still attached (a sandbox not yet fully stopped) is busy.
+                if let Some(dev) = crate::common::loop_of(image)? {
+                    return Err(StorageError::Busy {
+                        what: format!(
+                            "the disk of {} is still attached to {}",
+                            self.id,
+                            dev.display()
+                        ),
+                    });
+                }
                 let lo = burrow_linux::loopdev::attach(image)
                     .map_err(io_err("attaching the disk to a loop device"))?;
                 nix::mount::mount(

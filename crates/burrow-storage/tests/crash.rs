@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use burrow_storage::{Kind, Storage};
+use burrow_storage::Kind;
 use common::*;
 
 const ROUNDS: u32 = 12;

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 
-use burrow_storage::{Kind, Storage, Volume};
+use burrow_storage::{Kind, Volume};
 use common::*;
 
 fn errno_of<T>(r: std::io::Result<T>) -> i32 {

@@ -570,3 +570,119 @@ fn a_full_volume_attaches_again_with_new_owners_and_is_destroyed() {
         assert_eq!(s.list().unwrap().pending_deletes, 0, "{kind:?}");
     }
 }
+
+#[test]
+fn an_ext4_disk_still_attached_is_busy_not_mounted_twice() {
+    if !require_root("ext4 attach") {
+        return;
+    }
+    let dir = TestDir::new("busy");
+    let s = storage(Kind::Ext4, &dir);
+    let vol = s.create("twice", 32 * MIB).unwrap();
+    let (v1, v2) = (vol.clone(), vol.clone());
+    let (m1, m2) = (dir.path.join("m1"), dir.path.join("m2"));
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        in_private_ns(move || {
+            let _a = attach(&v1, &m1);
+            held_tx.send(()).unwrap();
+            rx.recv().unwrap();
+        })
+    });
+    held_rx.recv().unwrap();
+    let second = in_private_ns(move || {
+        std::fs::create_dir_all(&m2).unwrap();
+        v2.attach(&m2, OWNERS).map(|_| ())
+    });
+    match second {
+        Err(e) => assert_eq!(e.code(), "storage_busy", "{e}"),
+        Ok(()) => panic!("the same ext4 image was mounted twice"),
+    }
+    tx.send(()).unwrap();
+    holder.join().unwrap();
+    // Once the first holder is gone (autoclear detaches its device), it attaches again.
+    assert!(eventually(10, || loops_under(&dir.path).is_empty()));
+    let m3 = dir.path.join("m3");
+    in_private_ns(move || {
+        attach(&vol, &m3);
+    });
+}
+
+#[test]
+fn an_operators_btrfs_mounted_at_the_pool_is_used_and_given_simple_quotas() {
+    if !require_root("operator pools") || !require_btrfs("operator pools") {
+        return;
+    }
+    let dir = TestDir::new("operator");
+    std::fs::create_dir_all(dir.data().join("pool")).unwrap();
+    let img = dir.path.join("operator.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(512 * MIB)
+        .unwrap();
+    let out = std::process::Command::new("mkfs.btrfs")
+        .args(["-q", "-f"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lo = burrow_linux::loopdev::attach(&img).unwrap();
+    nix::mount::mount(
+        Some(&lo.path),
+        &dir.data().join("pool"),
+        Some("btrfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    drop(lo);
+    let s = burrow_storage::BtrfsPool::new(burrow_storage::BtrfsConfig {
+        data_dir: dir.data(),
+        image_size: None,
+        background_purge: false,
+    });
+    s.prepare().unwrap();
+    assert_eq!(s.mode(), Some(PoolMode::Mounted));
+    assert!(!dir.data().join("pool.img").exists());
+    let vol = s.create("v", 16 * MIB).unwrap();
+    let mnt = dir.path.clone();
+    let (n, e) = in_private_ns(move || fill(&attach(&vol, &mnt).workspace().join("f"), 64 * MIB));
+    assert_eq!(e, Some(libc::EDQUOT), "after {n}");
+    match s.grow(1024 * MIB) {
+        Err(e) => assert_eq!(e.code(), "storage_unsupported"),
+        Ok(()) => panic!("grew an operator's filesystem"),
+    }
+}
+
+#[test]
+fn a_pool_image_grows_online() {
+    if !require_root("growing a pool") || !require_btrfs("growing a pool") {
+        return;
+    }
+    let dir = TestDir::new("grow");
+    let s = burrow_storage::BtrfsPool::new(burrow_storage::BtrfsConfig {
+        data_dir: dir.data(),
+        image_size: Some(512 * MIB),
+        background_purge: false,
+    });
+    s.prepare().unwrap();
+    let before = s.space().unwrap();
+    s.grow(1024 * MIB).unwrap();
+    let after = s.space().unwrap();
+    assert!(
+        after.total_bytes >= before.total_bytes + 450 * MIB,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.data().join("pool.img"))
+            .unwrap()
+            .len(),
+        1024 * MIB
+    );
+    s.unmount().unwrap();
+}
