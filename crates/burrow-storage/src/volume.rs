@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::common::{open_dir, open_sub};
 use crate::{errno, io_err, StorageError, UPPER, WORK, WORKSPACE};
 
+/// How long an ext4 attach waits for the loop device of the disk's previous mount to detach.
+const ATTACHED_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One sandbox's volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Volume {
@@ -100,16 +103,21 @@ impl Volume {
                 *device
             }
             VolumeSource::Ext4 { image } => {
-                // One ext4 filesystem mounted through two loop devices would be corrupted: a
-                // volume still attached (a sandbox not yet fully stopped) is busy.
-                if let Some(dev) = crate::common::loop_of(image)? {
-                    return Err(StorageError::Busy {
-                        what: format!(
-                            "the disk of {} is still attached to {}",
-                            self.id,
-                            dev.display()
-                        ),
-                    });
+                // One ext4 filesystem mounted through two loop devices would be corrupted. A
+                // device whose last mount just went (its namespace died) detaches by itself
+                // shortly; one still there after that is in use: busy.
+                let deadline = std::time::Instant::now() + ATTACHED_WAIT;
+                while let Some(dev) = crate::common::loop_of(image)? {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(StorageError::Busy {
+                            what: format!(
+                                "the disk of {} is still attached to {}",
+                                self.id,
+                                dev.display()
+                            ),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
                 }
                 let lo = burrow_linux::loopdev::attach(image)
                     .map_err(io_err("attaching the disk to a loop device"))?;
