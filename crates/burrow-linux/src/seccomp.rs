@@ -3,7 +3,7 @@
 //! falls back to `clone`, whose flags a filter can inspect. Calls from any other architecture or
 //! ABI kill the process. See docs/adr/0003-seccomp-deny-list.md for why a deny list. The btrfs
 //! subvolume, snapshot and quota ioctls are refused by number ([`crate::btrfs::SANDBOX_DENIED_IOCTLS`]):
-//! a subvolume made inside a sandbox's volume would escape its size limit (docs/adr/0065).
+//! a subvolume made inside a sandbox's volume would escape its size limit (docs/adr/0066).
 
 use std::collections::BTreeMap;
 

@@ -294,8 +294,11 @@ fn usage_follows_what_a_volume_writes_and_deletes() {
         assert_eq!(before.limit_bytes, 128 * MIB, "{kind:?}");
         let mnt = dir.path.clone();
         let s2 = s.clone();
-        let (after_write, after_delete) = in_private_ns(move || {
+        let (after_write, after_delete, df_total) = in_private_ns(move || {
             let a = attach(&vol, &mnt);
+            // What `df` inside would show: the pool (btrfs), the disk (ext4).
+            let st = rustix::fs::statvfs(&a.workspace()).unwrap();
+            let df_total = st.f_blocks * st.f_frsize;
             assert_eq!(fill(&a.workspace().join("f"), 40 * MIB), (40 * MIB, None));
             syncfs(&a.workspace());
             let w = s2.usage("u").unwrap().used_bytes;
@@ -307,8 +310,18 @@ fn usage_follows_what_a_volume_writes_and_deletes() {
                 d = s2.usage("u").unwrap().used_bytes;
                 d + 30 * MIB <= w
             });
-            (w, d)
+            (w, d, df_total)
         });
+        match kind {
+            Kind::Btrfs => assert!(
+                df_total > POOL_SIZE * 9 / 10,
+                "df inside shows {df_total}, not the pool"
+            ),
+            Kind::Ext4 => assert!(
+                (100 * MIB..=128 * MIB).contains(&df_total),
+                "df inside shows {df_total}, not the 128 MiB disk"
+            ),
+        }
         let grew = after_write.saturating_sub(before.used_bytes);
         assert!(
             (40 * MIB..=44 * MIB).contains(&grew),
@@ -438,6 +451,14 @@ fn the_btrfs_pool_survives_a_restart_and_a_remount() {
     });
     assert_eq!(first.prepare().unwrap(), Default::default());
     assert_eq!(first.mode(), Some(PoolMode::Image));
+    // One loop device, with direct I/O (the pool's pages are not cached twice).
+    let loops = loops_under(&dir.path);
+    assert_eq!(loops.len(), 1, "{loops:?}");
+    let dio = std::fs::read_to_string(format!("/sys/block/{}/loop/dio", loops[0])).unwrap();
+    assert_eq!(dio.trim(), "1");
+    // Preallocated, not sparse.
+    let img = std::fs::metadata(dir.data().join("pool.img")).unwrap();
+    assert!(std::os::unix::fs::MetadataExt::blocks(&img) * 512 >= POOL_SIZE);
     let vol = first.create("keep", 64 * MIB).unwrap();
     let mnt = dir.path.clone();
     in_private_ns(move || {

@@ -35,6 +35,15 @@ pub fn require_root(what: &str) -> bool {
 
 /// Skips (with the reason) where the kernel has no btrfs simple quotas.
 pub fn require_btrfs(what: &str) -> bool {
+    let mkfs = [
+        "/usr/sbin/mkfs.btrfs",
+        "/sbin/mkfs.btrfs",
+        "/usr/bin/mkfs.btrfs",
+    ];
+    if !mkfs.iter().any(|p| Path::new(p).is_file()) {
+        eprintln!("skipping: {what} needs mkfs.btrfs (install btrfs-progs: scripts/deps)");
+        return false;
+    }
     match burrow_storage::btrfs_unsupported() {
         None => true,
         Some(why) => {
