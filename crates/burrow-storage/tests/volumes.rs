@@ -297,7 +297,7 @@ fn usage_follows_what_a_volume_writes_and_deletes() {
         let (after_write, after_delete, df_total) = in_private_ns(move || {
             let a = attach(&vol, &mnt);
             // What `df` inside would show: the pool (btrfs), the disk (ext4).
-            let st = rustix::fs::statvfs(&a.workspace()).unwrap();
+            let st = rustix::fs::statvfs(a.workspace()).unwrap();
             let df_total = st.f_blocks * st.f_frsize;
             assert_eq!(fill(&a.workspace().join("f"), 40 * MIB), (40 * MIB, None));
             syncfs(&a.workspace());
