@@ -13,14 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use burrow_storage::{BtrfsConfig, BtrfsPool, Ext4Config, Ext4Loop, Kind, Owners, Storage, Volume};
-use nix::mount::{MntFlags, MsFlags};
+use burrow_storage::{BtrfsConfig, BtrfsPool, Ext4Config, Ext4Loop, Kind, Storage, Volume};
+use nix::mount::MntFlags;
 
-const MIB: u64 = 1024 * 1024;
-const OWNERS: Owners = Owners {
-    root: 0x3100_0000,
-    user: 0x3100_0000 + 1000,
-};
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{in_private_ns, overlay, MIB, OWNERS};
 
 struct Args {
     n: usize,
@@ -45,24 +43,6 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
-}
-
-/// Runs `f` on a thread in a private mount namespace; its mounts go with the thread.
-fn in_private_ns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare");
-        nix::mount::mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .expect("private /");
-        f()
-    })
-    .join()
-    .expect("bench thread panicked")
 }
 
 fn pct(samples: &mut [Duration], p: f64) -> f64 {
@@ -208,22 +188,7 @@ fn bench(kind: Kind, dir: &Path, n: usize) -> Result<Vec<Row>> {
                 std::fs::create_dir_all(&at)?;
                 let a = v.attach(&at, OWNERS)?;
                 let merged = at.with_extension("merged");
-                std::fs::create_dir_all(&merged)?;
-                nix::mount::mount(
-                    Some("overlay"),
-                    &merged,
-                    Some("overlay"),
-                    MsFlags::empty(),
-                    Some(
-                        format!(
-                            "lowerdir={},upperdir={},workdir={}",
-                            lower.display(),
-                            a.upper().display(),
-                            a.work().display()
-                        )
-                        .as_str(),
-                    ),
-                )?;
+                overlay(&lower, &a, &merged);
                 std::fs::write(merged.join("first"), b"ready")?;
                 Ok(s0.elapsed())
             })?;

@@ -25,7 +25,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use burrow_linux::btrfs;
 use nix::mount::{MntFlags, MsFlags};
@@ -33,9 +33,10 @@ use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, StatxFlags, CWD};
 use serde::Serialize;
 
 use crate::common::{
-    check_name, ensure_sub, entries, exists, find_tool, loop_of, open_dir, open_sub, unique,
+    check_limit, check_name, ensure_sub, entries, exists, find_tool, loop_of, open_dir, open_sub,
+    unique, Ready,
 };
-use crate::purge::Purger;
+use crate::purge::PurgeSlot;
 use crate::volume::{make_top_dirs, read_u64};
 use crate::{
     errno, io_err, Cost, Costs, Inventory, Kind, Owners, Recovery, Space, Storage, StorageError,
@@ -100,33 +101,25 @@ struct Prepared {
 /// One btrfs pool per node, one subvolume per sandbox (module docs).
 pub struct BtrfsPool {
     cfg: BtrfsConfig,
-    prepared: Mutex<Option<Arc<Prepared>>>,
-    purger: Mutex<Option<Purger>>,
+    prepared: Ready<Prepared>,
+    purger: PurgeSlot,
 }
 
 impl BtrfsPool {
     pub fn new(cfg: BtrfsConfig) -> BtrfsPool {
         BtrfsPool {
             cfg,
-            prepared: Mutex::new(None),
-            purger: Mutex::new(None),
+            prepared: Ready::default(),
+            purger: PurgeSlot::default(),
         }
     }
 
     fn pool(&self) -> Result<Arc<Prepared>, StorageError> {
-        self.prepared
-            .lock()
-            .ok()
-            .and_then(|p| p.clone())
-            .ok_or_else(|| StorageError::PoolUnavailable("not prepared".into()))
+        self.prepared.get()
     }
 
     fn nudge(&self) {
-        if let Ok(p) = self.purger.lock() {
-            if let Some(p) = p.as_ref() {
-                p.nudge();
-            }
-        }
+        self.purger.nudge();
     }
 
     /// Where the pool is, once prepared.
@@ -175,8 +168,8 @@ impl BtrfsPool {
     /// mounted) and stops the background thread. For tests and operators taking a node down; a
     /// pool in another mode stays as it is.
     pub fn unmount(self) -> Result<(), StorageError> {
-        drop(self.purger.lock().ok().and_then(|mut p| p.take()));
-        let p = self.prepared.lock().ok().and_then(|mut p| p.take());
+        self.purger.stop();
+        let p = self.prepared.take();
         if let Some(p) = p {
             if p.mode == PoolMode::Image {
                 let at = p.mountpoint.clone();
@@ -540,16 +533,6 @@ fn purge_trash(p: &Prepared) -> Result<usize, StorageError> {
     Ok(done)
 }
 
-fn check_limit(limit: u64) -> Result<(), StorageError> {
-    if limit < MIN_LIMIT {
-        return Err(StorageError::LimitTooSmall {
-            asked: limit,
-            needed: MIN_LIMIT,
-        });
-    }
-    Ok(())
-}
-
 impl Prepared {
     fn qgroup_file(&self, subvol_id: u64, file: &str) -> PathBuf {
         Path::new("/sys/fs/btrfs")
@@ -619,19 +602,7 @@ impl Storage for BtrfsPool {
     }
 
     fn prepare(&self) -> Result<Recovery, StorageError> {
-        let mut guard = self
-            .prepared
-            .lock()
-            .map_err(|_| StorageError::PoolUnavailable("a prepare panicked".into()))?;
-        let p = match guard.as_ref() {
-            Some(p) => p.clone(),
-            None => {
-                let p = Arc::new(self.prepare_pool()?);
-                *guard = Some(p.clone());
-                p
-            }
-        };
-        drop(guard);
+        let p = self.prepared.get_or_make(|| self.prepare_pool())?;
         let mut rec = Recovery::default();
         // Volumes are made in one ioctl and their top directories just after: a crash in
         // between leaves a volume without them, which gets them back here (owners are set again
@@ -650,32 +621,18 @@ impl Storage for BtrfsPool {
             }
         }
         rec.pending_deletes = entries(&p.trash)?.len();
-        let mut purger = self
-            .purger
-            .lock()
-            .map_err(|_| StorageError::PoolUnavailable("the purger lock is poisoned".into()))?;
-        if self.cfg.background_purge && purger.is_none() {
-            let q = p.clone();
-            *purger = Some(
-                Purger::spawn("burrow-storage-purge", move || {
-                    if let Err(e) = purge_trash(&q) {
-                        tracing::warn!(error = %e, "storage: purge failed");
-                    }
-                })
-                .map_err(io_err("starting the purge thread"))?,
-            );
-        }
-        if rec.pending_deletes > 0 {
-            if let Some(p) = purger.as_ref() {
-                p.nudge();
-            }
-        }
+        let q = p.clone();
+        self.purger.start(
+            self.cfg.background_purge,
+            rec.pending_deletes > 0,
+            move || purge_trash(&q),
+        )?;
         Ok(rec)
     }
 
     fn create(&self, id: &str, limit_bytes: u64) -> Result<Volume, StorageError> {
         check_name(id)?;
-        check_limit(limit_bytes)?;
+        check_limit(limit_bytes, MIN_LIMIT)?;
         let p = self.pool()?;
         match btrfs::subvol_create(&p.sandboxes, id, Some(limit_bytes)) {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
@@ -732,7 +689,7 @@ impl Storage for BtrfsPool {
     ) -> Result<Volume, StorageError> {
         check_name(snap)?;
         check_name(id)?;
-        check_limit(limit_bytes)?;
+        check_limit(limit_bytes, MIN_LIMIT)?;
         let p = self.pool()?;
         let src = match open_sub(&p.snapshots, snap) {
             Err(rustix::io::Errno::NOENT) => {

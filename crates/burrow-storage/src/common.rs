@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, SeekFrom};
 
@@ -34,6 +35,57 @@ pub(crate) fn check_name(name: &str) -> Result<(), StorageError> {
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         return bad("only letters, digits, '-' and '_' are allowed");
+    }
+    Ok(())
+}
+
+/// What `prepare` made (the pool's or the directories' descriptors), shared by every later call.
+pub(crate) struct Ready<T>(Mutex<Option<Arc<T>>>);
+
+impl<T> Default for Ready<T> {
+    fn default() -> Self {
+        Ready(Mutex::new(None))
+    }
+}
+
+impl<T> Ready<T> {
+    pub(crate) fn get(&self) -> Result<Arc<T>, StorageError> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|p| p.clone())
+            .ok_or_else(|| StorageError::PoolUnavailable("not prepared".into()))
+    }
+
+    /// The prepared value, made by `make` the first time (one caller at a time).
+    pub(crate) fn get_or_make(
+        &self,
+        make: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<Arc<T>, StorageError> {
+        let mut guard = self
+            .0
+            .lock()
+            .map_err(|_| StorageError::PoolUnavailable("a prepare panicked".into()))?;
+        if let Some(v) = guard.as_ref() {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(make()?);
+        *guard = Some(v.clone());
+        Ok(v)
+    }
+
+    pub(crate) fn take(&self) -> Option<Arc<T>> {
+        self.0.lock().ok().and_then(|mut p| p.take())
+    }
+}
+
+/// Refuses a limit under `min`.
+pub(crate) fn check_limit(limit: u64, min: u64) -> Result<(), StorageError> {
+    if limit < min {
+        return Err(StorageError::LimitTooSmall {
+            asked: limit,
+            needed: min,
+        });
     }
     Ok(())
 }

@@ -21,15 +21,15 @@ use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::common::{
-    check_name, ensure_sub, entries, exists, find_tool, loop_of, open_dir, open_sub, original_name,
-    rename_noreplace, sparse_copy, unique,
+    check_limit, check_name, ensure_sub, entries, exists, find_tool, loop_of, open_dir, open_sub,
+    original_name, rename_noreplace, sparse_copy, unique, Ready,
 };
-use crate::purge::Purger;
+use crate::purge::PurgeSlot;
 use crate::{
     errno, io_err, Cost, Costs, Inventory, Kind, Recovery, Space, Storage, StorageError, Usage,
     Volume, VolumeSource,
@@ -67,48 +67,51 @@ struct Dirs {
 /// One ext4 image per sandbox (module docs).
 pub struct Ext4Loop {
     cfg: Ext4Config,
-    prepared: Mutex<Option<Arc<Dirs>>>,
-    purger: Mutex<Option<Purger>>,
+    prepared: Ready<Dirs>,
+    purger: PurgeSlot,
 }
 
 impl Ext4Loop {
     pub fn new(cfg: Ext4Config) -> Ext4Loop {
         Ext4Loop {
             cfg,
-            prepared: Mutex::new(None),
-            purger: Mutex::new(None),
+            prepared: Ready::default(),
+            purger: PurgeSlot::default(),
         }
     }
 
     fn dirs(&self) -> Result<Arc<Dirs>, StorageError> {
-        self.prepared
-            .lock()
-            .ok()
-            .and_then(|p| p.clone())
-            .ok_or_else(|| StorageError::PoolUnavailable("not prepared".into()))
+        self.prepared.get()
     }
 
     fn nudge(&self) {
-        if let Ok(p) = self.purger.lock() {
-            if let Some(p) = p.as_ref() {
-                p.nudge();
-            }
-        }
+        self.purger.nudge();
+    }
+
+    fn make_dirs(&self) -> Result<Dirs, StorageError> {
+        let data = &self.cfg.data_dir;
+        std::fs::create_dir_all(data).map_err(io_err(format!("creating {}", data.display())))?;
+        let data = std::fs::canonicalize(data).map_err(io_err("resolving the data directory"))?;
+        let data_fd = open_dir(&data)?;
+        let sandboxes = ensure_sub(&data_fd, SANDBOXES)?;
+        // The sandbox directories must stay traversable for the sandboxes' own uids.
+        rustix::fs::fchmod(&sandboxes, Mode::from_raw_mode(0o711))
+            .map_err(errno("chmod of the sandboxes directory"))?;
+        let storage = ensure_sub(&data_fd, STORAGE)?;
+        Ok(Dirs {
+            snapshots: ensure_sub(&storage, SNAPSHOTS)?,
+            templates: ensure_sub(&storage, TEMPLATES)?,
+            staging: ensure_sub(&storage, STAGING)?,
+            trash: ensure_sub(&storage, TRASH)?,
+            sandboxes,
+            data,
+            data_fd,
+        })
     }
 }
 
 fn snap_file(snap: &str) -> String {
     format!("{snap}.img")
-}
-
-fn check_limit(limit: u64) -> Result<(), StorageError> {
-    if limit < MIN_LIMIT {
-        return Err(StorageError::LimitTooSmall {
-            asked: limit,
-            needed: MIN_LIMIT,
-        });
-    }
-    Ok(())
 }
 
 /// A disk size in whole 4 KiB blocks (what ext4 and the loop device use).
@@ -378,38 +381,7 @@ impl Storage for Ext4Loop {
                 "mkfs.ext4 is missing (install e2fsprogs)".into(),
             ));
         }
-        let mut guard = self
-            .prepared
-            .lock()
-            .map_err(|_| StorageError::PoolUnavailable("a prepare panicked".into()))?;
-        let d = match guard.as_ref() {
-            Some(d) => d.clone(),
-            None => {
-                let data = &self.cfg.data_dir;
-                std::fs::create_dir_all(data)
-                    .map_err(io_err(format!("creating {}", data.display())))?;
-                let data =
-                    std::fs::canonicalize(data).map_err(io_err("resolving the data directory"))?;
-                let data_fd = open_dir(&data)?;
-                let sandboxes = ensure_sub(&data_fd, SANDBOXES)?;
-                // The sandbox directories must stay traversable for the sandboxes' own uids.
-                rustix::fs::fchmod(&sandboxes, Mode::from_raw_mode(0o711))
-                    .map_err(errno("chmod of the sandboxes directory"))?;
-                let storage = ensure_sub(&data_fd, STORAGE)?;
-                let d = Arc::new(Dirs {
-                    snapshots: ensure_sub(&storage, SNAPSHOTS)?,
-                    templates: ensure_sub(&storage, TEMPLATES)?,
-                    staging: ensure_sub(&storage, STAGING)?,
-                    trash: ensure_sub(&storage, TRASH)?,
-                    sandboxes,
-                    data,
-                    data_fd,
-                });
-                *guard = Some(d.clone());
-                d
-            }
-        };
-        drop(guard);
+        let d = self.prepared.get_or_make(|| self.make_dirs())?;
         let mut rec = Recovery::default();
         // Whatever is in staging was being copied when the process died: it was never in place.
         for name in entries(&d.staging)? {
@@ -421,32 +393,18 @@ impl Storage for Ext4Loop {
             }
         }
         rec.pending_deletes = entries(&d.trash)?.len();
-        let mut purger = self
-            .purger
-            .lock()
-            .map_err(|_| StorageError::PoolUnavailable("the purger lock is poisoned".into()))?;
-        if self.cfg.background_purge && purger.is_none() {
-            let q = d.clone();
-            *purger = Some(
-                Purger::spawn("burrow-storage-purge", move || {
-                    if let Err(e) = purge_trash(&q) {
-                        tracing::warn!(error = %e, "storage: purge failed");
-                    }
-                })
-                .map_err(io_err("starting the purge thread"))?,
-            );
-        }
-        if rec.pending_deletes > 0 {
-            if let Some(p) = purger.as_ref() {
-                p.nudge();
-            }
-        }
+        let q = d.clone();
+        self.purger.start(
+            self.cfg.background_purge,
+            rec.pending_deletes > 0,
+            move || purge_trash(&q),
+        )?;
         Ok(rec)
     }
 
     fn create(&self, id: &str, limit_bytes: u64) -> Result<Volume, StorageError> {
         check_name(id)?;
-        check_limit(limit_bytes)?;
+        check_limit(limit_bytes, MIN_LIMIT)?;
         let size = round_limit(limit_bytes);
         let d = self.dirs()?;
         if let Some(dir) = d.sandbox_dir(id)? {

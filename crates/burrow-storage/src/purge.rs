@@ -59,6 +59,53 @@ impl Purger {
     }
 }
 
+/// Where a storage keeps its purge thread: started by the first `prepare`, nudged by every delete.
+#[derive(Default)]
+pub(crate) struct PurgeSlot(Mutex<Option<Purger>>);
+
+impl PurgeSlot {
+    /// Starts the thread (once; not at all unless `enabled`) and nudges it if `pending`.
+    pub(crate) fn start(
+        &self,
+        enabled: bool,
+        pending: bool,
+        purge: impl Fn() -> Result<usize, crate::StorageError> + Send + 'static,
+    ) -> Result<(), crate::StorageError> {
+        let mut slot = self.0.lock().map_err(|_| {
+            crate::StorageError::PoolUnavailable("the purge lock is poisoned".into())
+        })?;
+        if enabled && slot.is_none() {
+            *slot = Some(
+                Purger::spawn("burrow-storage-purge", move || {
+                    if let Err(e) = purge() {
+                        tracing::warn!(error = %e, "storage: purge failed");
+                    }
+                })
+                .map_err(crate::io_err("starting the purge thread"))?,
+            );
+        }
+        if pending {
+            if let Some(p) = slot.as_ref() {
+                p.nudge();
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn nudge(&self) {
+        if let Ok(p) = self.0.lock() {
+            if let Some(p) = p.as_ref() {
+                p.nudge();
+            }
+        }
+    }
+
+    /// Stops the thread (after the delete in progress).
+    pub(crate) fn stop(&self) {
+        drop(self.0.lock().ok().and_then(|mut p| p.take()));
+    }
+}
+
 impl Drop for Purger {
     fn drop(&mut self) {
         if let Ok(mut st) = self.shared.state.lock() {

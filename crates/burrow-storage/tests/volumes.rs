@@ -37,23 +37,7 @@ fn writes_stop_at_the_limit_with_edquot_or_enospc_directly_and_through_an_overla
         let (direct, via_overlay, copy_up) = in_private_ns(move || {
             let a = attach(&vol, &mnt);
             let merged = mnt.join("merged");
-            std::fs::create_dir_all(&merged).unwrap();
-            nix::mount::mount(
-                Some("overlay"),
-                &merged,
-                Some("overlay"),
-                nix::mount::MsFlags::empty(),
-                Some(
-                    format!(
-                        "lowerdir={},upperdir={},workdir={}",
-                        lower.display(),
-                        a.upper().display(),
-                        a.work().display()
-                    )
-                    .as_str(),
-                ),
-            )
-            .unwrap();
+            overlay(&lower, &a, &merged);
             // The workspace as its user, then the root through the overlay as the sandbox's root.
             as_uid(OWNERS.user);
             let direct = fill(&a.workspace().join("fill"), 200 * MIB);

@@ -166,6 +166,27 @@ pub fn attach(vol: &Volume, dir: &Path) -> Attached {
     vol.attach(&at, OWNERS).unwrap()
 }
 
+/// Mounts an overlay of `lower` under `a`'s upper layer at `merged` (as the sandbox's root is).
+pub fn overlay(lower: &Path, a: &Attached, merged: &Path) {
+    std::fs::create_dir_all(merged).unwrap();
+    nix::mount::mount(
+        Some("overlay"),
+        merged,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(
+            format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                a.upper().display(),
+                a.work().display()
+            )
+            .as_str(),
+        ),
+    )
+    .expect("mounting an overlay on the volume");
+}
+
 /// Sets this thread's filesystem uid and gid (only this thread's: `setfsuid` is per thread).
 pub fn as_uid(uid: u32) {
     nix::unistd::setfsgid(nix::unistd::Gid::from_raw(uid));
