@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+const BLKFLSBUF: libc::c_ulong = 0x1261;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
 const LO_NAME_SIZE: usize = 64;
 
 /// `struct loop_info64` from `<linux/loop.h>`.
@@ -56,6 +59,14 @@ const TRIES: u32 = 32;
 /// Attaches `image` to a free loop device. Fails with [`io::ErrorKind::ResourceBusy`] when a loop
 /// device already has this very file (same device and inode) attached: the image is in use.
 pub fn attach(image: &Path) -> io::Result<LoopDevice> {
+    attach_with(image, false)
+}
+
+/// Attaches `image` to a free loop device; with `direct_io` the device reads and writes the
+/// image with `O_DIRECT`, so its pages are not cached twice (once for the filesystem on the
+/// device, once for the image file). The kernel falls back to buffered I/O where the image's
+/// filesystem cannot do direct I/O.
+pub fn attach_with(image: &Path, direct_io: bool) -> io::Result<LoopDevice> {
     let backing = OpenOptions::new().read(true).write(true).open(image)?;
     let st = nix::sys::stat::fstat(backing.as_raw_fd()).map_err(io::Error::from)?;
     let inode = FileId {
@@ -98,6 +109,9 @@ pub fn attach(image: &Path) -> io::Result<LoopDevice> {
         let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
         cfg.fd = backing.as_raw_fd() as u32;
         cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        if direct_io {
+            cfg.info.lo_flags |= LO_FLAGS_DIRECT_IO;
+        }
         let name = image.as_os_str().as_encoded_bytes();
         let len = name.len().min(LO_NAME_SIZE - 1);
         cfg.info.lo_file_name[..len].copy_from_slice(&name[..len]);
@@ -176,6 +190,37 @@ pub fn attached() -> Vec<(String, FileId)> {
         }
     }
     found
+}
+
+impl LoopDevice {
+    /// The device number (major, minor).
+    pub fn rdev(&self) -> io::Result<(u32, u32)> {
+        let st = rustix::fs::fstat(&self._dev)?;
+        Ok((rustix::fs::major(st.st_rdev), rustix::fs::minor(st.st_rdev)))
+    }
+}
+
+/// Flushes the filesystem mounted on the block device `dev` (the kernel syncs it through the
+/// device's holder: `sync_filesystem`, with its journal), then the device's own buffers. How the
+/// host makes an ext4 disk that is mounted only in a sandbox's mount namespace consistent on
+/// its image, without a path into that namespace.
+pub fn flush(dev: &Path) -> io::Result<()> {
+    let f = OpenOptions::new().read(true).open(dev)?;
+    // SAFETY: BLKFLSBUF takes no argument; the fd is ours for the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Tells the loop device `dev` that its backing file changed size.
+pub fn set_capacity(dev: &Path) -> io::Result<()> {
+    let f = OpenOptions::new().read(true).open(dev)?;
+    // SAFETY: LOOP_SET_CAPACITY takes no argument; the fd is ours for the call.
+    if unsafe { libc::ioctl(f.as_raw_fd(), LOOP_SET_CAPACITY, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Loop devices whose backing file path contains `needle` (for leak checks and clean-up).

@@ -1,7 +1,9 @@
 //! The sandbox's seccomp filter: a deny list of the kernel surface agents have no use for and
 //! attackers do (attacks K1, K3, K4, K11 in docs/threat-model.md), answered with EPERM; `clone3` answers ENOSYS so libc
 //! falls back to `clone`, whose flags a filter can inspect. Calls from any other architecture or
-//! ABI kill the process. See docs/adr/0003-seccomp-deny-list.md for why a deny list.
+//! ABI kill the process. See docs/adr/0003-seccomp-deny-list.md for why a deny list. The btrfs
+//! subvolume, snapshot and quota ioctls are refused by number ([`crate::btrfs::SANDBOX_DENIED_IOCTLS`]):
+//! a subvolume made inside a sandbox's volume would escape its size limit (docs/adr/0066).
 
 use std::collections::BTreeMap;
 
@@ -72,7 +74,7 @@ const DENIED: &[i64] = &[
 const AF_ALG: u64 = 38;
 const AF_PACKET: u64 = libc::AF_PACKET as u64;
 const AF_VSOCK: u64 = 40;
-const TIOCSTI: u64 = libc::TIOCSTI;
+const TIOCSTI: u32 = libc::TIOCSTI as u32;
 const CLONE_NEWUSER: u64 = libc::CLONE_NEWUSER as u64;
 
 fn arch() -> TargetArch {
@@ -109,11 +111,15 @@ pub fn deny_filter() -> Result<BpfProgram, SeccompError> {
             CLONE_NEWUSER,
         )?])?],
     );
-    // TIOCSTI would push keystrokes into a terminal's input queue (K11).
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![rule(vec![Cond::new(1, Len::Dword, Op::Eq, TIOCSTI)?])?],
-    );
+    // TIOCSTI would push keystrokes into a terminal's input queue (K11). The btrfs subvolume and
+    // quota ioctls would let a sandbox make a subvolume with no limit inside its own (R1). The
+    // kernel reads the request as a 32-bit `unsigned int`: compare the low 32 bits only.
+    let request = |nr: u32| rule(vec![Cond::new(1, Len::Dword, Op::Eq, u64::from(nr))?]);
+    let mut ioctls = vec![request(TIOCSTI)?];
+    for (nr, _) in crate::btrfs::SANDBOX_DENIED_IOCTLS {
+        ioctls.push(request(*nr)?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctls);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -173,5 +179,47 @@ mod tests {
         ] {
             assert!(DENIED.contains(&nr), "syscall {nr} not denied");
         }
+    }
+
+    /// Runs `f` on a fresh thread with the sandbox's EPERM filter installed (only that thread is
+    /// filtered) and returns what it returns.
+    fn filtered<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        std::thread::spawn(move || {
+            crate::caps::no_new_privs().unwrap();
+            seccompiler::apply_filter(&deny_filter().unwrap()).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn errno_of(nr: u32) -> Option<i32> {
+        let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        crate::btrfs::raw_ioctl(&dir, nr, buf.as_mut_ptr())
+            .err()
+            .and_then(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn btrfs_subvolume_and_quota_ioctls_are_refused_and_reflinks_are_not() {
+        for (nr, name) in crate::btrfs::SANDBOX_DENIED_IOCTLS {
+            let nr = *nr;
+            // Unfiltered, the call reaches the filesystem (which refuses it its own way).
+            assert_ne!(errno_of(nr), Some(libc::EPERM), "{name} unfiltered");
+            assert_eq!(filtered(move || errno_of(nr)), Some(libc::EPERM), "{name}");
+            // The kernel ignores the upper 32 bits of the request; so does the filter.
+            let wide = u64::from(nr) | 0xffff_ffff_0000_0000;
+            let got = filtered(move || {
+                let dir = std::fs::File::open(std::env::temp_dir()).unwrap();
+                let mut buf = vec![0u8; 4096];
+                crate::btrfs::raw_ioctl_wide(&dir, wide, buf.as_mut_ptr())
+                    .err()
+                    .and_then(|e| e.raw_os_error())
+            });
+            assert_eq!(got, Some(libc::EPERM), "{name} with high bits set");
+        }
+        let ficlone = crate::btrfs::FICLONE;
+        assert_ne!(filtered(move || errno_of(ficlone)), Some(libc::EPERM));
     }
 }
