@@ -7,6 +7,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
+use burrow_client::ClientError;
 use burrow_types::{CreateSandbox, ExecRequest, SandboxState};
 use common::*;
 
@@ -977,6 +978,58 @@ async fn a_pause_mid_call_answers_the_waiting_call_instead_of_hanging() {
         "the interrupted command should be gone: {r:?}"
     );
     c.delete(&id).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_racing_a_delete_or_a_pause_get_an_answer_about_the_sandbox_never_a_5xx() {
+    if !require_root("starting sandboxes") {
+        return;
+    }
+    let srv = TestServer::start().await;
+    let c = srv.client();
+    for round in 0..6 {
+        let id = c.create(&CreateSandbox::default()).await.unwrap().id;
+        let mut calls = Vec::new();
+        for k in 0..4 {
+            let (c, id) = (c.clone(), id.clone());
+            calls.push(tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for _ in 0..20 {
+                    let r = match k {
+                        0 => c.exec(&id, &sh("sleep 0.05")).await.map(|_| ()),
+                        1 => c.processes(&id).await.map(|_| ()),
+                        2 => c.stat(&id, "/workspace").await.map(|_| ()),
+                        _ => c.exec(&id, &sh("true")).await.map(|_| ()),
+                    };
+                    answers.push(r);
+                }
+                answers
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // Half the rounds delete mid-call, the others pause.
+        if round % 2 == 0 {
+            c.delete(&id).await.unwrap();
+        } else {
+            c.pause(&id).await.unwrap();
+        }
+        for call in calls {
+            for r in call.await.unwrap() {
+                match r {
+                    Ok(()) => {}
+                    Err(ClientError::Api { status, code, .. }) => assert!(
+                        (status == 409 && code == "sandbox_not_running")
+                            || (status == 404 && code == "sandbox_not_found"),
+                        "a call racing a transition got {status} {code}"
+                    ),
+                    Err(e) => panic!("a call racing a transition failed: {e}"),
+                }
+            }
+        }
+        if round % 2 == 1 {
+            c.delete(&id).await.unwrap();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
