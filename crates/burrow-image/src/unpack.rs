@@ -368,6 +368,10 @@ fn clean(raw: &[u8], shown: &str) -> Result<Option<PathBuf>> {
         path: shown.to_owned(),
         why,
     };
+    // A lone `/` (umoci writes one for the root of an insert) is the root, like `./`.
+    if raw.iter().all(|&b| b == b'/') {
+        return Ok(None);
+    }
     if raw.first() == Some(&b'/') {
         return Err(refuse("an absolute name"));
     }
@@ -470,6 +474,7 @@ mod tests {
         let c = |s: &str| clean(s.as_bytes(), s);
         assert_eq!(c("./a/./b/").unwrap().unwrap(), PathBuf::from("a/b"));
         assert_eq!(c("./").unwrap(), None);
+        assert_eq!(c("/").unwrap(), None);
         for bad in ["/etc/passwd", "../x", "a/../../x", "a/.."] {
             assert_eq!(c(bad).unwrap_err().code(), "unsafe_layer_path", "{bad}");
         }
