@@ -268,7 +268,7 @@ pub async fn terminal(
         ..Default::default()
     };
     let spec = spec_of(req, None)?;
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.guest(&user, &id).await?;
     let mut spec = cap_timeout(spec, &rec);
     spec.stdin = true;
     Ok(upgrade.on_upgrade(move |socket| async move {
@@ -328,7 +328,7 @@ pub async fn list_processes(
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<ProcessInfo>>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.guest(&user, &id).await?;
     Ok(Json(
         s.control.while_running(&id, guest.list_processes()).await?,
     ))
@@ -372,7 +372,7 @@ async fn signal(
     pid: u32,
     sig: i32,
 ) -> Result<StatusCode, HttpError> {
-    let (_, guest) = s.control.guest(user, id)?;
+    let (_, guest) = s.control.guest(user, id).await?;
     s.control.while_running(id, guest.signal(pid, sig)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -386,7 +386,7 @@ pub async fn attach(
     ApiPath((id, pid)): ApiPath<(String, u32)>,
     Upgrade(upgrade): Upgrade,
 ) -> Result<Response, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.guest(&user, &id).await?;
     // Attach before upgrading so an unknown pid is a plain 404.
     let (input, output) = s.control.while_running(&id, guest.attach(pid)).await?;
     Ok(upgrade.on_upgrade(move |socket| ws::pump(socket, input, output)))
