@@ -257,7 +257,7 @@ pub struct ImportQuery {
 #[utoipa::path(post, path = "/v1/images/import", tag = "images", params(ImportQuery),
     request_body(content = Vec<u8>, content_type = "application/x-tar"),
     responses((status = 200, body = [Image]), (status = 400, body = ApiError), (status = 413, body = ApiError),
-        (status = 422, body = ApiError), (status = 502, body = ApiError), (status = 507, body = ApiError)))]
+        (status = 422, body = ApiError), (status = 507, body = ApiError)))]
 pub async fn import_image(
     Caller(_caller): Caller,
     Extension(images): Extension<Images>,
@@ -301,15 +301,24 @@ pub async fn import_image(
         }
         file.flush().await.ok();
         let (store2, path2) = (store.clone(), path.clone());
-        let imported = tokio::task::spawn_blocking(move || store2.import(&path2, tag.as_ref()))
-            .await
-            .map_err(|_| {
-                HttpError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    codes::INTERNAL,
-                    "import failed",
-                )
-            })??;
+        let imported = tokio::task::spawn_blocking(move || {
+            // A broken archive is the client's input here, not a registry's answer: 422.
+            store2.import(&path2, tag.as_ref()).map_err(|e| {
+                let mut h = HttpError::from(e);
+                if h.status == StatusCode::BAD_GATEWAY {
+                    h.status = StatusCode::UNPROCESSABLE_ENTITY;
+                }
+                h
+            })
+        })
+        .await
+        .map_err(|_| {
+            HttpError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                codes::INTERNAL,
+                "import failed",
+            )
+        })??;
         Ok::<_, HttpError>(imported)
     }
     .await;
