@@ -294,7 +294,11 @@ def _():
 @check("pause and connect: processes survive")
 def _():
     h = sbx.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", background=True)
-    until(lambda: sbx.files.read("/tmp/count").strip() not in ("", "0"), what="counter running")
+    # The file appears once the shell has started: on a loaded machine, after the first look.
+    until(
+        lambda: sbx.files.exists("/tmp/count") and sbx.files.read("/tmp/count").strip() not in ("", "0"),
+        what="counter running",
+    )
     assert sbx.pause(), "pause"
     assert not Sandbox.pause(sbx.sandbox_id), "second pause answers already paused"
     eq(Sandbox.get_info(sbx.sandbox_id).state, SandboxState.PAUSED, "paused state")
