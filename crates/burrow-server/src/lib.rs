@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use burrow_node::namespace::{NamespaceBackend, NamespaceConfig};
-use burrow_store::Store;
+use burrow_store::AsyncStore;
+use burrow_store_sqlite::SqliteStore;
 use burrow_types::{Plan, PoolSpec};
 use tracing::info;
 
@@ -196,8 +197,13 @@ impl Server {
             source,
         };
         prepare_data_dir(&cfg.data_dir)?;
-        let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
-        let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
+        // Opening runs the migrations, which may wait for a lock: off the async workers too.
+        let db = cfg.data_dir.join("burrow.db");
+        let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+            .await
+            .map_err(|_| burrow_store::StoreError::Cancelled)??;
+        let store = AsyncStore::new(Arc::new(sqlite));
+        let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
         let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {
@@ -273,7 +279,7 @@ impl Server {
         let report = control.reconcile().await?;
         // Creates cut short by the last stop: their keys answer with what reconcile made of the
         // sandbox, or are forgotten if none was made.
-        let (kept, dropped) = control.store().settle_idempotency_keys()?;
+        let (kept, dropped) = control.store().settle_idempotency_keys().await?;
         if kept + dropped > 0 {
             info!(
                 kept,
@@ -281,7 +287,7 @@ impl Server {
             );
         }
         for (name, spec) in cfg.pools {
-            control.put_pool(&name, spec)?;
+            control.put_pool(&name, spec).await?;
         }
         info!(
             adopted = report.adopted.len(),
@@ -367,42 +373,53 @@ impl Server {
     }
 }
 
-fn bootstrap_admin(store: &Store, admin_key: Option<&str>) -> Result<Bootstrap, ServerError> {
+async fn bootstrap_admin(
+    store: &AsyncStore,
+    admin_key: Option<&str>,
+) -> Result<Bootstrap, ServerError> {
     if let Some(k) = admin_key {
         if k.len() < auth::MIN_KEY_LEN {
             return Err(ServerError::AdminKeyTooShort);
         }
     }
-    let admin = match store.user_by_name("admin")? {
+    let admin = match store.user_by_name("admin").await? {
         Some(u) => u,
-        None => store.create_user(&auth::new_id(16), "admin", "free", true)?,
+        None => {
+            store
+                .create_user(&auth::new_id(16), "admin", "free", true)
+                .await?
+        }
     };
     // An operator-given key is (re)registered on every start, so automation can rely on it.
     if let Some(k) = admin_key {
-        if store.user_by_key_hash(&auth::hash_key(k))?.is_none() {
-            store.add_api_key(
-                &auth::new_id(16),
-                &admin.id,
-                &auth::hash_key(k),
-                &auth::key_display_prefix(k),
-            )?;
+        if store.user_by_key_hash(&auth::hash_key(k)).await?.is_none() {
+            store
+                .add_api_key(
+                    &auth::new_id(16),
+                    &admin.id,
+                    &auth::hash_key(k),
+                    &auth::key_display_prefix(k),
+                )
+                .await?;
         }
         return Ok(Bootstrap {
             generated_admin_key: None,
         });
     }
-    if store.has_api_keys(&admin.id)? {
+    if store.has_api_keys(&admin.id).await? {
         return Ok(Bootstrap {
             generated_admin_key: None,
         });
     }
     let key = auth::generate_key();
-    store.add_api_key(
-        &auth::new_id(16),
-        &admin.id,
-        &auth::hash_key(&key),
-        &auth::key_display_prefix(&key),
-    )?;
+    store
+        .add_api_key(
+            &auth::new_id(16),
+            &admin.id,
+            &auth::hash_key(&key),
+            &auth::key_display_prefix(&key),
+        )
+        .await?;
     Ok(Bootstrap {
         generated_admin_key: Some(key),
     })

@@ -189,7 +189,7 @@ pub struct DatabaseHealth {
 /// unwritable).
 #[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
 pub async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Health> {
-    let db = state.control.store().health();
+    let db = state.control.store().health().await;
     let problems: Vec<ApiError> = db
         .problem
         .iter()

@@ -411,7 +411,7 @@ async fn create(
     let made = s.control.create_with(&user, create, key).await?;
     // A replayed create answers with its sandbox whatever it became since (E2B has no state for
     // "destroyed": the record is read whatever its state).
-    let rec = match s.control.store().sandbox(&made.sandbox.id) {
+    let rec = match s.control.store().sandbox(&made.sandbox.id).await {
         Ok(Some(rec)) if rec.owner_id == user.id => rec,
         Ok(_) => return Err(crate::control::ControlError::NotFound.into()),
         Err(e) => return Err(HttpError::from(e).into()),
@@ -505,7 +505,7 @@ fn state_filter(q: &Option<String>) -> Result<Vec<&'static str>, E2bError> {
         .collect()
 }
 
-fn matching(
+async fn matching(
     s: &AppState,
     user: &burrow_store::User,
     q: &ListQuery,
@@ -516,6 +516,7 @@ fn matching(
         .control
         .store()
         .sandboxes_of(&user.id)
+        .await
         .map_err(|e| E2bError::from(HttpError::from(e)))?
         .into_iter()
         .filter(|r| {
@@ -547,7 +548,7 @@ async fn list_v1(
 ) -> Result<Json<Vec<Value>>, E2bError> {
     let mut q = list_query(pairs)?;
     q.state = Some("running".into());
-    let recs = matching(&s, &user, &q)?;
+    let recs = matching(&s, &user, &q).await?;
     Ok(Json(
         recs.iter().map(|r| listed(&s.e2b, r, false)).collect(),
     ))
@@ -561,7 +562,7 @@ async fn list_v2(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, E2bError> {
     let q = list_query(pairs)?;
-    let recs = matching(&s, &user, &q)?;
+    let recs = matching(&s, &user, &q).await?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
         None => 0,
@@ -590,7 +591,7 @@ async fn detail(
     Caller(user): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, E2bError> {
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if !matches!(
         rec.state,
         SandboxState::Running | SandboxState::Paused | SandboxState::Hibernated
@@ -618,7 +619,7 @@ async fn pause(
     Caller(user): Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, E2bError> {
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if matches!(rec.state, SandboxState::Paused | SandboxState::Hibernated) {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -637,7 +638,7 @@ struct TimeoutBody {
 }
 
 /// Sets the sandbox's timeout (E2B: seconds from now; burrow: idle seconds, restarting now).
-fn apply_timeout(
+async fn apply_timeout(
     s: &AppState,
     user: &burrow_store::User,
     id: &str,
@@ -645,22 +646,24 @@ fn apply_timeout(
     auto_pause: Option<bool>,
 ) -> Result<(), E2bError> {
     check_timeout(field, timeout)?;
-    let rec = s.control.record(user, id)?;
+    let rec = s.control.record(user, id).await?;
     let t = timeout.or(rec.timeout_s);
-    s.control.set_timeout(
-        user,
-        id,
-        SetTimeout {
-            timeout_s: t,
-            on_timeout: auto_pause.map(|p| {
-                if p {
-                    OnTimeout::Pause
-                } else {
-                    OnTimeout::Destroy
-                }
-            }),
-        },
-    )?;
+    s.control
+        .set_timeout(
+            user,
+            id,
+            SetTimeout {
+                timeout_s: t,
+                on_timeout: auto_pause.map(|p| {
+                    if p {
+                        OnTimeout::Pause
+                    } else {
+                        OnTimeout::Destroy
+                    }
+                }),
+            },
+        )
+        .await?;
     Ok(())
 }
 
@@ -671,7 +674,7 @@ async fn resume(
     E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if rec.state == SandboxState::Running {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -680,8 +683,8 @@ async fn resume(
     }
     check_timeout("timeout", req.timeout)?;
     s.control.resume(&user, &id).await?;
-    apply_timeout(&s, &user, &id, ("timeout", req.timeout), req.auto_pause)?;
-    let rec = s.control.record(&user, &id)?;
+    apply_timeout(&s, &user, &id, ("timeout", req.timeout), req.auto_pause).await?;
+    let rec = s.control.record(&user, &id).await?;
     Ok((StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response())
 }
 
@@ -695,7 +698,7 @@ async fn connect(
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     check_timeout("timeout", req.timeout)?;
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     let status = match rec.state {
         SandboxState::Running => StatusCode::OK,
         SandboxState::Paused | SandboxState::Hibernated => {
@@ -710,9 +713,9 @@ async fn connect(
         }
     };
     if req.timeout.is_some() {
-        apply_timeout(&s, &user, &id, ("timeout", req.timeout), None)?;
+        apply_timeout(&s, &user, &id, ("timeout", req.timeout), None).await?;
     }
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     Ok((status, Json(created(&s.e2b, &rec))).into_response())
 }
 
@@ -726,7 +729,7 @@ async fn set_timeout(
     let Some(t) = req.timeout else {
         return Err(bad("timeout is required"));
     };
-    apply_timeout(&s, &user, &id, ("timeout", Some(t)), None)?;
+    apply_timeout(&s, &user, &id, ("timeout", Some(t)), None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -744,7 +747,7 @@ async fn refresh(
     E2bBody(raw): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let req: RefreshBody = body(&raw)?;
-    apply_timeout(&s, &user, &id, ("duration", req.duration), None)?;
+    apply_timeout(&s, &user, &id, ("duration", req.duration), None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -756,11 +759,11 @@ async fn metrics(
     Path(id): Path<String>,
     _headers: HeaderMap,
 ) -> Result<Json<Vec<Value>>, E2bError> {
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if rec.state != SandboxState::Running {
         return Ok(Json(Vec::new()));
     }
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.guest(&user, &id).await?;
     // Disk use of the sandbox's own disk (root and /workspace share it).
     let spec = burrow_proto::ExecSpec {
         argv: vec![
@@ -788,7 +791,7 @@ async fn metrics(
         [u, t] => (*u, *t),
         _ => (0, rec.limits.disk_mib * 1024 * 1024),
     };
-    let mem_used = s.control.memory_usage(&user, &id)?.unwrap_or(0);
+    let mem_used = s.control.memory_usage(&user, &id).await?.unwrap_or(0);
     let cpu = s
         .control
         .cpu_share(&user, &id, std::time::Duration::from_millis(100))
