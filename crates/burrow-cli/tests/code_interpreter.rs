@@ -202,3 +202,55 @@ print("cold start ok", flush=True)
         srv.log()
     );
 }
+
+/// The header route (`E2b-Sandbox-Port`) is the port proxy's: access is decided before the
+/// sandbox is looked at, so a caller without the sandbox's token gets one answer whether the
+/// sandbox exists or not, and a malformed port is named.
+#[tokio::test]
+async fn the_port_header_route_asks_for_the_token_first() {
+    if !require_root("the code-interpreter template") {
+        return;
+    }
+    let srv = TestServer::start_in_world(&[]).await;
+    let env = e2b_env(&srv, "ci-route").await;
+    let (st, body) = create(&srv, &env[2].1, "base").await;
+    assert_eq!(st, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = created["sandboxID"].as_str().unwrap();
+    assert_eq!(
+        created["trafficAccessToken"], created["envdAccessToken"],
+        "the traffic token is the sandbox's access token"
+    );
+    let send = |id: &str, port: &str, token: Option<&str>| {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/execute", srv.url))
+            .header("e2b-sandbox-id", id)
+            .header("e2b-sandbox-port", port)
+            .body(r#"{"code":"1"}"#);
+        if let Some(t) = token {
+            req = req.header("e2b-traffic-access-token", t);
+        }
+        async move {
+            let resp = req.send().await.expect("send");
+            (
+                resp.status().as_u16(),
+                resp.text().await.unwrap_or_default(),
+            )
+        }
+    };
+    let (st_real, real) = send(id, "49999", Some("wrong")).await;
+    let (st_none, none) = send("anidthatneverexisted", "49999", Some("wrong")).await;
+    assert_eq!((st_real, st_none), (401, 401), "{real} / {none}");
+    assert_eq!(
+        real, none,
+        "the same answer for a real and a missing sandbox"
+    );
+    let (st, body) = send(id, "not-a-port", None).await;
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("E2b-Sandbox-Port"), "{body}");
+    // With the token: a base sandbox has no kernel server, and the answer says nothing listens.
+    let token = created["trafficAccessToken"].as_str().unwrap();
+    let (st, body) = send(id, "49999", Some(token)).await;
+    assert_eq!(st, 502, "{body}");
+    assert!(body.contains("port_closed"), "{body}");
+}

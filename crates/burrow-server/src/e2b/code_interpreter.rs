@@ -199,10 +199,12 @@ async fn start_if_needed(
     id: &str,
     install: bool,
 ) -> Result<bool, HttpError> {
-    let (_, guest) = s.control.guest(owner, id)?;
+    let (_, guest) = s.control.guest(owner, id).await?;
     if probe(&guest, 0, Duration::ZERO).await?.is_ok() {
         return Ok(true);
     }
+    let started = std::time::Instant::now();
+    let mut unpack_ms = 0;
     if guest.stat(SERVER).await.is_err() {
         if !install {
             return Ok(false);
@@ -216,10 +218,19 @@ async fn start_if_needed(
         s.control
             .check_free_space("unpacking the code interpreter")?;
         unpack(&guest, id, &bundle).await?;
+        unpack_ms = started.elapsed().as_millis() as u64;
     }
     let pid = start(&guest, id).await?;
     match probe(&guest, pid, READY_TIMEOUT).await? {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            tracing::info!(
+                sandbox_id = id,
+                unpack_ms,
+                ready_ms = started.elapsed().as_millis() as u64,
+                "code interpreter started"
+            );
+            Ok(true)
+        }
         Err(why) => {
             let log = output_of(&guest, pid).await;
             Err(match why {
@@ -481,11 +492,17 @@ pub async fn route_by_port_header(
         .path_and_query()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "/".into());
-    if port != PORT {
+    // Port 49999 with the sandbox's token: the request is kept so that it can be sent again
+    // once a server that was not running (a sandbox back from hibernation) has been started.
+    // Anything else streams straight to the proxy: nothing is buffered for a caller before the
+    // proxy has decided it may use the port.
+    let may_retry = port == PORT
+        && state
+            .e2b
+            .token_ok(&id, &super::access_token_of(req.headers()));
+    if !may_retry {
         return crate::api::ports::proxy(&state, &id, u32::from(port), pq, req).await;
     }
-    // Port 49999: kept so that it can be sent again once a server that was not running (a
-    // sandbox back from hibernation) has been started.
     let (parts, body) = req.into_parts();
     let bytes = match axum::body::to_bytes(body, MAX_RETRY_BODY).await {
         Ok(b) => b,
@@ -526,7 +543,7 @@ pub async fn route_by_port_header(
     if !closed {
         return first;
     }
-    let owner = match state.control.store().sandbox(&id) {
+    let owner = match state.control.store().sandbox(&id).await {
         Ok(Some(rec)) => crate::control::owner_of(&rec),
         _ => return first,
     };
