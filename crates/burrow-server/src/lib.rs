@@ -272,11 +272,14 @@ impl Server {
             control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
         }
         let control = Arc::new(control);
-        let e2b = Arc::new(e2b::Facade::open(
-            control.secret().to_vec(),
-            cfg.domain.clone(),
-            std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
-        )?);
+        let e2b = Arc::new(
+            e2b::Facade::open(
+                control.secret().to_vec(),
+                cfg.domain.clone(),
+                std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
+            )?
+            .with_code_interpreter(cfg.data_dir.join("templates")),
+        );
         let report = control.reconcile().await?;
         // Creates cut short by the last stop: their keys answer with what reconcile made of the
         // sandbox, or are forgotten if none was made.

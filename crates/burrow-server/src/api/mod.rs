@@ -57,7 +57,11 @@ pub fn router(state: AppState) -> Router {
 pub fn router_with(state: AppState, claims: ports::HostClaims) -> Router {
     let host_state = (state.clone(), claims);
     Router::new()
-        .fallback_service(api_router(state))
+        .fallback_service(api_router(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::e2b::route_by_port_header,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             host_state,
             ports::host_router,
