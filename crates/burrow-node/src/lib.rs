@@ -5,5 +5,6 @@ pub mod backend;
 pub mod guest;
 pub mod namespace;
 pub mod network;
+pub mod timing;
 
 pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};

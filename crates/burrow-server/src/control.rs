@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use burrow_node::guest::{GuestClient, GuestError};
-use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+use burrow_node::{timing, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 use burrow_store::{
     now_rfc3339, now_unix, Claim, Intent, RunRecord, SandboxRecord, Store, StoreError, User,
     POOL_OWNER,
@@ -389,7 +389,11 @@ impl Control {
         key: Option<IdempotencyKey>,
     ) -> Result<Created, ControlError> {
         let (this, user) = (self.clone(), user.clone());
-        tokio::spawn(async move { this.create_once(&user, req, key).await }).await?
+        let timings = timing::current();
+        tokio::spawn(timing::scope(timings, async move {
+            this.create_once(&user, req, key).await
+        }))
+        .await?
     }
 
     pub async fn destroy(self: &Arc<Self>, user: &User, id: &str) -> Result<(), ControlError> {
@@ -404,7 +408,11 @@ impl Control {
 
     pub async fn resume(self: &Arc<Self>, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let (this, user, id) = (self.clone(), user.clone(), id.to_string());
-        tokio::spawn(async move { this.resume_now(&user, &id).await }).await?
+        let timings = timing::current();
+        tokio::spawn(timing::scope(timings, async move {
+            this.resume_now(&user, &id).await
+        }))
+        .await?
     }
 
     pub async fn hibernate(
@@ -472,7 +480,9 @@ impl Control {
         // A warm sandbox's disk is already promised; what it will write is not yet on the disk.
         self.check_free_space("a new sandbox")?;
         // Quotas and the host's pid budget, last: nothing is made past them.
+        let admission = timing::stage("admission");
         let admitted = self.admit(user, &plan, &id).await?;
+        drop(admission);
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
@@ -508,11 +518,13 @@ impl Control {
         let lock = self.locks.get(&id);
         let _guard = lock.lock().await;
         let rec = self.build(rec).await?;
+        let inject = timing::stage("inject");
         if let Err(e) = self.inject(&rec, false, &req.files).await {
             self.fail_after_build(&rec, &e).await;
             return Err(e);
         }
-        self.store.set_state(&id, SandboxState::Running)?;
+        drop(inject);
+        timed_store(|| self.store.set_state(&id, SandboxState::Running))?;
         Ok(self.api(&SandboxRecord {
             state: SandboxState::Running,
             ..rec
@@ -529,7 +541,7 @@ impl Control {
         let id = rec.id.clone();
         // The row exists before anything on the host does: a crash from here on is cleaned up by
         // `reconcile` at the next start.
-        rec.uid_slot = self.store.insert_sandbox(&rec)?;
+        rec.uid_slot = timed_store(|| self.store.insert_sandbox(&rec))?;
         let spec = match self.with_net(spec_of(&rec), &rec) {
             Ok(s) => s,
             Err(e) => {
@@ -539,7 +551,12 @@ impl Control {
             }
         };
         let backend = self.backend.clone();
-        let runtime = match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
+        let timings = timing::current();
+        let runtime = match tokio::task::spawn_blocking(move || {
+            timing::scope_blocking(timings, || backend.create(&spec))
+        })
+        .await?
+        {
             Ok(r) => r,
             Err(e) => {
                 // `create` left nothing of a new sandbox on the host.
@@ -563,7 +580,8 @@ impl Control {
         let ready = serde_json::to_value(&runtime)
             .map_err(|e| ControlError::Store(e.into()))
             .and_then(|value| {
-                self.store.set_built(&id, &value)?;
+                timed_store(|| self.store.set_built(&id, &value))?;
+                let _net = timing::stage("net-attach");
                 self.attach_net(&rec)?;
                 Ok(value)
             });
@@ -631,6 +649,7 @@ impl Control {
             }
             let backend = self.backend.clone();
             let (id, hostname, limits) = (rec.id.clone(), rec.hostname.clone(), rec.limits.clone());
+            let _limits = timing::stage("limits");
             tokio::task::spawn_blocking(move || {
                 if renamed {
                     backend.set_hostname(&id, &runtime, &hostname)?;
@@ -1081,17 +1100,19 @@ impl Control {
         let mut rec = self.record(user, id)?;
         match rec.state {
             SandboxState::Paused => {
-                self.store.set_intent(id, Some(Intent::Resuming))?;
+                timed_store(|| self.store.set_intent(id, Some(Intent::Resuming)))?;
                 let backend = self.backend.clone();
                 let id2 = id.to_string();
+                let thaw = timing::stage("thaw");
                 if let Err(e) = tokio::task::spawn_blocking(move || backend.resume(&id2)).await? {
                     let _ = self.store.set_intent(id, None);
                     return Err(e.into());
                 }
+                drop(thaw);
                 // A crash before this line leaves `paused` + `resuming` with thawed processes:
                 // reconcile finishes the resume. A store that cannot record it (a full database)
                 // gets the sandbox frozen again, so the row and the host still agree.
-                if let Err(e) = self.store.set_state(id, SandboxState::Running) {
+                if let Err(e) = timed_store(|| self.store.set_state(id, SandboxState::Running)) {
                     let backend = self.backend.clone();
                     let id2 = id.to_string();
                     let _ = tokio::task::spawn_blocking(move || backend.pause(&id2)).await;
@@ -1120,21 +1141,28 @@ impl Control {
     /// started is stopped, so a second resume can never attach the disk a second time).
     async fn start_cold(&self, mut rec: SandboxRecord) -> Result<SandboxRecord, ControlError> {
         let id = rec.id.clone();
-        self.store.set_intent(&id, Some(Intent::Resuming))?;
+        timed_store(|| self.store.set_intent(&id, Some(Intent::Resuming)))?;
         let spec = match self.with_net(spec_of(&rec), &rec) {
             Ok(s) => s,
             Err(e) => return Err(self.resume_failed(&rec, e, None).await),
         };
         let backend = self.backend.clone();
-        let runtime = match tokio::task::spawn_blocking(move || backend.start(&spec)).await? {
+        let timings = timing::current();
+        let runtime = match tokio::task::spawn_blocking(move || {
+            timing::scope_blocking(timings, || backend.start(&spec))
+        })
+        .await?
+        {
             Ok(r) => r,
             Err(e) => return Err(self.resume_failed(&rec, e.into(), None).await),
         };
         let ready = serde_json::to_value(&runtime)
             .map_err(|e| ControlError::Store(e.into()))
             .and_then(|value| {
+                let net = timing::stage("net-attach");
                 self.attach_net(&rec)?;
-                self.store.set_running(&id, &value)?;
+                drop(net);
+                timed_store(|| self.store.set_running(&id, &value))?;
                 Ok(value)
             });
         match ready {
@@ -1552,6 +1580,12 @@ pub struct ReconcileReport {
 
 /// The owner of a sandbox, for actions the server takes on its own (timeouts, the hot window,
 /// memory pressure): only the id matters to the checks those actions go through.
+/// A store write on a timed path: its time counts to the request's `store` stage.
+fn timed_store<T>(write: impl FnOnce() -> T) -> T {
+    let _stage = timing::stage("store");
+    write()
+}
+
 pub(crate) fn owner_of(rec: &SandboxRecord) -> User {
     User {
         id: rec.owner_id.clone(),

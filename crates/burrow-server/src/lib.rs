@@ -19,6 +19,7 @@ pub mod e2b;
 pub mod egress;
 pub mod pool;
 pub mod serve;
+pub mod server_timing;
 
 use control::Control;
 

@@ -71,6 +71,41 @@ pub(crate) struct InitRequest {
 pub(crate) struct InitReply {
     pub pid: u32,
     pub pid_start: u64,
+    /// How long each stage of the build took, in microseconds, in order.
+    #[serde(default)]
+    pub stages: Vec<(String, u64)>,
+    /// CPU time (user + system, microseconds) `__init` and the children it waited for (`mkfs`)
+    /// used before it joined the sandbox's cgroups; what came after is charged to them.
+    #[serde(default)]
+    pub cpu_outside_us: u64,
+}
+
+/// Stage timings of one build, reported to the backend.
+#[derive(Default)]
+struct Clock {
+    stages: Vec<(String, u64)>,
+    last: Option<std::time::Instant>,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        Clock {
+            stages: Vec::new(),
+            last: Some(std::time::Instant::now()),
+        }
+    }
+
+    /// Ends stage `name`: it took the time since the previous one ended.
+    fn lap(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            self.stages.push((
+                name.to_string(),
+                now.duration_since(last).as_micros() as u64,
+            ));
+        }
+        self.last = Some(now);
+    }
 }
 
 /// Ids mapped into each sandbox: 0..65536 inside.
@@ -225,6 +260,7 @@ fn drain(fd: OwnedFd) -> String {
 /// Host half. Everything it mounts lives in a private mount namespace of this process, which the
 /// sandbox's mount namespace copies; the host's own mount table never changes.
 fn build(req: &InitRequest) -> Result<InitReply> {
+    let mut clock = Clock::start();
     let dir = &req.sandbox_dir;
     let base = req.uid_base;
     let user = base
@@ -246,6 +282,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     if !img.exists() {
         make_disk(req, &img)?;
     }
+    clock.lap("init-mkfs");
 
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .ctx(|| "unshare(CLONE_NEWNS)".into())?;
@@ -277,6 +314,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         .ctx(|| format!("reading the device number of {}", lo.path.display()))?;
     drop(lo);
     prepare_disk(&disk, base, user)?;
+    clock.lap("init-disk-mount");
 
     let cgroups = Cgroups::host();
     cgroups
@@ -285,10 +323,14 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     cgroups
         .set_io(&req.id, dev, io_limits(&req.limits))
         .ctx(|| "throttling the disk".into())?;
+    // What this process and mkfs used so far is charged to no sandbox cgroup: count it now.
+    let cpu_outside = crate::timing::rusage_cpu(libc::RUSAGE_SELF)
+        + crate::timing::rusage_cpu(libc::RUSAGE_CHILDREN);
     // Join first, so the sandbox's cgroup namespace is rooted at its own cgroup.
     cgroups
         .join(&req.id, std::process::id())
         .ctx(|| "joining the sandbox cgroups".into())?;
+    clock.lap("init-cgroups");
 
     let sock = dir.join("guest.sock");
     let _ = std::fs::remove_file(&sock);
@@ -356,6 +398,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     if !read_exact_or_eof(&up_r, &mut b) || b != *b"u" {
         return Err(helper_died(&mut go, err_r));
     }
+    clock.lap("init-userns");
     let userns = match sys::write_id_maps(helper, base, ID_RANGE)
         .and_then(|_| std::fs::File::open(format!("/proc/{helper}/ns/user")))
     {
@@ -373,6 +416,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         return Err(fail(e, &mut go, helper_pid, pid1));
     }
     drop(userns);
+    clock.lap("init-overlay");
     if let Err(e) = nix::unistd::write(&mapped_w, b"m") {
         return Err(fail(
             format!("releasing the helper: {e}"),
@@ -398,6 +442,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
             return Err(fail(msg, &mut go, helper_pid, pid1));
         }
     }
+    clock.lap("init-namespaces");
     // The network is wired before the sandbox runs anything of its own.
     if let Some(net) = &req.net {
         if let Err(e) = wire_network(pid as u32, net) {
@@ -408,6 +453,9 @@ fn build(req: &InitRequest) -> Result<InitReply> {
                 pid1,
             ));
         }
+    }
+    if req.net.is_some() {
+        clock.lap("init-network");
     }
     if let Some(go_w) = &go {
         if let Err(e) = nix::unistd::write(go_w, b"g") {
@@ -429,12 +477,15 @@ fn build(req: &InitRequest) -> Result<InitReply> {
             pid1,
         ));
     }
+    clock.lap("init-pid1-setup");
     let pid_start =
         proc::start_time(pid as u32).ok_or_else(|| "the sandbox exited at once".to_string())?;
     let _ = std::io::stdout().flush();
     Ok(InitReply {
         pid: pid as u32,
         pid_start,
+        stages: clock.stages,
+        cpu_outside_us: cpu_outside.as_micros() as u64,
     })
 }
 

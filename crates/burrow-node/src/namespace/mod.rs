@@ -23,6 +23,7 @@ use burrow_linux::{loopdev, proc};
 use burrow_types::Limits;
 
 use crate::backend::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+use crate::timing;
 
 mod image;
 pub mod init;
@@ -142,6 +143,7 @@ impl NamespaceBackend {
     /// failed cold start never costs a sandbox its files.
     fn boot(&self, spec: &SandboxSpec, fresh: bool) -> Result<RuntimeInfo, NodeError> {
         let started = Instant::now();
+        let cpu_before = timing::thread_cpu();
         let undo = |info: Option<&RuntimeInfo>| {
             let r = if fresh {
                 self.destroy(&spec.id, info)
@@ -167,7 +169,8 @@ impl NamespaceBackend {
             pid_start: reply.pid_start,
             guest_socket: self.sandbox_dir(&spec.id).join("guest.sock"),
         };
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let waiting = Instant::now();
+        let deadline = waiting + READY_TIMEOUT;
         loop {
             match ping(&info.guest_socket) {
                 Ok(()) => break,
@@ -183,6 +186,14 @@ impl NamespaceBackend {
                 Err(_) => std::thread::sleep(Duration::from_millis(2)),
             }
         }
+        timing::record("guest-start", waiting.elapsed());
+        if let Some(ns) = self.cgroups.cpu_usage_ns(&spec.id) {
+            timing::record("cpu-sandbox-cgroup", Duration::from_nanos(ns));
+        }
+        timing::record(
+            "cpu-server-thread",
+            timing::thread_cpu().saturating_sub(cpu_before),
+        );
         tracing::debug!(sandbox_id = %spec.id, ms = started.elapsed().as_millis() as u64, "sandbox built");
         Ok(info)
     }
@@ -237,10 +248,10 @@ impl NamespaceBackend {
                 .write_all(&body)
                 .map_err(host_err("writing the init request"))?;
         }
-        let out = child
-            .wait_with_output()
-            .map_err(host_err("waiting for __init"))?;
-        if !out.status.success() {
+        let spawned = Instant::now();
+        let out = wait_with_rusage(child).map_err(host_err("waiting for __init"))?;
+        let took = spawned.elapsed();
+        if !out.success {
             let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
             // `__init` reports io errors as text; a full data filesystem must still read as one.
             if msg.contains(&std::io::Error::from_raw_os_error(libc::ENOSPC).to_string()) {
@@ -251,13 +262,78 @@ impl NamespaceBackend {
             }
             return Err(NodeError::Setup(msg));
         }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
+        let reply: init::InitReply = serde_json::from_slice(&out.stdout).map_err(|e| {
             NodeError::Setup(format!(
                 "bad reply from __init ({e}): {}",
                 String::from_utf8_lossy(&out.stdout)
             ))
-        })
+        })?;
+        // `__init`'s own stages, and what they leave out: starting the process (exec, the
+        // dynamic loader, reading the request) and exiting.
+        let mut inside = Duration::ZERO;
+        for (name, us) in &reply.stages {
+            let d = Duration::from_micros(*us);
+            inside += d;
+            timing::record(name, d);
+        }
+        timing::record("init-process", took.saturating_sub(inside));
+        timing::record(
+            "cpu-init-outside",
+            Duration::from_micros(reply.cpu_outside_us),
+        );
+        tracing::debug!(target: "burrow::timing", stage = "cpu-init-all", us = out.cpu.as_micros() as u64);
+        Ok(reply)
     }
+}
+
+/// What a finished `__init` said and used.
+struct Finished {
+    success: bool,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    /// CPU time of the process and every child it waited for.
+    cpu: Duration,
+}
+
+/// Waits for `child` like `wait_with_output`, with its resource usage (`wait4`): the server runs
+/// many creates at once, so `RUSAGE_CHILDREN` could not tell one's from another's.
+fn wait_with_rusage(mut child: std::process::Child) -> std::io::Result<Finished> {
+    let err_reader = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = e.read_to_end(&mut buf);
+            buf
+        })
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        o.read_to_end(&mut stdout)?;
+    }
+    let stderr = err_reader.and_then(|t| t.join().ok()).unwrap_or_default();
+    let pid = child.id() as libc::pid_t;
+    let (status, ru) = loop {
+        let mut status = 0;
+        // SAFETY: wait4 writes into the status and the zeroed rusage we own; `pid` is our own
+        // child, not yet reaped (std's Child is never waited for after this).
+        let (r, ru) = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            let r = libc::wait4(pid, &mut status, 0, &mut ru);
+            (r, ru)
+        };
+        if r == pid {
+            break (status, ru);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    Ok(Finished {
+        success: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        stdout,
+        stderr,
+        cpu: timing::cpu_of(&ru),
+    })
 }
 
 /// Device number (major, minor) of the loop device holding sandbox `id`'s disk, read from the
