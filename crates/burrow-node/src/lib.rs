@@ -5,6 +5,7 @@ pub mod backend;
 pub mod guest;
 pub mod namespace;
 pub mod network;
+pub mod storage;
 pub mod timing;
 
-pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec, VolumeSpace};

@@ -221,10 +221,15 @@ impl Control {
     /// Refuses new data (`insufficient_storage`) while the data filesystem is under its
     /// watermark; `what` names the refused operation.
     pub fn check_free_space(&self, what: &str) -> Result<(), ControlError> {
-        match &self.storage {
-            Some(g) => g.check_free(what),
-            None => Ok(()),
+        let Some(g) = &self.storage else {
+            return Ok(());
+        };
+        g.check_free(what)?;
+        // A pool of its own (btrfs): full, it is ENOSPC for every sandbox on it.
+        if let Some(pool) = self.backend.volume_space()? {
+            g.check_volumes(what, &pool)?;
         }
+        Ok(())
     }
 
     /// Refuses a new disk of `disk_mib` past the watermark or the overcommit ratio.
@@ -232,8 +237,9 @@ impl Control {
         let Some(g) = &self.storage else {
             return Ok(());
         };
-        g.check_free("a new sandbox")?;
-        g.check_promise(self.store.promised_disk_mib()?, disk_mib)
+        self.check_free_space("a new sandbox")?;
+        let pool_total = self.backend.volume_space()?.map(|p| p.total_bytes);
+        g.check_promise(self.store.promised_disk_mib()?, disk_mib, pool_total)
     }
 
     /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause

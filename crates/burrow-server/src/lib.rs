@@ -58,6 +58,8 @@ pub struct ServerConfig {
     /// PEM certificates trusted for `https://` callbacks besides the system's roots
     /// (`burrow up --callback-ca`).
     pub callback_ca: Option<Vec<u8>>,
+    /// Where sandboxes' volumes live (`burrow up --storage`, `--storage-pool-size`).
+    pub storage: burrow_node::storage::StorageConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +201,10 @@ impl Server {
         prepare_data_dir(&cfg.data_dir)?;
         let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
-        let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let backend = NamespaceBackend::new(NamespaceConfig {
+            storage: cfg.storage.clone(),
+            ..NamespaceConfig::new(cfg.data_dir.clone())
+        })?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {
             plans.retain(|d| d.name != p.name);
