@@ -985,18 +985,26 @@ async fn a_client_that_hangs_up_mid_create_leaves_no_half_made_sandbox() {
         return;
     }
     let srv = TestServer::start().await;
-    let impatient = reqwest::Client::builder()
-        .timeout(Duration::from_millis(5))
-        .build()
-        .unwrap();
-    for _ in 0..3 {
-        let r = impatient
-            .post(format!("{}/v1/sandboxes", srv.url))
-            .bearer_auth(&srv.key)
-            .json(&CreateSandbox::default())
-            .send()
-            .await;
-        assert!(r.is_err(), "the create was expected to outlast 5 ms");
+    let addr = srv.url.trim_start_matches("http://").to_string();
+    for n in 1..=3 {
+        // The whole request goes out, and the client hangs up once the server is building the
+        // sandbox on the host (its directory exists): mid-create, whatever the timing.
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let body = serde_json::to_string(&CreateSandbox::default()).unwrap();
+        let request = format!(
+            "POST /v1/sandboxes HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            srv.key,
+            body.len()
+        );
+        tokio::io::AsyncWriteExt::write_all(&mut conn, request.as_bytes())
+            .await
+            .unwrap();
+        assert!(
+            eventually(30, || srv.host_sandbox_dirs().len() >= n).await,
+            "create {n} never started building"
+        );
+        drop(conn);
     }
     // Each create finishes on its own: the sandboxes run and are the user's to see and delete.
     let c = srv.client();
