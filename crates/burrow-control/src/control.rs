@@ -165,7 +165,7 @@ pub struct Control {
     /// Paused sandboxes hibernate early while the host has less memory available than this.
     pub(crate) hibernate_below_mib: u64,
     /// Wakes the pool replenisher (after a claim, a pool change, the last cold create of a burst).
-    pub(crate) pool_wake: tokio::sync::Notify,
+    pub pool_wake: tokio::sync::Notify,
     /// Creates in flight; the replenisher holds back while there are any (up to a second).
     pub(crate) creates_in_flight: std::sync::atomic::AtomicUsize,
     /// Since when the replenisher has been holding back.
@@ -1543,7 +1543,7 @@ async fn sync_files(rec: &SandboxRecord) -> Result<(), ControlError> {
 }
 
 /// Whether an error comes down to a full data filesystem (or database).
-pub(crate) fn is_storage_full(e: &ControlError) -> bool {
+pub fn is_storage_full(e: &ControlError) -> bool {
     match e {
         ControlError::InsufficientStorage(_) => true,
         ControlError::Node(NodeError::NoSpace(_)) => true,
