@@ -258,7 +258,11 @@ impl Control {
         tokio::pin!(call);
         loop {
             tokio::select! {
-                r = &mut call => return Ok(r?),
+                r = &mut call => return match r {
+                    Ok(v) => Ok(v),
+                    Err(e @ GuestError::Remote { .. }) => Err(e.into()),
+                    Err(e) => Err(self.why_guest_went_away(id, e).await?),
+                },
                 ev = stopped.recv() => {
                     let hit = match ev {
                         Ok(stopped_id) => stopped_id == id,
@@ -268,14 +272,41 @@ impl Control {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
                     };
                     if hit {
-                        let state = self.store.sandbox(id).await?.map(|r| r.state);
                         return Err(ControlError::Interrupted(
-                            state.map_or("destroyed", SandboxState::as_str),
+                            self.leaving_for(id).await?.unwrap_or("running"),
                         ));
                     }
                 }
             }
         }
+    }
+
+    /// A guest that stopped answering mid-call because a pause, hibernate or delete raced the call
+    /// is that transition's doing, not a fault: the caller gets the `409` it would have got a
+    /// moment later, not a `502`.
+    async fn why_guest_went_away(
+        &self,
+        id: &str,
+        e: GuestError,
+    ) -> Result<ControlError, ControlError> {
+        Ok(match self.leaving_for(id).await? {
+            Some(state) => ControlError::Interrupted(state),
+            None => ControlError::Guest(e),
+        })
+    }
+
+    /// The state a sandbox is in or on its way to when it is not (or no longer) simply running:
+    /// `None` for a running sandbox with no transition under way.
+    async fn leaving_for(&self, id: &str) -> Result<Option<&'static str>, ControlError> {
+        let state = self.store.sandbox(id).await?.map(|r| r.state);
+        let intent = self.store.intents().await?.remove(id);
+        Ok(match (state, intent) {
+            (Some(SandboxState::Running), None | Some(Intent::Resuming)) => None,
+            (Some(SandboxState::Running), Some(Intent::Pausing)) => Some("paused"),
+            (Some(SandboxState::Running), Some(Intent::Hibernating)) => Some("hibernated"),
+            (Some(SandboxState::Running), Some(Intent::Destroying)) => Some("destroyed"),
+            (other, _) => Some(other.map_or("destroyed", SandboxState::as_str)),
+        })
     }
 
     fn announce_stopped(&self, id: &str) {

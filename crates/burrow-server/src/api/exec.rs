@@ -304,7 +304,14 @@ pub async fn start_process(
     let mut spec = cap_timeout(spec, &rec);
     spec.background = true;
     spec.stdin = true;
-    let (_input, mut output) = guest.exec_stream(spec).await.map_err(start_error)?;
+    let (_input, mut output) = s
+        .control
+        .while_running(&id, guest.exec_stream(spec))
+        .await
+        .map_err(|e| match e {
+            ControlError::Guest(g) => start_error(g),
+            e => e.into(),
+        })?;
     match output.next().await? {
         Some(ExecEvent::Started { pid }) => Ok((StatusCode::CREATED, Json(Started { pid }))),
         _ => Err(HttpError::new(
@@ -322,7 +329,9 @@ pub async fn list_processes(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<ProcessInfo>>, HttpError> {
     let (_, guest) = s.control.guest(&user, &id).await?;
-    Ok(Json(guest.list_processes().await?))
+    Ok(Json(
+        s.control.while_running(&id, guest.list_processes()).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -364,7 +373,7 @@ async fn signal(
     sig: i32,
 ) -> Result<StatusCode, HttpError> {
     let (_, guest) = s.control.guest(user, id).await?;
-    guest.signal(pid, sig).await?;
+    s.control.while_running(id, guest.signal(pid, sig)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -379,6 +388,6 @@ pub async fn attach(
 ) -> Result<Response, HttpError> {
     let (_, guest) = s.control.guest(&user, &id).await?;
     // Attach before upgrading so an unknown pid is a plain 404.
-    let (input, output) = guest.attach(pid).await?;
+    let (input, output) = s.control.while_running(&id, guest.attach(pid)).await?;
     Ok(upgrade.on_upgrade(move |socket| ws::pump(socket, input, output)))
 }
