@@ -16,7 +16,13 @@ struct Workspace {
 impl Workspace {
     fn load() -> Workspace {
         let out = Command::new(env!("CARGO"))
-            .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+            .args([
+                "metadata",
+                "--format-version",
+                "1",
+                "--no-deps",
+                "--offline",
+            ])
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .output()
             .expect("run cargo metadata");

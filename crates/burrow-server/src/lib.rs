@@ -73,6 +73,8 @@ pub enum ServerError {
     Store(#[from] burrow_store::StoreError),
     #[error("node")]
     Node(#[from] burrow_node::NodeError),
+    #[error("image store")]
+    Images(#[from] burrow_image::Error),
     #[error("start-up reconcile")]
     Reconcile(#[from] control::ControlError),
     #[error("e2b facade")]
@@ -110,6 +112,7 @@ pub struct Server {
     egress: Option<tokio::net::TcpListener>,
     state: api::AppState,
     limits: serve::ServeLimits,
+    images: api::images::Images,
 }
 
 /// Makes the data directory (mode 0711) or checks an existing one. Sandboxes' root users are
@@ -204,6 +207,7 @@ impl Server {
         let store = AsyncStore::new(Arc::new(sqlite));
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
         let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let images = api::images::Images::open(&cfg.data_dir)?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {
             plans.retain(|d| d.name != p.name);
@@ -267,11 +271,14 @@ impl Server {
             control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
         }
         let control = Arc::new(control);
-        let e2b = Arc::new(e2b::Facade::open(
-            control.secret().to_vec(),
-            cfg.domain.clone(),
-            std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
-        )?);
+        let e2b = Arc::new(
+            e2b::Facade::open(
+                control.secret().to_vec(),
+                cfg.domain.clone(),
+                std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
+            )?
+            .with_code_interpreter(cfg.data_dir.join("templates")),
+        );
         let report = control.reconcile().await?;
         // Creates cut short by the last stop: their keys answer with what reconcile made of the
         // sandbox, or are forgotten if none was made.
@@ -318,6 +325,7 @@ impl Server {
             egress,
             state: api::AppState { control, e2b },
             limits,
+            images,
         })
     }
 
@@ -358,7 +366,7 @@ impl Server {
                 .await;
             }
         });
-        let app = api::router(self.state);
+        let app = api::router(self.state).layer(axum::Extension(self.images));
         let served = serve::serve(self.listener, app, self.limits, shutdown).await;
         enforcer.abort();
         if let Some(p) = proxy {
