@@ -12,15 +12,14 @@ use burrow_types::{Plan, PoolSpec};
 use tracing::info;
 
 pub mod api;
-pub mod auth;
-pub mod callback;
-pub mod control;
 mod dns;
 pub mod e2b;
 pub mod egress;
-pub mod pool;
 pub mod serve;
 pub mod server_timing;
+
+// The control layer is its own crate; its modules keep their paths here for the transports.
+pub use burrow_control::{auth, callback, control, pool};
 
 use control::Control;
 

@@ -169,7 +169,10 @@ impl Writer {
             Err(e) => {
                 if let Some(code) = e.unavailable_code() {
                     if e.is_busy() {
-                        st.busy_since.get_or_insert_with(Instant::now);
+                        // The latest finding, not the first: while writes keep finding the
+                        // lock held they keep trying it once, and queued writes (one at a time,
+                        // see `burrow_store::AsyncStore`) do not each wait for it in turn.
+                        st.busy_since = Some(Instant::now());
                     }
                     st.last_failure = Some((code, crate::chain(e)));
                     st.probed = None;

@@ -864,15 +864,37 @@ fn free_slot(used: &BTreeSet<u32>, top: u32) -> Option<u32> {
 
 /// The trait is the inherent methods above (and in `admission.rs`), one for one.
 macro_rules! forward {
-    ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
+    (
+        fn health(&self) -> StoreHealth;
+        fn readers(&self) -> usize { $readers:ident }
+        $( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*
+    ) => {
         impl Store for SqliteStore {
+            fn health(&self) -> StoreHealth {
+                SqliteStore::health(self)
+            }
+            fn readers(&self) -> usize {
+                SqliteStore::$readers(self)
+            }
             $( fn $name(&self $(, $arg: $ty)*) -> $ret { SqliteStore::$name(self $(, $arg)*) } )*
         }
     };
 }
 
+impl SqliteStore {
+    /// WAL readers (an in-memory database has none: its reads share the writer).
+    fn reader_count(&self) -> usize {
+        if self.readers.is_some() {
+            conn::READERS
+        } else {
+            1
+        }
+    }
+}
+
 forward! {
     fn health(&self) -> StoreHealth;
+    fn readers(&self) -> usize { reader_count }
     fn create_user(&self, id: &str, name: &str, plan: &str, is_admin: bool) -> Result<User, StoreError>;
     fn has_api_keys(&self, user_id: &str) -> Result<bool, StoreError>;
     fn user_count(&self) -> Result<u64, StoreError>;

@@ -16,7 +16,7 @@ use burrow_types::{codes, ErrorReason, Limits, OnTimeout, Quota, RunSpec, RunSta
 
 mod adapter;
 
-pub use adapter::AsyncStore;
+pub use adapter::{Access, AsyncStore, QUEUE_WAIT};
 
 /// The cause of a database error, whatever the database.
 pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -269,6 +269,12 @@ pub trait Store: Send + Sync + 'static {
     /// Whether writes can go through now, and if not why (for `/v1/health`). Never waits for a
     /// lock.
     fn health(&self) -> StoreHealth;
+
+    /// How many reads it serves at once (writes: one). [`AsyncStore`] queues calls beyond these
+    /// instead of handing them to threads that would only wait for a connection.
+    fn readers(&self) -> usize {
+        1
+    }
 
     // ---- users and keys ----
     fn create_user(

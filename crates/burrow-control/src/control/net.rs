@@ -75,7 +75,7 @@ impl Control {
         self
     }
 
-    pub(crate) fn secret(&self) -> &[u8] {
+    pub fn secret(&self) -> &[u8] {
         &self.secret
     }
 

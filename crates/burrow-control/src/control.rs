@@ -165,7 +165,7 @@ pub struct Control {
     /// Paused sandboxes hibernate early while the host has less memory available than this.
     pub(crate) hibernate_below_mib: u64,
     /// Wakes the pool replenisher (after a claim, a pool change, the last cold create of a burst).
-    pub(crate) pool_wake: tokio::sync::Notify,
+    pub pool_wake: tokio::sync::Notify,
     /// Creates in flight; the replenisher holds back while there are any (up to a second).
     pub(crate) creates_in_flight: std::sync::atomic::AtomicUsize,
     /// Since when the replenisher has been holding back.
@@ -1611,7 +1611,7 @@ async fn sync_files(rec: &SandboxRecord) -> Result<(), ControlError> {
 }
 
 /// Whether an error comes down to a full data filesystem (or database).
-pub(crate) fn is_storage_full(e: &ControlError) -> bool {
+pub fn is_storage_full(e: &ControlError) -> bool {
     match e {
         ControlError::InsufficientStorage(_) => true,
         ControlError::Node(NodeError::NoSpace(_)) => true,
@@ -1638,15 +1638,15 @@ pub struct ReconcileReport {
     pub cleaned: Vec<String>,
 }
 
-/// The owner of a sandbox, for actions the server takes on its own (timeouts, the hot window,
-/// memory pressure): only the id matters to the checks those actions go through.
 /// A store write on a timed path: its time counts to the request's `store` stage.
 async fn timed_store<T>(write: impl std::future::Future<Output = T>) -> T {
     let _stage = timing::stage("store");
     write.await
 }
 
-pub(crate) fn owner_of(rec: &SandboxRecord) -> User {
+/// The owner of a sandbox, for actions the server takes on its own (timeouts, the hot window,
+/// memory pressure): only the id matters to the checks those actions go through.
+pub fn owner_of(rec: &SandboxRecord) -> User {
     User {
         id: rec.owner_id.clone(),
         name: String::new(),
