@@ -4,7 +4,6 @@
 import { Sandbox, CommandExitError, NotFoundError } from 'e2b'
 import { check, eq, finish } from './checks.mjs'
 
-
 const run = String(Date.now())
 const sbx = await Sandbox.create({ metadata: { suite: 'js-core', run } })
 
