@@ -97,7 +97,7 @@ impl Error {
     }
 
     /// An I/O error while doing `what`; a full disk becomes [`Error::NoSpace`].
-    pub(crate) fn io(what: impl Into<String>, source: io::Error) -> Error {
+    pub fn io(what: impl Into<String>, source: io::Error) -> Error {
         if source.raw_os_error() == Some(libc::ENOSPC)
             || source.raw_os_error() == Some(libc::EDQUOT)
         {

@@ -189,6 +189,12 @@ impl Store {
         self.0.root.join("blobs/sha256").join(d.hex())
     }
 
+    /// A fresh path under the store's `tmp/` (same filesystem, emptied when the store opens),
+    /// for a caller staging an upload to import.
+    pub fn scratch_path(&self, what: &str) -> PathBuf {
+        self.tmp_path(what)
+    }
+
     pub(crate) fn tmp_path(&self, what: &str) -> PathBuf {
         self.0
             .root

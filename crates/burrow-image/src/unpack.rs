@@ -68,6 +68,12 @@ pub struct Unpacked {
     pub entries: u64,
     /// Device nodes in the layer, not created.
     pub skipped_devices: u64,
+    /// Where the last entry's data ends in the stream, and whether reading the next header
+    /// failed (see `unpack`).
+    #[serde(skip)]
+    data_end: u64,
+    #[serde(skip)]
+    cut_at_header: bool,
 }
 
 const WHITEOUT: &str = ".wh.";
@@ -123,6 +129,8 @@ pub fn unpack(input: impl Read, root: &Path, limits: &LayerLimits, what: &str) -
         bytes: 0,
         entries: 0,
         skipped_devices: 0,
+        data_end: 0,
+        cut_at_header: false,
     };
     let result = unpack_entries(&mut archive, &root_fd, limits, what, &mut stats);
     let mut reader = archive.into_inner();
@@ -132,7 +140,13 @@ pub fn unpack(input: impl Read, root: &Path, limits: &LayerLimits, what: &str) -
         what: format!("{what} ({} bytes read so far)", r.count),
     };
     if let Err(e) = result {
-        return Err(if reader.over { over(&reader) } else { e });
+        // Some writers (umoci 0.4) end a layer right after the last entry's data, without the
+        // padding and end blocks. The data is all there (and the stream is what the diff_id
+        // names), so that end is accepted; any other early end is not.
+        let clean_end = stats.cut_at_header && reader.count == stats.data_end && !reader.over;
+        if !clean_end {
+            return Err(if reader.over { over(&reader) } else { e });
+        }
     }
     // The tar's end (zero blocks, padding) is part of the diff_id.
     if let Err(e) = io::copy(&mut reader, &mut io::sink()) {
@@ -162,7 +176,14 @@ fn unpack_entries<R: Read>(
     stats: &mut Unpacked,
 ) -> Result<()> {
     for entry in archive.entries().map_err(|e| corrupt(what, e))? {
-        let mut entry = entry.map_err(|e| corrupt(what, e))?;
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                stats.cut_at_header = true;
+                return Err(corrupt(what, e));
+            }
+        };
+        stats.data_end = entry.raw_file_position() + entry.size();
         stats.entries += 1;
         if stats.entries > limits.max_entries {
             return Err(Error::LimitExceeded {
@@ -254,7 +275,7 @@ fn unpack_entries<R: Read>(
                 )
                 .map_err(|e| Error::io(ctx(), e.into()))?;
                 let mut file = File::from(fd);
-                io::copy(&mut entry, &mut file).map_err(|e| {
+                let copied = io::copy(&mut entry, &mut file).map_err(|e| {
                     // A read error is the layer's (or the limit's); a write error is ours.
                     if e.raw_os_error().is_some() {
                         Error::io(ctx(), e)
@@ -262,6 +283,12 @@ fn unpack_entries<R: Read>(
                         corrupt(what, e)
                     }
                 })?;
+                if copied != entry.size() {
+                    return Err(corrupt(
+                        what,
+                        format!("{shown:?} cut short: {copied} of {} bytes", entry.size()),
+                    ));
+                }
                 finish(&file, owner, mode, Some(mtime), &xattrs)
                     .map_err(|e| Error::io(ctx(), e))?;
             }

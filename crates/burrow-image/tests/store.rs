@@ -370,6 +370,11 @@ fn corrupt_and_mismatched_layers_are_refused() {
             b"hello, this is not a tar archive at all".repeat(20),
             "image_corrupt",
         ),
+        (
+            "cut in a file",
+            layer[..512 + 50_000].to_vec(),
+            "image_corrupt",
+        ),
     ];
     for (what, bytes, code) in cases {
         let f = data.path().join("in.tar");
@@ -534,4 +539,22 @@ fn a_crash_mid_import_is_cleaned_when_the_store_opens() {
     let s = store(data.path());
     assert_eq!(store_listing(data.path()), before);
     assert_eq!(s.list().len(), 1);
+}
+
+#[test]
+fn a_layer_that_ends_right_after_its_last_data_is_whole() {
+    if !require_root("unpacking with owners") {
+        return;
+    }
+    // umoci 0.4 writes layers like this: no padding after the last file, no end blocks.
+    let data = tempfile::tempdir().unwrap();
+    let s = store(data.path());
+    let full = tar(&[dir("etc"), file("etc/greeting", b"hello\n")]);
+    let cut = full[..512 * 2 + 6].to_vec();
+    let img = import_layers(&s, data.path(), "example.test/cut:1", &[cut]).unwrap();
+    let root = s.layer_dir(&img.layers[0]);
+    assert_eq!(
+        fs::read_to_string(root.join("etc/greeting")).unwrap(),
+        "hello\n"
+    );
 }

@@ -115,6 +115,15 @@ pub fn replace_file(dir: impl AsFd, name: &str, contents: &[u8], mode: u32) -> i
 /// seals). One copy serves every sandbox: their PID 1 executes it by descriptor, so no host
 /// path of the binary is mounted or linked anywhere a sandbox can read it.
 pub fn sealed_copy(src: &Path, name: &str) -> io::Result<File> {
+    sealed_from(&mut File::open(src)?, name)
+}
+
+/// [`sealed_copy`] of bytes this program carries (the static guest agent).
+pub fn sealed_bytes(bytes: &[u8], name: &str) -> io::Result<File> {
+    sealed_from(&mut io::Cursor::new(bytes), name)
+}
+
+fn sealed_from(src: &mut impl io::Read, name: &str) -> io::Result<File> {
     let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
     // MFD_EXEC says so explicitly where `vm.memfd_noexec` asks; kernels before 6.3 refuse it.
     let fd = match rustix::fs::memfd_create(name, flags | MemfdFlags::EXEC) {
@@ -122,7 +131,7 @@ pub fn sealed_copy(src: &Path, name: &str) -> io::Result<File> {
         r => r?,
     };
     let mut out = File::from(fd);
-    io::copy(&mut File::open(src)?, &mut out)?;
+    io::copy(src, &mut out)?;
     rustix::fs::fcntl_add_seals(
         &out,
         SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,

@@ -298,8 +298,11 @@ impl Control {
     /// The state a sandbox is in or on its way to when it is not (or no longer) simply running:
     /// `None` for a running sandbox with no transition under way.
     async fn leaving_for(&self, id: &str) -> Result<Option<&'static str>, ControlError> {
-        let state = self.store.sandbox(id).await?.map(|r| r.state);
+        // The intent first: a transition sets it before it touches the host and clears it in the
+        // same write that settles the state, so read in this order the two never miss a
+        // transition that ended in between (the other order can see `running` and no intent).
         let intent = self.store.intents().await?.remove(id);
+        let state = self.store.sandbox(id).await?.map(|r| r.state);
         Ok(match (state, intent) {
             (Some(SandboxState::Running), None | Some(Intent::Resuming)) => None,
             (Some(SandboxState::Running), Some(Intent::Pausing)) => Some("paused"),

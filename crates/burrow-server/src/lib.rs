@@ -74,6 +74,8 @@ pub enum ServerError {
     Store(#[from] burrow_store::StoreError),
     #[error("node")]
     Node(#[from] burrow_node::NodeError),
+    #[error("image store")]
+    Images(#[from] burrow_image::Error),
     #[error("start-up reconcile")]
     Reconcile(#[from] control::ControlError),
     #[error("e2b facade")]
@@ -111,6 +113,7 @@ pub struct Server {
     egress: Option<tokio::net::TcpListener>,
     state: api::AppState,
     limits: serve::ServeLimits,
+    images: api::images::Images,
 }
 
 /// Makes the data directory (mode 0711) or checks an existing one. Sandboxes' root users are
@@ -205,6 +208,7 @@ impl Server {
         let store = AsyncStore::new(Arc::new(sqlite));
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
         let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let images = api::images::Images::open(&cfg.data_dir)?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {
             plans.retain(|d| d.name != p.name);
@@ -322,6 +326,7 @@ impl Server {
             egress,
             state: api::AppState { control, e2b },
             limits,
+            images,
         })
     }
 
@@ -362,7 +367,7 @@ impl Server {
                 .await;
             }
         });
-        let app = api::router(self.state);
+        let app = api::router(self.state).layer(axum::Extension(self.images));
         let served = serve::serve(self.listener, app, self.limits, shutdown).await;
         enforcer.abort();
         if let Some(p) = proxy {

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod extract;
 pub mod files;
+pub mod images;
 pub mod network;
 pub mod openapi;
 pub mod pools;
@@ -143,6 +144,7 @@ fn api_router(state: AppState) -> Router {
         )
         .nest("/v1/sandboxes/{id}", sandbox)
         .merge(crate::e2b::router())
+        .merge(images::router())
         .fallback(|| async {
             HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
         })
