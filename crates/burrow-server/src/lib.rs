@@ -20,6 +20,7 @@ pub mod e2b;
 pub mod egress;
 pub mod pool;
 pub mod serve;
+pub mod server_timing;
 
 use control::Control;
 
@@ -58,6 +59,8 @@ pub struct ServerConfig {
     /// PEM certificates trusted for `https://` callbacks besides the system's roots
     /// (`burrow up --callback-ca`).
     pub callback_ca: Option<Vec<u8>>,
+    /// Where sandboxes' volumes live (`burrow up --storage`, `--storage-pool-size`).
+    pub storage: burrow_node::storage::StorageConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +210,10 @@ impl Server {
             .map_err(|_| burrow_store::StoreError::Cancelled)??;
         let store = AsyncStore::new(Arc::new(sqlite));
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
-        let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let backend = NamespaceBackend::new(NamespaceConfig {
+            storage: cfg.storage.clone(),
+            ..NamespaceConfig::new(cfg.data_dir.clone())
+        })?;
         let images = api::images::Images::open(&cfg.data_dir)?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {

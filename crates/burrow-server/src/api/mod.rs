@@ -156,6 +156,7 @@ fn api_router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn(crate::server_timing::layer))
         .layer(CatchPanicLayer::custom(|_| {
             HttpError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
