@@ -325,7 +325,10 @@ class ContextList(Base):
             lang = language_of(body.get("language"))
         except Unsupported as e:
             return self.fail(501, str(e))
-        ctx = await CONTEXTS.create(lang, body.get("cwd"))
+        try:
+            ctx = await CONTEXTS.create(lang, body.get("cwd"))
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot start is the answer
+            return self.fail(503, f"the {lang} kernel did not start: {e}")
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(ctx.describe()))
 
@@ -341,7 +344,10 @@ class ContextRestart(Base):
     async def post(self, context_id):
         ctx = self.context(context_id)
         async with ctx.lock:
-            await ctx.restart()
+            try:
+                await ctx.restart()
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot start is the answer
+                return self.fail(503, f"the kernel did not restart: {e}")
         self.set_status(204)
         self.finish()
 
@@ -372,7 +378,10 @@ class Execute(Base):
                 lang = language_of(body.get("language"))
             except Unsupported as e:
                 return self.fail(501, str(e))
-            ctx = await CONTEXTS.default_for(lang)
+            try:
+                ctx = await CONTEXTS.default_for(lang)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot start is the answer
+                return self.fail(503, f"the {lang} kernel did not start: {e}")
         self.set_header("Content-Type", "application/x-ndjson")
         self.set_header("Cache-Control", "no-store")
         async with ctx.lock:

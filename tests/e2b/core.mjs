@@ -2,23 +2,7 @@
 // kill. Run by crates/burrow-cli/tests/e2b.rs with E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY
 // pointing at a real `burrow up`. Prints `ok <name>` or `FAIL <name>`; exits with the failures.
 import { Sandbox, CommandExitError, NotFoundError } from 'e2b'
-
-const failures = []
-async function check(name, fn) {
-  try {
-    await fn()
-    console.log(`ok ${name}`)
-  } catch (e) {
-    failures.push(name)
-    console.log(`FAIL ${name}: ${e?.name}: ${e?.message}`)
-    console.log(e?.stack)
-  }
-}
-function eq(got, want, what) {
-  if (JSON.stringify(got) !== JSON.stringify(want)) {
-    throw new Error(`${what}: got ${JSON.stringify(got)}, want ${JSON.stringify(want)}`)
-  }
-}
+import { check, eq, finish } from './checks.mjs'
 
 const run = String(Date.now())
 const sbx = await Sandbox.create({ metadata: { suite: 'js-core', run } })
@@ -102,5 +86,4 @@ await check('kill', async () => {
   }
 })
 
-console.log(failures.length ? `${failures.length} failed: ${failures}` : 'all checks passed')
-process.exit(failures.length)
+finish()

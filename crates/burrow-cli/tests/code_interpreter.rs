@@ -16,6 +16,9 @@ use common::*;
 /// tests/e2b.rs checks).
 const CI_SDK: &str = "2.11.5";
 const E2B_SDK: &str = "2.63.0";
+/// The npm SDK, on the `e2b` npm SDK tests/e2b.rs checks.
+const JS_CI_SDK: &str = "2.8.0";
+const JS_E2B_SDK: &str = "2.51.0";
 
 fn cache() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("code-interpreter")
@@ -92,6 +95,41 @@ async fn the_code_interpreter_sdk_runs_its_checks() {
     assert!(
         o.status.success() && out.contains("all checks passed"),
         "tests/e2b/code_interpreter.py failed (exit {:?}):\n{out}\n--- server log ---\n{}",
+        o.status.code(),
+        srv.log()
+    );
+}
+
+/// The npm SDK, unmodified, through the core of the same checks (tests/e2b/code_interpreter.mjs).
+#[tokio::test]
+async fn the_js_code_interpreter_sdk_runs_its_checks() {
+    if !require_root("the code-interpreter template") {
+        return;
+    }
+    let Some(dir) = npm_project(
+        &cache(),
+        &format!("js-{JS_CI_SDK}-{JS_E2B_SDK}"),
+        &[
+            &format!("@e2b/code-interpreter@{JS_CI_SDK}"),
+            &format!("e2b@{JS_E2B_SDK}"),
+        ],
+    ) else {
+        return;
+    };
+    let Some(bundle) = bundle() else { return };
+    let srv = TestServer::start_in_world(&[]).await;
+    install_bundle(&srv, &bundle);
+    let env = e2b_env(&srv, "ci-js").await;
+    // ES modules resolve packages next to the script, so it runs from the SDK's project.
+    let script = copy_scripts(&dir, "code_interpreter.mjs");
+    let mut cmd = Command::new("node");
+    cmd.arg(&script).current_dir(&dir);
+    let o = run_with(cmd, &env);
+    let out = output_text(&o);
+    println!("{out}");
+    assert!(
+        o.status.success() && out.contains("all checks passed"),
+        "tests/e2b/code_interpreter.mjs failed (exit {:?}):\n{out}\n--- server log ---\n{}",
         o.status.code(),
         srv.log()
     );

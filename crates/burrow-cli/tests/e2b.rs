@@ -18,10 +18,6 @@ fn cache() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2b-sdks")
 }
 
-fn cached(name: &str, install: impl FnOnce(&Path) -> bool) -> Option<PathBuf> {
-    cached_install(&cache(), name, install)
-}
-
 /// A venv with `e2b==PY_SDK`, made with Debian's python3 and cached under target/. None (with
 /// the reason printed) when PyPI cannot be reached.
 fn python_sdk() -> Option<PathBuf> {
@@ -31,25 +27,11 @@ fn python_sdk() -> Option<PathBuf> {
 
 /// A node project with `e2b@JS_SDK`, cached under target/. None when npm cannot be reached.
 fn js_sdk() -> Option<PathBuf> {
-    cached(&format!("js-{JS_SDK}"), |dir| {
-        std::fs::write(
-            dir.join("package.json"),
-            r#"{"name":"burrow-e2b-conformance","private":true,"type":"module"}"#,
-        )
-        .unwrap();
-        let o = Command::new("npm")
-            .args([
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--loglevel=error",
-                &format!("e2b@{JS_SDK}"),
-            ])
-            .current_dir(dir)
-            .output()
-            .expect("run npm: the E2B suite needs Node.js 20 or later with npm");
-        installed(&o, &format!("npm install e2b@{JS_SDK}"))
-    })
+    npm_project(
+        &cache(),
+        &format!("js-{JS_SDK}"),
+        &[&format!("e2b@{JS_SDK}")],
+    )
 }
 
 fn assert_script(o: &Output, what: &str, srv: &TestServer) {
@@ -93,8 +75,7 @@ async fn js_sdk_passes_the_core_suite() {
     let srv = TestServer::start().await;
     let env = e2b_env(&srv, "e2b-js").await;
     // ES modules resolve packages next to the script, so it runs from the SDK's project.
-    let script = dir.join("core.mjs");
-    std::fs::copy(repo_root().join("tests/e2b/core.mjs"), &script).unwrap();
+    let script = copy_scripts(&dir, "core.mjs");
     let mut cmd = Command::new("node");
     cmd.arg(&script).current_dir(&dir);
     let o = run_with(cmd, &env);

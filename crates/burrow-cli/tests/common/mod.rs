@@ -546,6 +546,34 @@ pub fn pip_venv_all(cache: &Path, name: &str, requirements: &[&str]) -> Option<P
     })
 }
 
+/// A node project at `cache/name` (ES modules) with `packages` installed from npm. None, with the
+/// reason printed, when the npm registry cannot be reached.
+pub fn npm_project(cache: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> {
+    cached_install(cache, name, |dir| {
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"name":"burrow-sdk-tests","private":true,"type":"module"}"#,
+        )
+        .unwrap();
+        let o = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .args(packages)
+            .current_dir(dir)
+            .output()
+            .expect("run npm: the E2B suites need Node.js 20 or later with npm");
+        installed(&o, &format!("npm install {}", packages.join(" ")))
+    })
+}
+
+/// Copies `tests/e2b/<script>` and the harness it imports into the npm project `dir` (ES modules
+/// resolve packages next to the script, so it runs from there); returns the script's path.
+pub fn copy_scripts(dir: &Path, script: &str) -> PathBuf {
+    for name in [script, "checks.mjs"] {
+        std::fs::copy(repo_root().join("tests/e2b").join(name), dir.join(name)).unwrap();
+    }
+    dir.join(script)
+}
+
 /// Whether an install from a registry (`what`) succeeded: false, saying why, when the registry
 /// cannot be reached (the test then skips); any other failure fails the test.
 pub fn installed(o: &Output, what: &str) -> bool {
