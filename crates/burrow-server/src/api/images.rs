@@ -127,8 +127,8 @@ pub async fn delete_image(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<RemovedImage>, HttpError> {
     let store = s.control.store();
-    let sandboxes = store.live_sandboxes()?;
-    let pools = store.pools()?;
+    let sandboxes = store.live_sandboxes().await?;
+    let pools = store.pools().await?;
     let in_use = move |img: &burrow_image::ImageRecord| {
         let names = |n: &str| n == img.id.as_str() || img.refs.iter().any(|r| r == n);
         if let Some(sb) = sandboxes.iter().find(|sb| names(&sb.image)) {
