@@ -766,6 +766,7 @@ fn the_top_uid_slot_maps_below_the_invalid_uid_and_the_next_is_refused() {
         data_dir: tmp.path().join("data"),
         init_exe: PathBuf::from(BURROW),
         guest_exe: None,
+        storage: Default::default(),
     })
     .unwrap();
     let spec = |id: &str, slot: u32| SandboxSpec {

@@ -138,8 +138,10 @@ async fn cp_round_trips_100_mib_and_the_disk_limit_holds() {
         )
         .await
         .unwrap();
+    // ENOSPC on an ext4 disk, EDQUOT at a btrfs volume's quota.
     assert!(
-        out.stdout.contains("No space left on device"),
+        out.stdout.contains("No space left on device")
+            || out.stdout.contains("Disk quota exceeded"),
         "dd said: {}",
         out.stdout
     );
@@ -1013,14 +1015,18 @@ async fn calls_racing_a_delete_or_a_pause_get_an_answer_about_the_sandbox_never_
         } else {
             c.pause(&id).await.unwrap();
         }
-        for call in calls {
+        for (k, call) in calls.into_iter().enumerate() {
             for r in call.await.unwrap() {
                 match r {
                     Ok(()) => {}
-                    Err(ClientError::Api { status, code, .. }) => assert!(
+                    Err(ClientError::Api {
+                        status,
+                        code,
+                        message,
+                    }) => assert!(
                         (status == 409 && code == "sandbox_not_running")
                             || (status == 404 && code == "sandbox_not_found"),
-                        "a call racing a transition got {status} {code}"
+                        "call {k} racing a transition got {status} {code}: {message}"
                     ),
                     Err(e) => panic!("a call racing a transition failed: {e}"),
                 }

@@ -202,6 +202,37 @@ async fn images_are_pulled_imported_listed_and_removed_through_the_cli_and_the_a
     let err = srv.client().image("example.test/none:1").await.unwrap_err();
     assert_eq!(err.code(), Some("image_not_found"));
 
+    // The node's images are shared by every user of it: only an admin adds or removes them (a
+    // user's pull with their own registry credentials would otherwise hand the image to every
+    // other user, and any user could remove what another relies on). Users list and inspect.
+    let admin = srv.client();
+    let user_key = admin.create_user("images-user", None).await.unwrap()["api_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let user = burrow_client::Client::new(&srv.url, &user_key);
+    assert_eq!(user.images().await.unwrap().len(), 1);
+    assert_eq!(user.image(&name).await.unwrap().id, shown.id);
+    let refused = user
+        .pull_image(
+            &PullImage {
+                reference: name.clone(),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("forbidden"), "{refused}");
+    let refused = user
+        .import_image(std::fs::read(&archive).unwrap(), None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some("forbidden"), "{refused}");
+    let refused = user.remove_image(&name).await.unwrap_err();
+    assert_eq!(refused.code(), Some("forbidden"), "{refused}");
+    assert_eq!(admin.images().await.unwrap().len(), 1, "nothing changed");
+
     // Removing names, then the image: its layers go with it.
     for n in [name.as_str(), "example.test/saved:1"] {
         let out = srv.cli(&["image", "rm", n]);

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use burrow_node::guest::{GuestClient, GuestError};
-use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+use burrow_node::{timing, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 use burrow_store::{
     now_rfc3339, now_unix, AsyncStore, Claim, Intent, RunRecord, SandboxRecord, StoreError, User,
     POOL_OWNER,
@@ -223,10 +223,15 @@ impl Control {
     /// Refuses new data (`insufficient_storage`) while the data filesystem is under its
     /// watermark; `what` names the refused operation.
     pub fn check_free_space(&self, what: &str) -> Result<(), ControlError> {
-        match &self.storage {
-            Some(g) => g.check_free(what),
-            None => Ok(()),
+        let Some(g) = &self.storage else {
+            return Ok(());
+        };
+        g.check_free(what)?;
+        // A pool of its own (btrfs): full, it is ENOSPC for every sandbox on it.
+        if let Some(pool) = self.backend.volume_space()? {
+            g.check_volumes(what, &pool)?;
         }
+        Ok(())
     }
 
     /// Refuses a new disk of `disk_mib` past the watermark or the overcommit ratio.
@@ -234,8 +239,9 @@ impl Control {
         let Some(g) = &self.storage else {
             return Ok(());
         };
-        g.check_free("a new sandbox")?;
-        g.check_promise(self.store.promised_disk_mib().await?, disk_mib)
+        self.check_free_space("a new sandbox")?;
+        let pool_total = self.backend.volume_space()?.map(|p| p.total_bytes);
+        g.check_promise(self.store.promised_disk_mib().await?, disk_mib, pool_total)
     }
 
     /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause
@@ -298,8 +304,11 @@ impl Control {
     /// The state a sandbox is in or on its way to when it is not (or no longer) simply running:
     /// `None` for a running sandbox with no transition under way.
     async fn leaving_for(&self, id: &str) -> Result<Option<&'static str>, ControlError> {
-        let state = self.store.sandbox(id).await?.map(|r| r.state);
+        // The intent first: a transition sets it before it touches the host and clears it in the
+        // same write that settles the state, so read in this order the two never miss a
+        // transition that ended in between (the other order can see `running` and no intent).
         let intent = self.store.intents().await?.remove(id);
+        let state = self.store.sandbox(id).await?.map(|r| r.state);
         Ok(match (state, intent) {
             (Some(SandboxState::Running), None | Some(Intent::Resuming)) => None,
             (Some(SandboxState::Running), Some(Intent::Pausing)) => Some("paused"),
@@ -422,7 +431,11 @@ impl Control {
         key: Option<IdempotencyKey>,
     ) -> Result<Created, ControlError> {
         let (this, user) = (self.clone(), user.clone());
-        tokio::spawn(async move { this.create_once(&user, req, key).await }).await?
+        let timings = timing::current();
+        tokio::spawn(timing::scope(timings, async move {
+            this.create_once(&user, req, key).await
+        }))
+        .await?
     }
 
     pub async fn destroy(self: &Arc<Self>, user: &User, id: &str) -> Result<(), ControlError> {
@@ -437,7 +450,11 @@ impl Control {
 
     pub async fn resume(self: &Arc<Self>, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let (this, user, id) = (self.clone(), user.clone(), id.to_string());
-        tokio::spawn(async move { this.resume_now(&user, &id).await }).await?
+        let timings = timing::current();
+        tokio::spawn(timing::scope(timings, async move {
+            this.resume_now(&user, &id).await
+        }))
+        .await?
     }
 
     pub async fn hibernate(
@@ -505,7 +522,9 @@ impl Control {
         // A warm sandbox's disk is already promised; what it will write is not yet on the disk.
         self.check_free_space("a new sandbox")?;
         // Quotas and the host's pid budget, last: nothing is made past them.
+        let admission = timing::stage("admission");
         let admitted = self.admit(user, &plan, &id).await?;
+        drop(admission);
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
@@ -541,11 +560,13 @@ impl Control {
         let lock = self.locks.get(&id);
         let _guard = lock.lock().await;
         let rec = self.build(rec).await?;
+        let inject = timing::stage("inject");
         if let Err(e) = self.inject(&rec, false, &req.files).await {
             self.fail_after_build(&rec, &e).await;
             return Err(e);
         }
-        self.store.set_state(&id, SandboxState::Running).await?;
+        drop(inject);
+        timed_store(self.store.set_state(&id, SandboxState::Running)).await?;
         Ok(self.api(&SandboxRecord {
             state: SandboxState::Running,
             ..rec
@@ -562,7 +583,7 @@ impl Control {
         let id = rec.id.clone();
         // The row exists before anything on the host does: a crash from here on is cleaned up by
         // `reconcile` at the next start.
-        rec.uid_slot = self.store.insert_sandbox(&rec).await?;
+        rec.uid_slot = timed_store(self.store.insert_sandbox(&rec)).await?;
         let spec = match self.with_net(spec_of(&rec), &rec) {
             Ok(s) => s,
             Err(e) => {
@@ -573,7 +594,12 @@ impl Control {
             }
         };
         let backend = self.backend.clone();
-        let runtime = match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
+        let timings = timing::current();
+        let runtime = match tokio::task::spawn_blocking(move || {
+            timing::scope_blocking(timings, || backend.create(&spec))
+        })
+        .await?
+        {
             Ok(r) => r,
             Err(e) => {
                 // `create` left nothing of a new sandbox on the host.
@@ -596,7 +622,8 @@ impl Control {
         // drop everything from its interface.
         let ready = async {
             let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
-            self.store.set_built(&id, &value).await?;
+            timed_store(self.store.set_built(&id, &value)).await?;
+            let _net = timing::stage("net-attach");
             self.attach_net(&rec)?;
             Ok::<_, ControlError>(value)
         }
@@ -665,6 +692,7 @@ impl Control {
             }
             let backend = self.backend.clone();
             let (id, hostname, limits) = (rec.id.clone(), rec.hostname.clone(), rec.limits.clone());
+            let _limits = timing::stage("limits");
             tokio::task::spawn_blocking(move || {
                 if renamed {
                     backend.set_hostname(&id, &runtime, &hostname)?;
@@ -1120,17 +1148,19 @@ impl Control {
         let mut rec = self.record(user, id).await?;
         match rec.state {
             SandboxState::Paused => {
-                self.store.set_intent(id, Some(Intent::Resuming)).await?;
+                timed_store(self.store.set_intent(id, Some(Intent::Resuming))).await?;
                 let backend = self.backend.clone();
                 let id2 = id.to_string();
+                let thaw = timing::stage("thaw");
                 if let Err(e) = tokio::task::spawn_blocking(move || backend.resume(&id2)).await? {
                     let _ = self.store.set_intent(id, None).await;
                     return Err(e.into());
                 }
+                drop(thaw);
                 // A crash before this line leaves `paused` + `resuming` with thawed processes:
                 // reconcile finishes the resume. A store that cannot record it (a full database)
                 // gets the sandbox frozen again, so the row and the host still agree.
-                if let Err(e) = self.store.set_state(id, SandboxState::Running).await {
+                if let Err(e) = timed_store(self.store.set_state(id, SandboxState::Running)).await {
                     let backend = self.backend.clone();
                     let id2 = id.to_string();
                     let _ = tokio::task::spawn_blocking(move || backend.pause(&id2)).await;
@@ -1159,20 +1189,27 @@ impl Control {
     /// started is stopped, so a second resume can never attach the disk a second time).
     async fn start_cold(&self, mut rec: SandboxRecord) -> Result<SandboxRecord, ControlError> {
         let id = rec.id.clone();
-        self.store.set_intent(&id, Some(Intent::Resuming)).await?;
+        timed_store(self.store.set_intent(&id, Some(Intent::Resuming))).await?;
         let spec = match self.with_net(spec_of(&rec), &rec) {
             Ok(s) => s,
             Err(e) => return Err(self.resume_failed(&rec, e, None).await),
         };
         let backend = self.backend.clone();
-        let runtime = match tokio::task::spawn_blocking(move || backend.start(&spec)).await? {
+        let timings = timing::current();
+        let runtime = match tokio::task::spawn_blocking(move || {
+            timing::scope_blocking(timings, || backend.start(&spec))
+        })
+        .await?
+        {
             Ok(r) => r,
             Err(e) => return Err(self.resume_failed(&rec, e.into(), None).await),
         };
         let ready = async {
             let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
+            let net = timing::stage("net-attach");
             self.attach_net(&rec)?;
-            self.store.set_running(&id, &value).await?;
+            drop(net);
+            timed_store(self.store.set_running(&id, &value)).await?;
             Ok::<_, ControlError>(value)
         }
         .await;
@@ -1603,6 +1640,12 @@ pub struct ReconcileReport {
 
 /// The owner of a sandbox, for actions the server takes on its own (timeouts, the hot window,
 /// memory pressure): only the id matters to the checks those actions go through.
+/// A store write on a timed path: its time counts to the request's `store` stage.
+async fn timed_store<T>(write: impl std::future::Future<Output = T>) -> T {
+    let _stage = timing::stage("store");
+    write.await
+}
+
 pub(crate) fn owner_of(rec: &SandboxRecord) -> User {
     User {
         id: rec.owner_id.clone(),

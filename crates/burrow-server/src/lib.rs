@@ -20,6 +20,7 @@ pub mod e2b;
 pub mod egress;
 pub mod pool;
 pub mod serve;
+pub mod server_timing;
 
 use control::Control;
 
@@ -58,6 +59,8 @@ pub struct ServerConfig {
     /// PEM certificates trusted for `https://` callbacks besides the system's roots
     /// (`burrow up --callback-ca`).
     pub callback_ca: Option<Vec<u8>>,
+    /// Where sandboxes' volumes live (`burrow up --storage`, `--storage-pool-size`).
+    pub storage: burrow_node::storage::StorageConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +210,10 @@ impl Server {
             .map_err(|_| burrow_store::StoreError::Cancelled)??;
         let store = AsyncStore::new(Arc::new(sqlite));
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
-        let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let backend = NamespaceBackend::new(NamespaceConfig {
+            storage: cfg.storage.clone(),
+            ..NamespaceConfig::new(cfg.data_dir.clone())
+        })?;
         let images = api::images::Images::open(&cfg.data_dir)?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {
@@ -272,11 +278,14 @@ impl Server {
             control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
         }
         let control = Arc::new(control);
-        let e2b = Arc::new(e2b::Facade::open(
-            control.secret().to_vec(),
-            cfg.domain.clone(),
-            std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
-        )?);
+        let e2b = Arc::new(
+            e2b::Facade::open(
+                control.secret().to_vec(),
+                cfg.domain.clone(),
+                std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
+            )?
+            .with_code_interpreter(cfg.data_dir.join("templates")),
+        );
         let report = control.reconcile().await?;
         // Creates cut short by the last stop: their keys answer with what reconcile made of the
         // sandbox, or are forgotten if none was made.

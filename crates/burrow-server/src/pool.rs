@@ -70,15 +70,23 @@ impl Control {
             return Ok(None);
         };
         let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
-        let Some(mut rec) = self.store().claim_warm(&names, claim).await? else {
+        let claimed = {
+            let _store = burrow_node::timing::stage("store");
+            self.store().claim_warm(&names, claim).await?
+        };
+        let Some(mut rec) = claimed else {
             self.store().record_pool_use(&home, false).await?;
             self.pool_wake.notify_one();
             return Ok(None);
         };
         self.pool_wake.notify_one();
         let pool = rec.pool.clone().unwrap_or(home);
-        match self.inject(&rec, true, files).await {
+        let inject = burrow_node::timing::stage("inject");
+        let injected = self.inject(&rec, true, files).await;
+        drop(inject);
+        match injected {
             Ok(()) => {
+                let _store = burrow_node::timing::stage("store");
                 self.store()
                     .set_state(&rec.id, SandboxState::Running)
                     .await?;

@@ -18,6 +18,7 @@ use burrow_types::{codes, ApiError};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use super::admin::require_admin;
 use super::error::HttpError;
 use super::extract::{ApiJson, ApiQuery, Caller};
 use super::AppState;
@@ -119,13 +120,14 @@ pub async fn get_image(
 /// other image uses. An image a sandbox or a warm pool uses is `409 image_in_use`.
 #[utoipa::path(delete, path = "/v1/images/{name}", tag = "images",
     params(("name" = String, Path, description = "a reference, an id or an id prefix")),
-    responses((status = 200, body = RemovedImage), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+    responses((status = 200, body = RemovedImage), (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 pub async fn delete_image(
     State(s): State<AppState>,
-    Caller(_caller): Caller,
+    Caller(caller): Caller,
     Extension(images): Extension<Images>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<RemovedImage>, HttpError> {
+    require_admin(&caller)?;
     let store = s.control.store();
     let sandboxes = store.live_sandboxes().await?;
     let pools = store.pools().await?;
@@ -160,13 +162,14 @@ pub async fn delete_image(
 /// `PullEvent` a line (progress, then the image or the error).
 #[utoipa::path(post, path = "/v1/images", tag = "images", request_body = PullImage,
     responses((status = 200, body = Image), (status = 400, body = ApiError), (status = 401, body = ApiError),
-        (status = 404, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError),
+        (status = 403, body = ApiError), (status = 404, body = ApiError), (status = 422, body = ApiError), (status = 502, body = ApiError),
         (status = 503, body = ApiError), (status = 507, body = ApiError)))]
 pub async fn pull_image(
-    Caller(_caller): Caller,
+    Caller(caller): Caller,
     Extension(images): Extension<Images>,
     ApiJson(req): ApiJson<PullImage>,
 ) -> Result<Response, HttpError> {
+    require_admin(&caller)?;
     let reference: burrow_image::Reference = req.reference.parse()?;
     let mut config = images.registry.clone();
     if let Some(username) = req.username {
@@ -256,14 +259,15 @@ pub struct ImportQuery {
 /// gzip'd), sent as the body.
 #[utoipa::path(post, path = "/v1/images/import", tag = "images", params(ImportQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
-    responses((status = 200, body = [Image]), (status = 400, body = ApiError), (status = 413, body = ApiError),
+    responses((status = 200, body = [Image]), (status = 400, body = ApiError), (status = 403, body = ApiError), (status = 413, body = ApiError),
         (status = 422, body = ApiError), (status = 507, body = ApiError)))]
 pub async fn import_image(
-    Caller(_caller): Caller,
+    Caller(caller): Caller,
     Extension(images): Extension<Images>,
     ApiQuery(q): ApiQuery<ImportQuery>,
     body: Body,
 ) -> Result<Json<Vec<Image>>, HttpError> {
+    require_admin(&caller)?;
     let tag = q
         .tag
         .as_deref()

@@ -57,7 +57,11 @@ pub fn router(state: AppState) -> Router {
 pub fn router_with(state: AppState, claims: ports::HostClaims) -> Router {
     let host_state = (state.clone(), claims);
     Router::new()
-        .fallback_service(api_router(state))
+        .fallback_service(api_router(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::e2b::route_by_port_header,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             host_state,
             ports::host_router,
@@ -152,6 +156,7 @@ fn api_router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn(crate::server_timing::layer))
         .layer(CatchPanicLayer::custom(|_| {
             HttpError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

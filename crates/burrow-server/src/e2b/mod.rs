@@ -29,6 +29,7 @@ use sha2::Sha256;
 
 use crate::api::AppState;
 
+mod code_interpreter;
 mod connect;
 mod files;
 mod filesystem;
@@ -53,6 +54,7 @@ pub struct Facade {
     templates: BTreeMap<String, String>,
     procs: Mutex<HashMap<(String, u32), process::ProcMeta>>,
     watchers: filesystem::Watchers,
+    code_interpreter: code_interpreter::CodeInterpreter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +88,18 @@ impl Facade {
             templates,
             procs: Mutex::default(),
             watchers: filesystem::Watchers::default(),
+            code_interpreter: code_interpreter::CodeInterpreter::default(),
         })
+    }
+
+    /// Offers E2B's `code-interpreter-v1` template (docs/code-interpreter.md), its bundle
+    /// looked for in `templates_dir`.
+    pub fn with_code_interpreter(mut self, templates_dir: std::path::PathBuf) -> Facade {
+        self.code_interpreter = code_interpreter::CodeInterpreter::new(templates_dir);
+        self.templates
+            .entry(code_interpreter::TEMPLATE.to_string())
+            .or_insert_with(|| crate::control::DEFAULT_IMAGE.to_string());
+        self
     }
 
     pub fn domain(&self) -> Option<&str> {
@@ -202,6 +215,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn router() -> Router<AppState> {
     rest::router().merge(envd_routes())
 }
+
+/// Middleware for the whole API: requests with `E2b-Sandbox-Port` go to that port of the
+/// sandbox (the code interpreter's 49999, or any other), through the port proxy.
+pub use code_interpreter::route_by_port_header;
 
 /// envd alone: the sandbox comes from `E2b-Sandbox-Id` or a Host of `49983-<id>.<anything>`, so
 /// it can be mounted at `/` of any listener (see also [`serve_envd`]).

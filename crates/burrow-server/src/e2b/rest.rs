@@ -311,6 +311,9 @@ fn created(f: &Facade, rec: &SandboxRecord) -> Value {
         "clientID": "burrow",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": f.access_token(&rec.id),
+        // burrow's ports are private: the same token opens them, and the code-interpreter SDK
+        // sends only this one on some calls.
+        "trafficAccessToken": f.access_token(&rec.id),
         "domain": f.domain(),
     })
 }
@@ -385,6 +388,7 @@ async fn create(
             ),
         ));
     };
+    let code_interpreter = super::code_interpreter::check_create(&s, &template, image)?;
     let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
     check_timeout("timeout", Some(timeout))?;
     let create = CreateSandbox {
@@ -412,6 +416,9 @@ async fn create(
         Ok(_) => return Err(crate::control::ControlError::NotFound.into()),
         Err(e) => return Err(HttpError::from(e).into()),
     };
+    if code_interpreter && !made.replayed {
+        super::code_interpreter::prepare(&s, &user, &rec.id).await?;
+    }
     let mut resp = (StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response();
     if made.replayed {
         resp.headers_mut()
