@@ -73,7 +73,7 @@ impl Client {
     ) -> Result<Vec<Image>, ClientError> {
         let mut rb = self
             .request(Method::POST, "/v1/images/import")
-            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .body(body);
         if let Some(t) = tag {
             rb = rb.query(&[("tag", t)]);

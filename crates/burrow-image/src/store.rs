@@ -659,7 +659,10 @@ fn find(index: &Index, name: &str) -> Result<usize> {
             });
         }
     }
-    let r: Reference = name.parse()?;
+    // What cannot be a name names nothing here.
+    let Ok(r) = name.parse::<Reference>() else {
+        return Err(not_found());
+    };
     let full = r.to_string();
     index
         .images

@@ -525,3 +525,108 @@ fn basic_auth_is_answered_with_the_credentials_given() {
     let img = reg.pull(&s, &r, Some(("agent", "s3cret"))).0.unwrap();
     assert_eq!(img.refs, [r]);
 }
+
+/// A token-authenticated front of the registry, as Docker Hub and GHCR are: `/v2/...` wants a
+/// bearer token and names the realm that hands one out for basic credentials. Served inside the
+/// registry's namespace on 127.0.0.1:5001; everything else goes to the registry as it is.
+async fn serve_bearer_front(listener: tokio::net::TcpListener) {
+    use axum::extract::Request;
+    use axum::http::{header, HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Response};
+
+    const TOKEN: &str = "token-for-agent";
+    async fn token(headers: HeaderMap) -> Response {
+        // "agent:s3cret", base64.
+        let ok = headers
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v == "Basic YWdlbnQ6czNjcmV0");
+        if !ok {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        axum::Json(serde_json::json!({ "token": TOKEN })).into_response()
+    }
+    async fn v2(req: Request) -> Response {
+        let authorized = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == format!("Bearer {TOKEN}").as_bytes());
+        if !authorized {
+            let challenge = "Bearer realm=\"http://127.0.0.1:5001/token\",service=\"test\",scope=\"repository:test/bearer:pull\"";
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, challenge)],
+            )
+                .into_response();
+        }
+        let url = format!("http://{ADDR}{}", req.uri());
+        let mut upstream = reqwest::Client::new().get(url);
+        if let Some(a) = req.headers().get(header::ACCEPT) {
+            upstream = upstream.header(header::ACCEPT, a.as_bytes());
+        }
+        let resp = upstream.send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let mut out = HeaderMap::new();
+        for h in ["content-type", "docker-content-digest"] {
+            if let Some(v) = resp.headers().get(h) {
+                out.insert(h, v.as_bytes().try_into().unwrap());
+            }
+        }
+        (status, out, resp.bytes().await.unwrap()).into_response()
+    }
+    let app = axum::Router::new()
+        .route("/token", axum::routing::get(token))
+        .fallback(v2);
+    axum::serve(listener, app).await.unwrap();
+}
+
+#[test]
+fn bearer_tokens_are_fetched_from_the_realm_with_the_credentials_given() {
+    if !tools_present("a local registry") {
+        return;
+    }
+    let reg = Registry::start("bearer", None);
+    let layout = tempfile::tempdir().unwrap();
+    oci_layout(
+        layout.path(),
+        &[("x", &[tar(&[file("b", b"bearer")])], "amd64")],
+    );
+    reg.push(layout.path(), "x", "test/bearer:1", false, None);
+    let data = tempfile::tempdir().unwrap();
+    let s = store(data.path());
+    let outcome = reg.in_netns(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:5001")
+                .await
+                .unwrap();
+            tokio::spawn(serve_bearer_front(listener));
+            let r: Reference = "127.0.0.1:5001/test/bearer:1".parse().unwrap();
+            let mut results = vec![];
+            for creds in [None, Some("wrong"), Some("s3cret")] {
+                let mut config = RegistryConfig::default();
+                if let Some(p) = creds {
+                    config.credentials.insert(
+                        "127.0.0.1:5001".into(),
+                        Credentials {
+                            username: "agent".into(),
+                            password: p.into(),
+                        },
+                    );
+                }
+                let client = RegistryClient::new(config).unwrap();
+                results.push(s.pull(&client, &r, &|_| {}).await);
+            }
+            results
+        })
+    });
+    let mut outcome = outcome.into_iter();
+    let err = outcome.next().unwrap().unwrap_err();
+    assert_eq!(err.code(), "registry_auth_required", "{err}");
+    let err = outcome.next().unwrap().unwrap_err();
+    assert_eq!(err.code(), "registry_auth_failed", "{err}");
+    let img = outcome.next().unwrap().unwrap();
+    assert_eq!(img.refs, ["127.0.0.1:5001/test/bearer:1"]);
+}

@@ -558,3 +558,77 @@ fn a_layer_that_ends_right_after_its_last_data_is_whole() {
         "hello\n"
     );
 }
+
+/// A 24 MiB ext4 filesystem mounted for the test (unmounted when dropped).
+struct SmallFs {
+    _dir: tempfile::TempDir,
+    mnt: std::path::PathBuf,
+}
+
+impl SmallFs {
+    fn new() -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.img");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        fs::File::create(&img).unwrap().set_len(24 << 20).unwrap();
+        let ok = |c: &mut std::process::Command| c.output().is_ok_and(|o| o.status.success());
+        if !ok(std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img))
+        {
+            eprintln!("skipping: mkfs.ext4 failed (scripts/deps installs e2fsprogs)");
+            return None;
+        }
+        assert!(ok(std::process::Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)));
+        Some(SmallFs { _dir: dir, mnt })
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+#[test]
+fn a_full_disk_mid_import_is_insufficient_storage_and_leaves_the_store_as_it_was() {
+    if !require_root("a loop-mounted filesystem") {
+        return;
+    }
+    let Some(small) = SmallFs::new() else {
+        return;
+    };
+    let s = store(&small.mnt);
+    import_layers(
+        &s,
+        &small.mnt,
+        "example.test/small:1",
+        &[tar(&[file("a", b"a")])],
+    )
+    .unwrap();
+    let before = store_listing(&small.mnt);
+    // 20 MiB that do not compress: the archive (written outside), then its staged copy and the
+    // unpacked layer, do not fit in 24 MiB.
+    let mut noise = vec![0u8; 20 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in noise.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let archive = tempfile::NamedTempFile::new().unwrap();
+    fs::write(
+        archive.path(),
+        docker_save(&[("example.test/big:1", &[tar(&[file("noise", &noise)])])]),
+    )
+    .unwrap();
+    let err = s.import(archive.path(), None).unwrap_err();
+    assert_eq!(err.code(), "insufficient_storage", "{err}");
+    assert_eq!(store_listing(&small.mnt), before);
+    assert_eq!(s.list().len(), 1);
+}

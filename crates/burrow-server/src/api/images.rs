@@ -258,7 +258,7 @@ pub struct ImportQuery {
 /// Imports the images of a `docker save` tarball or a tar of an OCI image layout (either may be
 /// gzip'd), sent as the body.
 #[utoipa::path(post, path = "/v1/images/import", tag = "images", params(ImportQuery),
-    request_body(content = Vec<u8>, content_type = "application/x-tar"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = [Image]), (status = 400, body = ApiError), (status = 403, body = ApiError), (status = 413, body = ApiError),
         (status = 422, body = ApiError), (status = 507, body = ApiError)))]
 pub async fn import_image(
