@@ -18,6 +18,7 @@ import urllib.request
 from e2b import (
     AsyncSandbox,
     CommandExitException,
+    FileNotFoundException,
     FileType,
     FilesystemEventType,
     NotFoundException,
@@ -51,10 +52,16 @@ def eq(got, want, what=""):
         raise AssertionError(f"{what}: got {got!r}, want {want!r}")
 
 
-def until(pred, secs=10.0, what="condition"):
+def until(pred, secs=10.0, what="condition", missing_ok=False):
+    """Polls `pred`. With `missing_ok`, a file the sandbox has not written yet counts as not yet."""
     deadline = time.time() + secs
     while time.time() < deadline:
-        v = pred()
+        try:
+            v = pred()
+        except FileNotFoundException:
+            if not missing_ok:
+                raise
+            v = None
         if v:
             return v
         time.sleep(0.2)
@@ -294,7 +301,7 @@ def _():
 @check("pause and connect: processes survive")
 def _():
     h = sbx.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done", background=True)
-    until(lambda: sbx.files.read("/tmp/count").strip() not in ("", "0"), what="counter running")
+    until(lambda: sbx.files.read("/tmp/count").strip() not in ("", "0"), what="counter running", missing_ok=True)
     assert sbx.pause(), "pause"
     assert not Sandbox.pause(sbx.sandbox_id), "second pause answers already paused"
     eq(Sandbox.get_info(sbx.sandbox_id).state, SandboxState.PAUSED, "paused state")

@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+mod images;
 mod net;
 
 #[derive(Debug, thiserror::Error)]

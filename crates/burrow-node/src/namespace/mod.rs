@@ -70,24 +70,24 @@ pub struct NamespaceConfig {
     pub data_dir: PathBuf,
     /// The `burrow` binary, re-executed as `burrow __init`.
     pub init_exe: PathBuf,
-    /// The guest agent. The backend keeps one sealed in-memory copy of it, which every
+    /// The guest agent, or `None` for the static one this binary carries
+    /// ([`crate::STATIC_GUEST`]). The backend keeps one sealed in-memory copy of it, which every
     /// sandbox's PID 1 executes (no host path of it is visible inside).
-    pub guest_exe: PathBuf,
+    pub guest_exe: Option<PathBuf>,
     /// Which storage sandboxes' volumes live on.
     pub storage: StorageConfig,
 }
 
 impl NamespaceConfig {
-    /// Defaults: this executable for `__init`, and `burrow-guest` next to it.
+    /// Defaults: this executable for `__init`, and the static guest it carries.
     pub fn new(data_dir: PathBuf) -> NamespaceConfig {
         let init_exe = std::env::current_exe()
             .and_then(std::fs::canonicalize)
             .unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
-        let guest_exe = init_exe.with_file_name("burrow-guest");
         NamespaceConfig {
             data_dir,
             init_exe,
-            guest_exe,
+            guest_exe: None,
             storage: StorageConfig::default(),
         }
     }
@@ -112,7 +112,7 @@ impl NamespaceBackend {
     /// Prepares the host: checks the binaries, creates burrow's parent cgroups and the `system`
     /// image. Cheap when they already exist.
     pub fn new(cfg: NamespaceConfig) -> Result<NamespaceBackend, NodeError> {
-        for exe in [&cfg.init_exe, &cfg.guest_exe] {
+        for exe in std::iter::once(&cfg.init_exe).chain(&cfg.guest_exe) {
             if !exe.is_file() {
                 return Err(NodeError::Setup(format!(
                     "{} is missing (build every binary: cargo build --workspace)",
@@ -129,9 +129,12 @@ impl NamespaceBackend {
             .map_err(host_err("creating burrow's cgroups"))?;
         let image_root = image::ensure_system_image(&cfg.data_dir)
             .map_err(host_err("building the system image"))?;
-        let guest = burrow_linux::fs::sealed_copy(&cfg.guest_exe, "burrow-guest").map_err(
-            host_err(format!("copying {} into memory", cfg.guest_exe.display())),
-        )?;
+        let guest = match &cfg.guest_exe {
+            Some(exe) => burrow_linux::fs::sealed_copy(exe, "burrow-guest")
+                .map_err(host_err(format!("copying {} into memory", exe.display())))?,
+            None => burrow_linux::fs::sealed_bytes(crate::STATIC_GUEST, "burrow-guest")
+                .map_err(host_err("copying the guest agent into memory"))?,
+        };
         Ok(NamespaceBackend {
             cfg,
             image_root,
