@@ -77,8 +77,15 @@ struct Host {
     frozen: Option<bool>,
     /// Loop devices whose backing file is this sandbox's disk.
     loops: Vec<String>,
+    /// How many a running sandbox's disk has: one for an ext4 image, none for a btrfs volume.
+    loops_when_running: usize,
     dir: bool,
     disk: bool,
+}
+
+/// Whether the server's sandboxes live on a btrfs pool (`BURROW_STORAGE=btrfs`).
+fn on_btrfs(srv: &TestServer) -> bool {
+    std::fs::read_to_string(srv.data.join("storage.kind")).is_ok_and(|k| k.trim() == "btrfs")
 }
 
 fn host(srv: &TestServer, id: &str) -> Host {
@@ -119,7 +126,8 @@ fn host(srv: &TestServer, id: &str) -> Host {
         cgroup: CGROUP_CONTROLLERS.iter().any(|c| cg(c).exists()) || unified.exists(),
         frozen,
         loops,
-        disk: dir.join("disk.img").is_file(),
+        loops_when_running: usize::from(!on_btrfs(srv)),
+        disk: dir.join("disk.img").is_file() || srv.data.join("pool/volumes").join(id).is_dir(),
         dir: dir.exists(),
     }
 }
@@ -133,7 +141,7 @@ async fn state_matches_host(srv: &TestServer, c: &Client, sb: &Sandbox) -> Resul
     }
     match sb.state {
         SandboxState::Running => {
-            if h.procs.is_empty() || h.loops.len() != 1 || !h.disk {
+            if h.procs.is_empty() || h.loops.len() != h.loops_when_running || !h.disk {
                 return bad("its computer is not all there");
             }
             if h.frozen == Some(true) {
@@ -145,7 +153,8 @@ async fn state_matches_host(srv: &TestServer, c: &Client, sb: &Sandbox) -> Resul
             }
         }
         SandboxState::Paused => {
-            if h.procs.is_empty() || h.loops.len() != 1 || h.frozen != Some(true) {
+            if h.procs.is_empty() || h.loops.len() != h.loops_when_running || h.frozen != Some(true)
+            {
                 return bad("it is not frozen in place");
             }
             Ok(())
@@ -199,6 +208,12 @@ async fn a_failed_cold_resume_keeps_the_disk_byte_for_byte_and_says_why() {
     )
     .await;
     c.hibernate(&id).await.unwrap();
+    if on_btrfs(&srv) {
+        // Compares the ext4 image byte for byte and holds it on a loop device of its own; a
+        // btrfs volume has neither.
+        eprintln!("skipped on a btrfs pool: this test reads and attaches the ext4 image");
+        return;
+    }
     let dir = srv.data.join("sandboxes").join(&id);
     let disk = dir.join("disk.img");
     let before = std::fs::read(&disk).unwrap();

@@ -405,7 +405,9 @@ pub async fn throughput(ctx: &Ctx<'_>, total: usize, concurrency: usize) -> Resu
             },
         )
         .note(
-            "busy CPU time of the whole host (/proc/stat: user, nice, system, irq, softirq)              while the throughput row ran, divided by its creates: every process and kernel              thread counts, other users of the host too",
+            "busy CPU time of the whole host (/proc/stat: user, nice, system, irq, softirq) \
+             while the throughput row ran, divided by its creates: every process and kernel \
+             thread counts, other users of the host too",
         ),
         _ => Row::new(
             CPU_PER_CREATE,
