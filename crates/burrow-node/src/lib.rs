@@ -3,7 +3,9 @@
 
 pub mod backend;
 pub mod guest;
+pub mod gvisor;
 pub mod namespace;
 pub mod network;
+pub mod tiers;
 
 pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use burrow_node::gvisor::{GvisorBackend, GvisorConfig};
 use burrow_node::namespace::{NamespaceBackend, NamespaceConfig};
+use burrow_node::tiers::Tiers;
 use burrow_store::Store;
 use burrow_types::{Plan, PoolSpec};
 use tracing::info;
@@ -198,7 +200,13 @@ impl Server {
         prepare_data_dir(&cfg.data_dir)?;
         let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
-        let backend = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let native = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
+        let gvisor =
+            GvisorBackend::new(GvisorConfig::new(cfg.data_dir.clone())).map_err(|e| e.to_string());
+        if let Err(why) = &gvisor {
+            tracing::info!(%why, "no gVisor isolation tier on this node");
+        }
+        let backend = Tiers::new(cfg.data_dir.clone(), native, gvisor);
         let mut plans = Plan::defaults();
         for p in cfg.plans {
             plans.retain(|d| d.name != p.name);

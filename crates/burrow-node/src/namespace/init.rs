@@ -87,9 +87,9 @@ const PTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=620,gid=5,max=128";
 /// What `argv[0]` of the guest says (no file of that name needs to exist).
 const GUEST_ARGV0: &str = "/run/burrow/guest";
 
-type Result<T> = std::result::Result<T, String>;
+pub(crate) type Result<T> = std::result::Result<T, String>;
 
-trait Ctx<T> {
+pub(crate) trait Ctx<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
@@ -101,6 +101,14 @@ impl<T, E: std::fmt::Display> Ctx<T> for std::result::Result<T, E> {
 
 /// Entry point of `burrow __init`.
 pub fn main() -> ! {
+    helper_main(build)
+}
+
+/// The body of a setup helper (`__init`, `__gvisor`): the request as JSON on stdin, the reply as
+/// JSON on stdout, or the error on stderr and exit status 1.
+pub(crate) fn helper_main<Req: serde::de::DeserializeOwned, Rep: Serialize>(
+    run: impl FnOnce(&Req) -> Result<Rep>,
+) -> ! {
     let mut input = String::new();
     // If the server dies mid-create, this half-built sandbox must not be finished behind the back of
     // the next server's clean-up.
@@ -111,10 +119,8 @@ pub fn main() -> ! {
                 .read_to_string(&mut input)
                 .ctx(|| "reading the request".into())
         })
-        .and_then(|_| {
-            serde_json::from_str::<InitRequest>(&input).ctx(|| "parsing the request".into())
-        })
-        .and_then(|req| build(&req));
+        .and_then(|_| serde_json::from_str::<Req>(&input).ctx(|| "parsing the request".into()))
+        .and_then(|req| run(&req));
     match result {
         Ok(reply) => {
             println!("{}", serde_json::to_string(&reply).unwrap_or_default());
@@ -127,9 +133,9 @@ pub fn main() -> ! {
     }
 }
 
-fn make_disk(req: &InitRequest, img: &Path) -> Result<()> {
+pub(crate) fn make_disk(disk_mib: u64, img: &Path) -> Result<()> {
     let f = std::fs::File::create(img).ctx(|| format!("creating {}", img.display()))?;
-    f.set_len(req.limits.disk_mib * 1024 * 1024)
+    f.set_len(disk_mib * 1024 * 1024)
         .ctx(|| "sizing the disk image".into())?;
     drop(f);
     // No reserved blocks (the sandbox gets its whole size); lazy inode tables keep mkfs ~10 ms.
@@ -158,7 +164,7 @@ fn make_disk(req: &InitRequest, img: &Path) -> Result<()> {
 /// `work` (overlayfs's) and `workspace` (owned by `user`). Made once, on a fresh disk; the
 /// sandbox never sees the disk's top, so nothing here can be its link, and they are made through
 /// a descriptor of it anyway.
-fn prepare_disk(disk: &Path, base: u32, user: u32) -> Result<()> {
+pub(crate) fn prepare_disk(disk: &Path, base: u32, user: u32) -> Result<()> {
     let top = rustix::fs::open(
         disk,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
@@ -244,7 +250,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     let img = dir.join("disk.img");
     // A sandbox whose disk exists keeps it (a cold start after a host reboot reuses its files).
     if !img.exists() {
-        make_disk(req, &img)?;
+        make_disk(req.limits.disk_mib, &img)?;
     }
 
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
@@ -556,7 +562,7 @@ impl Helper {
 }
 
 /// `/etc/resolv.conf` of a sandbox with a network.
-fn resolv_conf(net: &crate::network::NetSpec) -> String {
+pub(crate) fn resolv_conf(net: &crate::network::NetSpec) -> String {
     let mut s = String::from("# written by burrow\n");
     for r in &net.resolvers {
         s.push_str(&format!("nameserver {r}\n"));
@@ -589,7 +595,7 @@ fn ip_batch(script: &str) -> Result<()> {
 
 /// One veth pair: `eth0` inside with the sandbox's /32, the host end with the gateway address and
 /// a /32 route back. IPv6 is off on both ends (attack N5 in docs/threat-model.md). Point to point: no bridge.
-fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
+pub(crate) fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
     let (ifname, addr, gw) = (&net.ifname, net.address, net.gateway);
     let add = format!("link add {ifname} type veth peer name eth0 netns {pid}\n");
     if ip_batch(&add).is_err() {

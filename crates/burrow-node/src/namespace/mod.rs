@@ -29,6 +29,7 @@ pub mod init;
 
 /// The `system` image's root under a data directory (also what `burrow bench` gives its peers).
 pub use image::ensure_system_image;
+pub(crate) use image::USER_UID;
 
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
 const UID_BASE: u32 = 0x1000_0000;
@@ -40,7 +41,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The part of a sandbox's limits that lives in its cgroups.
-fn cgroup_limits(l: &Limits) -> CgroupLimits {
+pub(crate) fn cgroup_limits(l: &Limits) -> CgroupLimits {
     CgroupLimits {
         cpu_millis: l.cpu_millis,
         memory_bytes: l.memory_mib * 1024 * 1024,
@@ -220,49 +221,58 @@ impl NamespaceBackend {
         };
         let body = serde_json::to_vec(&req)
             .map_err(|e| NodeError::Setup(format!("encoding the init request: {e}")))?;
-        let mut child = Command::new(&self.cfg.init_exe)
-            .arg("__init")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .spawn()
-            .map_err(host_err(format!(
-                "starting {} __init",
-                self.cfg.init_exe.display()
-            )))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(&body)
-                .map_err(host_err("writing the init request"))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(host_err("waiting for __init"))?;
-        if !out.status.success() {
-            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            // `__init` reports io errors as text; a full data filesystem must still read as one.
-            if msg.contains(&std::io::Error::from_raw_os_error(libc::ENOSPC).to_string()) {
-                return Err(NodeError::NoSpace(msg));
-            }
-            if msg.contains("is already attached to") {
-                return Err(NodeError::DiskBusy(spec.id.clone()));
-            }
-            return Err(NodeError::Setup(msg));
-        }
-        serde_json::from_slice(&out.stdout).map_err(|e| {
+        let out = run_helper(&self.cfg.init_exe, "__init", &body, &spec.id)?;
+        serde_json::from_slice(&out).map_err(|e| {
             NodeError::Setup(format!(
                 "bad reply from __init ({e}): {}",
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&out)
             ))
         })
     }
 }
 
+/// Runs a setup helper (`burrow __init`, `burrow __gvisor`) with `body` on its stdin and returns
+/// its stdout. Its error text becomes the error: a full data filesystem as `NoSpace`, a disk
+/// attached elsewhere as `DiskBusy` (the helpers report io errors as text).
+pub(crate) fn run_helper(
+    exe: &Path,
+    arg: &str,
+    body: &[u8],
+    id: &str,
+) -> Result<Vec<u8>, NodeError> {
+    let mut child = Command::new(exe)
+        .arg(arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .spawn()
+        .map_err(host_err(format!("starting {} {arg}", exe.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(body)
+            .map_err(host_err(format!("writing the {arg} request")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(host_err(format!("waiting for {arg}")))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if msg.contains(&std::io::Error::from_raw_os_error(libc::ENOSPC).to_string()) {
+            return Err(NodeError::NoSpace(msg));
+        }
+        if msg.contains("is already attached to") {
+            return Err(NodeError::DiskBusy(id.to_string()));
+        }
+        return Err(NodeError::Setup(msg));
+    }
+    Ok(out.stdout)
+}
+
 /// Device number (major, minor) of the loop device holding sandbox `id`'s disk, read from the
 /// host's `/sys/block`.
-fn disk_device(id: &str) -> Option<(u32, u32)> {
+pub(crate) fn disk_device(id: &str) -> Option<(u32, u32)> {
     let name = loopdev::devices_backed_by(&format!("/sandboxes/{id}/"))
         .into_iter()
         .next()?;
@@ -272,7 +282,7 @@ fn disk_device(id: &str) -> Option<(u32, u32)> {
 }
 
 /// One blocking ping over the guest protocol: the guest is up when it answers.
-fn ping(socket: &Path) -> std::io::Result<()> {
+pub(crate) fn ping(socket: &Path) -> std::io::Result<()> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;

@@ -1,0 +1,267 @@
+//! `burrow __gvisor`: prepares one gVisor sandbox's host side and hands it to `runsc`. Runs in a
+//! fresh process (a re-exec of the `burrow` binary, single-threaded, no async runtime), because it
+//! changes its own mount namespace and forks.
+//!
+//! In a private mount namespace (the host's mount table never changes): the sandbox's ext4 disk on
+//! a loop device, and the root, an overlay of the `system` image under the disk's upper layer.
+//! `runsc` is started from inside that namespace, so its gofer (the process that serves the
+//! sandbox's files) sees the root, and the mounts disappear with the sandbox's last process, as
+//! a namespace sandbox's do. The process joins the sandbox's cgroups first: `runsc`, its Sentry,
+//! its gofer and every stub of the `ptrace` platform are charged to them.
+//!
+//! With a network, a child makes the sandbox's network namespace, this process wires the veth
+//! into it (runsc's netstack takes over the addresses it finds there), and the child executes
+//! `runsc`. Before that, an empty read-only tmpfs covers `/proc/sys/net` in this mount namespace:
+//! runsc 2022 takes any namespace that has `/proc/sys/net/core/rmem_default` for the host's root
+//! namespace (on kernels since 6.x every namespace has it) and refuses to start.
+//!
+//! The host never follows a path under the sandbox's root: `/etc/hostname`, `hosts` and
+//! `resolv.conf` are replaced through a descriptor opened with `RESOLVE_IN_ROOT`.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burrow_linux::cgroup::Cgroups;
+use burrow_linux::fs::{open_in_root, replace_file};
+use burrow_linux::{loopdev, sys};
+use burrow_types::Limits;
+use nix::fcntl::OFlag;
+use nix::mount::{mount, MsFlags};
+use rustix::fs::OFlags;
+use serde::{Deserialize, Serialize};
+
+use crate::namespace::init::{make_disk, prepare_disk, resolv_conf, wire_network, Ctx, Result};
+use crate::network::NetSpec;
+
+/// What the backend sends `__gvisor` on stdin.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct BootRequest {
+    pub id: String,
+    pub hostname: String,
+    pub limits: Limits,
+    pub sandbox_dir: PathBuf,
+    pub image_root: PathBuf,
+    pub net: Option<NetSpec>,
+    /// The whole `runsc` command line (global flags, `run` or `restore`, its flags, the id),
+    /// without the binary.
+    pub runsc: PathBuf,
+    pub args: Vec<String>,
+    /// The OCI config, with `NETNS_PLACEHOLDER` where the network namespace's path goes.
+    pub config: serde_json::Value,
+    /// The cgroups the sandbox is charged to (made by the backend).
+    pub cgroup_limits: (u32, u64, u32),
+    /// Whether the `statx` shim is bound in: `/etc/ld.so.preload` names it.
+    pub preload: bool,
+}
+
+/// runsc's own messages, in the sandbox's directory (the cwd).
+const RUNSC_LOG: &str = "runsc.log";
+
+/// Stands for `/proc/<pid>/ns/net` of the child that runs `runsc`, unknown until it exists.
+pub(crate) const NETNS_PLACEHOLDER: &str = "@netns@";
+
+/// Entry point of `burrow __gvisor`.
+pub fn main() -> ! {
+    crate::namespace::init::helper_main(boot)
+}
+
+fn boot(req: &BootRequest) -> Result<()> {
+    let dir = &req.sandbox_dir;
+    std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .ctx(|| "chmod sandbox dir".into())?;
+    let img = dir.join("disk.img");
+    if !img.exists() {
+        make_disk(req.limits.disk_mib, &img)?;
+    }
+    let (cpu_millis, memory_bytes, pids) = req.cgroup_limits;
+    let cgroups = Cgroups::host();
+    cgroups
+        .create(
+            &req.id,
+            burrow_linux::cgroup::CgroupLimits {
+                cpu_millis,
+                memory_bytes,
+                pids,
+            },
+        )
+        .ctx(|| "creating cgroups".into())?;
+    cgroups
+        .join(&req.id, std::process::id())
+        .ctx(|| "joining the sandbox cgroups".into())?;
+
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
+        .ctx(|| "unshare(CLONE_NEWNS)".into())?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .ctx(|| "making / private".into())?;
+    std::env::set_current_dir(dir).ctx(|| format!("chdir {}", dir.display()))?;
+    for d in ["disk", "root", "bundle", "sock"] {
+        std::fs::create_dir_all(d).ctx(|| format!("creating {d} in {}", dir.display()))?;
+    }
+    let lo = loopdev::attach(&img).ctx(|| "attaching the disk to a loop device".into())?;
+    mount(
+        Some(&lo.path),
+        "disk",
+        Some("ext4"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .ctx(|| format!("mounting {}", lo.path.display()))?;
+    let dev = std::fs::metadata(&lo.path)
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()))
+        })
+        .ctx(|| format!("reading the device number of {}", lo.path.display()))?;
+    drop(lo);
+    cgroups
+        .set_io(&req.id, dev, crate::namespace::init::io_limits(&req.limits))
+        .ctx(|| "throttling the disk".into())?;
+    // Root inside a gVisor sandbox is host root to the gofer: the layers keep host ids as they
+    // are, with `user` (1000) owning the workspace.
+    prepare_disk(Path::new("disk"), 0, crate::namespace::USER_UID)?;
+    let lower = format!("lowerdir={}", req.image_root.display());
+    mount(
+        Some("overlay"),
+        "root",
+        Some("overlay"),
+        MsFlags::MS_NODEV,
+        Some(format!("{lower},upperdir=disk/upper,workdir=disk/work").as_str()),
+    )
+    .ctx(|| "mounting the overlay root".into())?;
+    write_etc(req)?;
+
+    // The child that becomes `runsc`: in the sandbox's network namespace when it has a network.
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into());
+    let (up_r, up_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    // SAFETY: `burrow __gvisor` is single-threaded (dispatched in main before any runtime).
+    let child = unsafe { sys::clone_fork(0) }.ctx(|| "forking".into())?;
+    if child == 0 {
+        drop((up_r, go_w));
+        let e = run_child(req, up_w, go_r);
+        eprintln!("{e}");
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe { libc::_exit(127) };
+    }
+    drop((up_w, go_r));
+    let kill_child = || {
+        let _ = burrow_linux::proc::kill9(child as u32);
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    };
+    let mut b = [0u8; 1];
+    if nix::unistd::read(up_r.as_raw_fd(), &mut b).ok() != Some(1) {
+        kill_child();
+        return Err("the runsc child failed before starting".into());
+    }
+    let netns = format!("/proc/{child}/ns/net");
+    let prepared = (|| -> Result<()> {
+        if let Some(net) = &req.net {
+            wire_network(child as u32, net).ctx(|| "wiring the network".into())?;
+            // After the wiring (which writes sysctls of both namespaces), before runsc.
+            mount(
+                Some("tmpfs"),
+                "/proc/sys/net",
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=4k,mode=555"),
+            )
+            .ctx(|| "covering /proc/sys/net for runsc".into())?;
+        }
+        let config = serde_json::to_string_pretty(&req.config)
+            .ctx(|| "encoding config.json".into())?
+            .replace(NETNS_PLACEHOLDER, &netns);
+        std::fs::write("bundle/config.json", config).ctx(|| "writing config.json".into())?;
+        Ok(())
+    })();
+    if let Err(e) = prepared {
+        kill_child();
+        return Err(e);
+    }
+    nix::unistd::write(&go_w, b"g").ctx(|| "releasing runsc".into())?;
+    drop(go_w);
+    let said = || {
+        let log = std::fs::read_to_string(RUNSC_LOG).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
+    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None) {
+        Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
+        Ok(other) => Err(format!("runsc ended with {other:?}: {}", said())),
+        Err(e) => Err(format!("waiting for runsc: {e}")),
+    }
+}
+
+/// The child: its own network namespace (with a network), then `runsc` once released. Returns
+/// only on error.
+fn run_child(req: &BootRequest, up: OwnedFd, go: OwnedFd) -> String {
+    if req.net.is_some() {
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            return format!("unshare(CLONE_NEWNET): {e}");
+        }
+    }
+    if nix::unistd::write(&up, b"u").is_err() {
+        return "the host half went away".into();
+    }
+    drop(up);
+    let mut b = [0u8; 1];
+    if nix::unistd::read(go.as_raw_fd(), &mut b).ok() != Some(1) {
+        return "the host half gave up".into();
+    }
+    drop(go);
+    // runsc's sandbox and gofer keep its stdout and stderr for their whole life: they must not
+    // be the pipe the server waits on. Its messages go to a log the parent reads on failure.
+    let log = match std::fs::File::create(RUNSC_LOG) {
+        Ok(f) => f,
+        Err(e) => return format!("creating {RUNSC_LOG}: {e}"),
+    };
+    for fd in [1, 2] {
+        if let Err(e) = nix::unistd::dup2(log.as_raw_fd(), fd) {
+            return format!("dup2 of the runsc log: {e}");
+        }
+    }
+    let null = std::fs::File::open("/dev/null").map(|f| nix::unistd::dup2(f.as_raw_fd(), 0));
+    if !matches!(null, Ok(Ok(_))) {
+        return "stdin from /dev/null".into();
+    }
+    use std::os::unix::process::CommandExt;
+    let e = Command::new(&req.runsc).args(&req.args).exec();
+    format!("executing {}: {e}", req.runsc.display())
+}
+
+/// `/etc/hostname`, `hosts` and (with a network) `resolv.conf`, replaced through a descriptor of
+/// `/etc` resolved inside the root (the sandbox's links resolve inside it). A sandbox that broke
+/// its own `/etc` still starts, without these files.
+fn write_etc(req: &BootRequest) -> Result<()> {
+    let root = rustix::fs::open(
+        "root",
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+    )
+    .ctx(|| "opening the root".into())?;
+    let Ok(etc) = open_in_root(&root, "etc", OFlags::PATH | OFlags::DIRECTORY) else {
+        return Ok(());
+    };
+    let mut files = vec![
+        ("hostname", format!("{}\n", req.hostname)),
+        ("hosts", crate::backend::etc_hosts(&req.hostname)),
+    ];
+    if let Some(net) = &req.net {
+        files.push(("resolv.conf", resolv_conf(net)));
+    }
+    if req.preload {
+        files.push(("ld.so.preload", format!("{}\n", super::SHIM_PATH)));
+    }
+    for (name, body) in files {
+        let _ = replace_file(&etc, name, body.as_bytes(), 0o644);
+    }
+    Ok(())
+}
