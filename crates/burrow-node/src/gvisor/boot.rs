@@ -9,9 +9,11 @@
 //! a namespace sandbox's do. The process joins the sandbox's cgroups first: `runsc`, its Sentry,
 //! its gofer and every stub of the `ptrace` platform are charged to them.
 //!
-//! With a network, a child makes the sandbox's network namespace, this process wires the veth
-//! into it (runsc's netstack takes over the addresses it finds there), and the child executes
-//! `runsc`. Before that, an empty read-only tmpfs covers `/proc/sys/net` in this mount namespace:
+//! With a network, a child makes the sandbox's network namespace and holds it until the sandbox
+//! has joined it (through the config), and this process wires the veth into it (runsc's netstack
+//! takes over the addresses it finds there). `runsc` itself runs in the server's namespace: its
+//! control socket is an abstract one, which only that namespace's later runsc commands reach.
+//! Before `runsc` runs, an empty read-only tmpfs covers `/proc/sys/net` in this mount namespace:
 //! runsc 2022 takes any namespace that has `/proc/sys/net/core/rmem_default` for the host's root
 //! namespace (on kernels since 6.x every namespace has it) and refuses to start.
 //!
@@ -139,33 +141,21 @@ fn boot(req: &BootRequest) -> Result<()> {
     .ctx(|| "mounting the overlay root".into())?;
     write_etc(req)?;
 
-    // The child that becomes `runsc`: in the sandbox's network namespace when it has a network.
+    // The sandbox's network namespace is made by a holder child and only joined by the sandbox
+    // (through the config): `runsc` itself stays in the server's namespace, where its control
+    // socket (an abstract one) must be for every later runsc command to reach the sandbox.
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into());
-    let (up_r, up_w) = pipe()?;
-    let (go_r, go_w) = pipe()?;
-    // SAFETY: `burrow __gvisor` is single-threaded (dispatched in main before any runtime).
-    let child = unsafe { sys::clone_fork(0) }.ctx(|| "forking".into())?;
-    if child == 0 {
-        drop((up_r, go_w));
-        let e = run_child(req, up_w, go_r);
-        eprintln!("{e}");
-        // SAFETY: _exit ends the child without running the parent's destructors.
-        unsafe { libc::_exit(127) };
-    }
-    drop((up_w, go_r));
-    let kill_child = || {
-        let _ = burrow_linux::proc::kill9(child as u32);
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None);
+    let holder = match &req.net {
+        Some(_) => Some(NetnsHolder::start()?),
+        None => None,
     };
-    let mut b = [0u8; 1];
-    if nix::unistd::read(up_r.as_raw_fd(), &mut b).ok() != Some(1) {
-        kill_child();
-        return Err("the runsc child failed before starting".into());
-    }
-    let netns = format!("/proc/{child}/ns/net");
+    let netns = holder
+        .as_ref()
+        .map(|h| format!("/proc/{}/ns/net", h.pid))
+        .unwrap_or_default();
     let prepared = (|| -> Result<()> {
-        if let Some(net) = &req.net {
-            wire_network(child as u32, net).ctx(|| "wiring the network".into())?;
+        if let (Some(net), Some(h)) = (&req.net, &holder) {
+            wire_network(h.pid as u32, net).ctx(|| "wiring the network".into())?;
             // After the wiring (which writes sysctls of both namespaces), before runsc.
             mount(
                 Some("tmpfs"),
@@ -182,10 +172,18 @@ fn boot(req: &BootRequest) -> Result<()> {
         std::fs::write("bundle/config.json", config).ctx(|| "writing config.json".into())?;
         Ok(())
     })();
-    if let Err(e) = prepared {
-        kill_child();
-        return Err(e);
+    prepared?;
+    let (go_r, go_w) = pipe()?;
+    // SAFETY: `burrow __gvisor` is single-threaded (dispatched in main before any runtime).
+    let child = unsafe { sys::clone_fork(0) }.ctx(|| "forking".into())?;
+    if child == 0 {
+        drop(go_w);
+        let e = run_child(req, go_r);
+        eprintln!("{e}");
+        // SAFETY: _exit ends the child without running the parent's destructors.
+        unsafe { libc::_exit(127) };
     }
+    drop(go_r);
     nix::unistd::write(&go_w, b"g").ctx(|| "releasing runsc".into())?;
     drop(go_w);
     let said = || {
@@ -193,25 +191,63 @@ fn boot(req: &BootRequest) -> Result<()> {
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     };
-    match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None) {
+    let r = match nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(child), None) {
         Ok(nix::sys::wait::WaitStatus::Exited(_, 0)) => Ok(()),
         Ok(other) => Err(format!("runsc ended with {other:?}: {}", said())),
         Err(e) => Err(format!("waiting for runsc: {e}")),
+    };
+    // The sandbox holds its network namespace now (or failed to start): the holder can go.
+    drop(holder);
+    r
+}
+
+/// A child that makes a network namespace and keeps it until dropped.
+struct NetnsHolder {
+    pid: i32,
+    /// Closing it ends the holder.
+    keep: Option<OwnedFd>,
+}
+
+impl NetnsHolder {
+    fn start() -> Result<NetnsHolder> {
+        let (up_r, up_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
+        let (keep_r, keep_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
+        // SAFETY: `burrow __gvisor` is single-threaded.
+        let pid = unsafe { sys::clone_fork(0) }.ctx(|| "forking the netns holder".into())?;
+        if pid == 0 {
+            drop((up_r, keep_w));
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_ok()
+                && nix::unistd::write(&up_w, b"u").is_ok()
+            {
+                let mut b = [0u8; 1];
+                // Until the parent closes its end (or dies).
+                let _ = nix::unistd::read(keep_r.as_raw_fd(), &mut b);
+            }
+            // SAFETY: _exit ends the holder without running the parent's destructors.
+            unsafe { libc::_exit(0) };
+        }
+        drop((up_w, keep_r));
+        let holder = NetnsHolder {
+            pid,
+            keep: Some(keep_w),
+        };
+        let mut b = [0u8; 1];
+        if nix::unistd::read(up_r.as_raw_fd(), &mut b).ok() != Some(1) {
+            return Err("the network namespace holder failed".into());
+        }
+        Ok(holder)
     }
 }
 
-/// The child: its own network namespace (with a network), then `runsc` once released. Returns
-/// only on error.
-fn run_child(req: &BootRequest, up: OwnedFd, go: OwnedFd) -> String {
-    if req.net.is_some() {
-        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
-            return format!("unshare(CLONE_NEWNET): {e}");
-        }
+impl Drop for NetnsHolder {
+    fn drop(&mut self) {
+        drop(self.keep.take());
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(self.pid), None);
     }
-    if nix::unistd::write(&up, b"u").is_err() {
-        return "the host half went away".into();
-    }
-    drop(up);
+}
+
+/// The child that becomes `runsc` once released. Returns only on error.
+fn run_child(req: &BootRequest, go: OwnedFd) -> String {
     let mut b = [0u8; 1];
     if nix::unistd::read(go.as_raw_fd(), &mut b).ok() != Some(1) {
         return "the host half gave up".into();

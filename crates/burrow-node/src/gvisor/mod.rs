@@ -354,7 +354,18 @@ impl GvisorBackend {
         restore: bool,
     ) -> Result<RuntimeInfo, NodeError> {
         let started = Instant::now();
+        let log = self.sandbox_dir(&spec.id).join("runsc.log");
+        // What runsc and the guest said (the guest's stderr is runsc's), for the error.
+        let said = || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            tail.into_iter().rev().collect::<Vec<_>>().join("; ")
+        };
         let undo = |e: NodeError| {
+            let e = match e {
+                NodeError::Setup(m) => NodeError::Setup(format!("{m} (runsc said: {})", said())),
+                other => other,
+            };
             let r = if fresh {
                 self.destroy(&spec.id, None)
             } else {
