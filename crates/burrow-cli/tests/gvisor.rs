@@ -468,3 +468,55 @@ async fn a_warm_gvisor_pool_serves_claims_with_the_hostname_set_inside_gvisor() 
     c.delete(&sb.id).await.unwrap();
     c.delete(&native.id).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_measures_gvisor_next_to_native() {
+    if !have_runsc("the gVisor bench rows") {
+        return;
+    }
+    let plans = tempfile::NamedTempFile::new().unwrap();
+    let plan = serde_json::json!([{ "name": "gfree", "limits": {
+        "cpu_millis": 500, "memory_mib": 512, "pids": 512, "disk_mib": 1024, "nofile": 1024,
+        "output_bytes": 10485760, "max_duration_s": 1800, "isolation": "gvisor" } }]);
+    std::fs::write(plans.path(), plan.to_string()).unwrap();
+    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let out = srv.cli(&[
+        "bench",
+        "--no-peers",
+        "--iterations",
+        "2",
+        "--throughput",
+        "0",
+        "--density",
+        "0",
+        "--gvisor-plan",
+        "gfree",
+        "--json",
+    ]);
+    assert_ok(&out);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let row = |m: &str| {
+        rows.iter()
+            .find(|r| r["measure"] == m)
+            .unwrap_or_else(|| panic!("no row {m}: {report:#}"))
+    };
+    for m in [
+        "cold create → first command",
+        "exec round trip (`true`)",
+        "gVisor: cold create → first command",
+        "gVisor: warm create → first command (pool)",
+        "gVisor: exec round trip (`true`)",
+        "gVisor: hibernate (runsc checkpoint)",
+        "gVisor: resume (runsc restore) → first command",
+    ] {
+        let r = row(m);
+        assert_eq!(r["kind"], "latency", "{r}");
+        assert!(r["n"].as_u64().unwrap() >= 1, "{r}");
+    }
+    assert!(
+        row("gVisor: hibernate (runsc checkpoint)")["note"].is_null(),
+        "a hibernation fell back to cold: {report:#}"
+    );
+    assert!(srv.client().list().await.unwrap().is_empty());
+}
