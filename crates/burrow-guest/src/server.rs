@@ -55,6 +55,15 @@ pub async fn serve(mut listener: UnixListener, table: Arc<Table>, path: Option<P
                     )));
                     continue;
                 };
+                // A stray SIGUSR2 from before (a wake-up sent twice) must not end this pause at
+                // once: forget any that are pending.
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = sig.recv() => continue,
+                        _ = std::future::ready(()) => break,
+                    }
+                }
                 drop(listener);
                 // Streams to the host (an exec's, a background process's whose host side went
                 // away) end too: a checkpoint must find no host socket open. The processes stay.

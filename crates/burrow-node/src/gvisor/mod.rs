@@ -388,9 +388,12 @@ impl GvisorBackend {
             Err(e) => return Err(undo(e)),
         }
         let socket = dir.join("sock/guest.sock");
+        // The guest closed its listener for the checkpoint; it listens again on SIGUSR2. Sent
+        // again while it does not answer: a signal that reaches the restored kernel before the
+        // guest runs again is not lost, but one runsc could not deliver would be.
+        let wake = || self.runsc(spec.net.is_some(), &["kill", &spec.id, "USR2"]);
         if restore {
-            // The guest closed its listener for the checkpoint; it listens again on SIGUSR2.
-            let out = self.runsc(spec.net.is_some(), &["kill", &spec.id, "USR2"])?;
+            let out = wake()?;
             if !out.status.success() {
                 return Err(undo(NodeError::Setup(format!(
                     "waking the restored guest: {}",
@@ -413,7 +416,12 @@ impl GvisorBackend {
             guest_socket: socket,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
+        let mut woken = Instant::now();
         loop {
+            if restore && woken.elapsed() > Duration::from_millis(500) {
+                let _ = wake();
+                woken = Instant::now();
+            }
             match crate::namespace::ping(&info.guest_socket) {
                 Ok(()) => break,
                 Err(e)
@@ -457,8 +465,10 @@ impl GvisorBackend {
                 .set_frozen(id, false)
                 .map_err(host_err("thawing the sandbox for its checkpoint"))?;
         }
+        let started = Instant::now();
         guest_call(&info.guest_socket, &burrow_proto::Request::Quiesce)
             .map_err(|e| NodeError::Setup(format!("asking the guest to close its socket: {e}")))?;
+        let quiesced = started.elapsed();
         let dir = self.checkpoint_dir(id);
         let tmp = self.sandbox_dir(id).join("checkpoint.new");
         let _ = std::fs::remove_dir_all(&tmp);
@@ -478,6 +488,8 @@ impl GvisorBackend {
                 first_line(&out.stderr)
             )));
         }
+        tracing::debug!(sandbox_id = %id, quiesce_ms = quiesced.as_millis() as u64,
+            checkpoint_ms = (started.elapsed() - quiesced).as_millis() as u64, "checkpoint taken");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::rename(&tmp, &dir).map_err(host_err("keeping the checkpoint"))?;
         Ok(())
