@@ -14,6 +14,7 @@ mod bench_net;
 mod config;
 mod cp;
 mod exec;
+mod image;
 mod net;
 mod up;
 
@@ -91,6 +92,9 @@ enum Command {
     /// Measure create, exec, pause/resume, hibernate, warm pool, throughput and density, with
     /// crun, podman and bwrap side by side.
     Bench(bench::BenchArgs),
+    /// OCI images: pull, import, ls, inspect, rm (docs/images.md).
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Warm pools: sandboxes built ahead, claimed by creates in milliseconds.
     #[command(subcommand)]
     Pool(PoolCommand),
@@ -461,6 +465,7 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Net(cmd) => net::run_net(cmd, json).await,
         Command::Port(cmd) => net::run_port(cmd, json).await,
+        Command::Image(cmd) => image::run(cmd, json).await,
         Command::Bench(args) => bench::run(args, json).await.map(|_| 0),
         Command::Pool(PoolCommand::Ls) => {
             let pools = config::client()?.pools().await?;

@@ -55,6 +55,16 @@ pub struct UpArgs {
     callback_ca: Option<PathBuf>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Where sandboxes' volumes live: `btrfs` (one pool, a subvolume per sandbox with a simple
+    /// quota), `ext4` (an image per sandbox, cloned from a blank one), or `auto`: btrfs where a
+    /// pool is at hand or --storage-pool-size is given, ext4 otherwise (docs/storage.md). A data
+    /// directory keeps its first choice.
+    #[arg(long, env = "BURROW_STORAGE", default_value = "auto")]
+    storage: burrow_node::storage::StorageChoice,
+    /// Size of a new btrfs pool image at `<data>/pool.img`, preallocated on the data
+    /// filesystem (`20G`, `512M`; default half its free space, at most 1 TiB).
+    #[arg(long, env = "BURROW_STORAGE_POOL_SIZE", value_parser = burrow_node::storage::parse_size)]
+    storage_pool_size: Option<u64>,
 }
 
 /// How the API bounds its clients, and the host's pid budget (docs/api.md, "Limits").
@@ -175,6 +185,10 @@ pub async fn run(args: UpArgs) -> Result<()> {
         callback_ca: match &args.callback_ca {
             Some(p) => Some(std::fs::read(p).with_context(|| format!("reading {}", p.display()))?),
             None => None,
+        },
+        storage: burrow_node::storage::StorageConfig {
+            choice: args.storage,
+            pool_size: args.storage_pool_size,
         },
     })
     .await

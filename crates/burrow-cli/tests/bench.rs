@@ -20,6 +20,7 @@ const BURROW_ROWS: &[&str] = &[
     "exec round trip, neighbour idle",
     "exec round trip, neighbour noisy",
     "create throughput (2 concurrent)",
+    "CPU per create, host-wide (throughput)",
     "idle density: host MemAvailable drop",
     "idle density: sandboxes' memory cgroup",
 ];
@@ -76,10 +77,47 @@ async fn bench_reports_every_row_and_leaves_no_sandbox() {
                 (Some(3), Some(2))
             ),
             "memory" => assert_eq!(r["n"].as_u64(), Some(2), "{r}"),
+            "per_op" => {
+                assert_eq!(r["n"].as_u64(), Some(3), "{r}");
+                assert!(r["ms"].as_f64().unwrap() > 0.0, "{r}");
+            }
             other => panic!("{other} row: {r}"),
         }
     }
     assert_eq!(report["peers"], serde_json::json!([]));
+    // Where the time went, as the server reported it for each timed request.
+    let ops = report["breakdown"].as_array().unwrap();
+    let op = |name: &str| {
+        ops.iter()
+            .find(|o| o["operation"] == name)
+            .unwrap_or_else(|| panic!("no {name} in the breakdown: {report:#}"))
+    };
+    let stage_names = |name: &str| -> Vec<String> {
+        op(name)["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["stage"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let cold = stage_names("cold create");
+    for stage in [
+        "admission",
+        "store",
+        "init-cgroups",
+        "init-overlay",
+        "init-pid1-setup",
+        "guest-start",
+        "cpu-sandbox-cgroup",
+        "request",
+        "cpu (server + children)",
+    ] {
+        assert!(cold.contains(&stage.to_string()), "{stage}: {cold:?}");
+    }
+    assert_eq!(op("cold create")["n"].as_u64(), Some(2));
+    assert!(stage_names("exec").contains(&"guest-exec".to_string()));
+    assert!(stage_names("hot resume").contains(&"thaw".to_string()));
+    assert!(stage_names("cold resume").contains(&"guest-start".to_string()));
     assert_nothing_left(&srv).await;
 }
 

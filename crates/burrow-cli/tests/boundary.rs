@@ -765,7 +765,8 @@ fn the_top_uid_slot_maps_below_the_invalid_uid_and_the_next_is_refused() {
     let backend = NamespaceBackend::new(NamespaceConfig {
         data_dir: tmp.path().join("data"),
         init_exe: PathBuf::from(BURROW),
-        guest_exe: PathBuf::from(BURROW).with_file_name("burrow-guest"),
+        guest_exe: None,
+        storage: Default::default(),
     })
     .unwrap();
     let spec = |id: &str, slot: u32| SandboxSpec {

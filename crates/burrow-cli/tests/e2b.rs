@@ -14,20 +14,8 @@ use common::*;
 const PY_SDK: &str = "2.63.0";
 const JS_SDK: &str = "2.51.0";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn cache() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2b-sdks")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn cached(name: &str, install: impl FnOnce(&Path) -> bool) -> Option<PathBuf> {
@@ -60,52 +48,12 @@ fn js_sdk() -> Option<PathBuf> {
             .current_dir(dir)
             .output()
             .expect("run npm: the E2B suite needs Node.js 20 or later with npm");
-        if o.status.success() {
-            return true;
-        }
-        let log = text(&o);
-        if registry_unreachable(&log) {
-            eprintln!(
-                "skipping: the npm registry is unreachable, cannot install e2b@{JS_SDK}:\n{log}"
-            );
-            return false;
-        }
-        panic!("npm install e2b@{JS_SDK} failed:\n{log}");
+        installed(&o, &format!("npm install e2b@{JS_SDK}"))
     })
 }
 
-/// A user whose API key has E2B's shape, and the three variables docs/e2b.md tells users to set.
-async fn e2b_env(srv: &TestServer, name: &str) -> Vec<(String, String)> {
-    let created = srv
-        .client()
-        .create_user_with(name, Some("pro"), true)
-        .await
-        .expect("create a user with an e2b_ key");
-    let key = created["api_key"].as_str().unwrap().to_string();
-    assert!(key.starts_with("e2b_"), "key shape: {key}");
-    vec![
-        ("E2B_API_URL".into(), srv.url.clone()),
-        ("E2B_SANDBOX_URL".into(), srv.url.clone()),
-        ("E2B_API_KEY".into(), key),
-    ]
-}
-
-fn run_with(mut cmd: Command, env: &[(String, String)]) -> Output {
-    for k in [
-        "E2B_DOMAIN",
-        "E2B_DEBUG",
-        "E2B_ACCESS_TOKEN",
-        "E2B_HTTP_VERSION",
-    ] {
-        cmd.env_remove(k);
-    }
-    cmd.envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("run the SDK script")
-}
-
 fn assert_script(o: &Output, what: &str, srv: &TestServer) {
-    let out = text(o);
+    let out = output_text(o);
     println!("{out}");
     assert!(
         o.status.success(),
@@ -129,10 +77,10 @@ async fn python_sdk_passes_the_conformance_suite() {
     env.push(("E2B_DOMAIN".into(), common::world::DOMAIN.into()));
     env.push(("E2B_CONFORMANCE_PORT_PROXY".into(), "1".into()));
     let mut cmd = Command::new(python);
-    cmd.arg(repo().join("tests/e2b/conformance.py"));
+    cmd.arg(repo_root().join("tests/e2b/conformance.py"));
     let o = run_with(cmd, &env);
     assert_script(&o, "tests/e2b/conformance.py", &srv);
-    assert!(text(&o).contains("all checks passed"));
+    assert!(output_text(&o).contains("all checks passed"));
 }
 
 /// Done-when 2: the core (create, commands.run, files read/write, kill) with the npm SDK.
@@ -146,12 +94,12 @@ async fn js_sdk_passes_the_core_suite() {
     let env = e2b_env(&srv, "e2b-js").await;
     // ES modules resolve packages next to the script, so it runs from the SDK's project.
     let script = dir.join("core.mjs");
-    std::fs::copy(repo().join("tests/e2b/core.mjs"), &script).unwrap();
+    std::fs::copy(repo_root().join("tests/e2b/core.mjs"), &script).unwrap();
     let mut cmd = Command::new("node");
     cmd.arg(&script).current_dir(&dir);
     let o = run_with(cmd, &env);
     assert_script(&o, "tests/e2b/core.mjs", &srv);
-    assert!(text(&o).contains("all checks passed"));
+    assert!(output_text(&o).contains("all checks passed"));
 }
 
 /// Done-when 3: the hello world in docs/e2b.md, copied out of the page and run unchanged.
@@ -161,7 +109,7 @@ async fn the_docs_hello_world_runs_unchanged() {
         return;
     }
     let Some(python) = python_sdk() else { return };
-    let doc = std::fs::read_to_string(repo().join("docs/e2b.md")).unwrap();
+    let doc = std::fs::read_to_string(repo_root().join("docs/e2b.md")).unwrap();
     let script = doc
         .split("```python\n")
         .nth(1)
@@ -185,9 +133,9 @@ async fn the_docs_hello_world_runs_unchanged() {
     let o = run_with(cmd, &env);
     assert_script(&o, "the docs hello world", &srv);
     assert!(
-        text(&o).contains("Hello from burrow"),
+        output_text(&o).contains("Hello from burrow"),
         "hello world printed: {}",
-        text(&o)
+        output_text(&o)
     );
 }
 

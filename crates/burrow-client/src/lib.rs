@@ -12,6 +12,7 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+mod images;
 mod net;
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +379,34 @@ impl Client {
             .await
     }
 
+    /// Sends a request asking for the server's breakdown (`Burrow-Timing: 1`) and returns the
+    /// decoded answer with the stages of its `Server-Timing` header, in milliseconds.
+    pub async fn timed<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(T, Vec<(String, f64)>), ClientError> {
+        let mut rb = self.request(method, path).header("burrow-timing", "1");
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let resp = Self::check(rb.send().await?).await?;
+        let stages = resp
+            .headers()
+            .get("server-timing")
+            .and_then(|v| v.to_str().ok())
+            .map(parse_server_timing)
+            .unwrap_or_default();
+        let body = resp.bytes().await?;
+        let value = if body.is_empty() {
+            serde_json::from_slice(b"null")?
+        } else {
+            serde_json::from_slice(&body)?
+        };
+        Ok((value, stages))
+    }
+
     /// Sends any request and returns status and body, for callers that test the API's edges.
     pub async fn raw<B: Serialize>(
         &self,
@@ -542,5 +571,30 @@ impl SessionOutput {
             }
         }
         Ok(None)
+    }
+}
+
+/// `name;dur=<ms>, ...` (a `Server-Timing` value) as (name, milliseconds); metrics without a
+/// duration are left out.
+pub fn parse_server_timing(value: &str) -> Vec<(String, f64)> {
+    value
+        .split(',')
+        .filter_map(|metric| {
+            let mut parts = metric.trim().split(';');
+            let name = parts.next()?.trim();
+            let dur = parts.find_map(|p| p.trim().strip_prefix("dur="))?;
+            Some((name.to_string(), dur.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod timing_tests {
+    #[test]
+    fn server_timing_values_parse_into_stages() {
+        assert_eq!(
+            super::parse_server_timing("store;dur=2.000, disk;desc=\"x\";dur=10.5, miss"),
+            vec![("store".to_string(), 2.0), ("disk".to_string(), 10.5)]
+        );
     }
 }

@@ -41,13 +41,32 @@ pub fn open_in_root(root: impl AsFd, path: &str, flags: OFlags) -> io::Result<Ow
 /// by the caller) if it is missing, so a sandbox that removed one of its mount points still
 /// starts. Fails if something other than a directory is there.
 pub fn mount_point(root: impl AsFd, path: &str) -> io::Result<OwnedFd> {
+    dir_in_root(root, Path::new(path.trim_matches('/')), 0o755)
+}
+
+/// The directory `path` under `root` as an `O_PATH` descriptor, resolved as [`open_in_root`]
+/// does, with each missing component made (`mode`, owned by the caller). Takes any bytes as a
+/// name (a layer's tar may hold names that are not UTF-8); `path` is relative to the root.
+pub fn dir_in_root(root: impl AsFd, path: &Path, mode: u32) -> io::Result<OwnedFd> {
     let dir = OFlags::PATH | OFlags::DIRECTORY;
-    match open_in_root(root.as_fd(), path, dir) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let rel = path.trim_matches('/');
-            let (parent, name) = rel.rsplit_once('/').unwrap_or(("", rel));
-            let parent = mount_point(root.as_fd(), parent)?;
-            match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o755)) {
+    let rel = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    match rustix::fs::openat2(
+        root.as_fd(),
+        rel,
+        dir | OFlags::CLOEXEC,
+        Mode::empty(),
+        IN_ROOT,
+    ) {
+        Err(rustix::io::Errno::NOENT) => {
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(io::ErrorKind::NotFound.into());
+            };
+            let parent = dir_in_root(root.as_fd(), parent, mode)?;
+            match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(mode)) {
                 Err(rustix::io::Errno::EXIST) | Ok(()) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -58,7 +77,7 @@ pub fn mount_point(root: impl AsFd, path: &str) -> io::Result<OwnedFd> {
                 Mode::empty(),
             )?)
         }
-        r => r,
+        r => Ok(r?),
     }
 }
 
@@ -96,6 +115,15 @@ pub fn replace_file(dir: impl AsFd, name: &str, contents: &[u8], mode: u32) -> i
 /// seals). One copy serves every sandbox: their PID 1 executes it by descriptor, so no host
 /// path of the binary is mounted or linked anywhere a sandbox can read it.
 pub fn sealed_copy(src: &Path, name: &str) -> io::Result<File> {
+    sealed_from(&mut File::open(src)?, name)
+}
+
+/// [`sealed_copy`] of bytes this program carries (the static guest agent).
+pub fn sealed_bytes(bytes: &[u8], name: &str) -> io::Result<File> {
+    sealed_from(&mut io::Cursor::new(bytes), name)
+}
+
+fn sealed_from(src: &mut impl io::Read, name: &str) -> io::Result<File> {
     let flags = MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING;
     // MFD_EXEC says so explicitly where `vm.memfd_noexec` asks; kernels before 6.3 refuse it.
     let fd = match rustix::fs::memfd_create(name, flags | MemfdFlags::EXEC) {
@@ -103,7 +131,7 @@ pub fn sealed_copy(src: &Path, name: &str) -> io::Result<File> {
         r => r?,
     };
     let mut out = File::from(fd);
-    io::copy(&mut File::open(src)?, &mut out)?;
+    io::copy(src, &mut out)?;
     rustix::fs::fcntl_add_seals(
         &out,
         SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,

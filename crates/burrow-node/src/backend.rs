@@ -161,6 +161,34 @@ pub trait Backend: Send + Sync + 'static {
     fn cpu_usage_ns(&self, _id: &str) -> Option<u64> {
         None
     }
+
+    /// The volumes' own filesystem, when it is not the data directory's: what the control
+    /// layer's free-space watermark must also watch (a full pool is ENOSPC for every sandbox).
+    fn volume_space(&self) -> Result<Option<VolumeSpace>, NodeError> {
+        Ok(None)
+    }
+}
+
+/// An error with its sources, `: `-separated.
+pub(crate) fn error_text(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+/// Space on the filesystem that holds the sandboxes' volumes, when that is not the data
+/// directory's (a btrfs pool on an image, or an operator's own disk).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpace {
+    pub path: PathBuf,
+    pub total_bytes: u64,
+    /// What sandboxes can still write (btrfs: also bounded by the room metadata can grow into).
+    pub writable_bytes: u64,
 }
 
 /// `/etc/hosts` of a sandbox called `hostname`, whatever isolates it: written at build, and again

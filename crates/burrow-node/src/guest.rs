@@ -318,6 +318,7 @@ impl GuestClient {
     }
 
     async fn connect(&self) -> Result<(OwnedReadHalf, OwnedWriteHalf), GuestError> {
+        let _stage = crate::timing::stage("guest-connect");
         let attempt = async {
             loop {
                 match UnixStream::connect(&self.socket).await {
@@ -409,6 +410,7 @@ impl GuestClient {
         output_limit: u64,
     ) -> Result<BufferedExec, GuestError> {
         let started = Instant::now();
+        let _stage = crate::timing::stage("guest-exec");
         if stdin.is_some() {
             spec.stdin = true;
         }

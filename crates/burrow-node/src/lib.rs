@@ -6,6 +6,12 @@ pub mod guest;
 pub mod gvisor;
 pub mod namespace;
 pub mod network;
+pub mod storage;
 pub mod tiers;
+pub mod timing;
 
-pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec, VolumeSpace};
+
+/// The guest agent as a static executable (no `PT_INTERP`: it needs no dynamic loader, so it runs
+/// as PID 1 in any image), built by `build.rs` and carried inside this crate's users.
+pub static STATIC_GUEST: &[u8] = include_bytes!(env!("BURROW_STATIC_GUEST"));

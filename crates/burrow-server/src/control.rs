@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use burrow_node::guest::{GuestClient, GuestError};
-use burrow_node::{Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
+use burrow_node::{timing, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec};
 use burrow_store::{
-    now_rfc3339, now_unix, Claim, Intent, RunRecord, SandboxRecord, Store, StoreError, User,
+    now_rfc3339, now_unix, AsyncStore, Claim, Intent, RunRecord, SandboxRecord, StoreError, User,
     POOL_OWNER,
 };
 use burrow_types::{
@@ -147,7 +147,9 @@ impl SandboxLocks {
 }
 
 pub struct Control {
-    store: Arc<Store>,
+    /// Every call runs off the async workers (`AsyncStore`): a locked database stalls no request
+    /// that does not need it.
+    store: AsyncStore,
     backend: Arc<dyn Backend>,
     plans: BTreeMap<String, Plan>,
     locks: SandboxLocks,
@@ -182,7 +184,7 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(store: Arc<Store>, backend: Arc<dyn Backend>, plans: Vec<Plan>) -> Control {
+    pub fn new(store: AsyncStore, backend: Arc<dyn Backend>, plans: Vec<Plan>) -> Control {
         let plans = plans.into_iter().map(|p| (p.name.clone(), p)).collect();
         Control {
             store,
@@ -223,19 +225,25 @@ impl Control {
     /// Refuses new data (`insufficient_storage`) while the data filesystem is under its
     /// watermark; `what` names the refused operation.
     pub fn check_free_space(&self, what: &str) -> Result<(), ControlError> {
-        match &self.storage {
-            Some(g) => g.check_free(what),
-            None => Ok(()),
-        }
-    }
-
-    /// Refuses a new disk of `disk_mib` past the watermark or the overcommit ratio.
-    fn check_new_disk(&self, disk_mib: u64) -> Result<(), ControlError> {
         let Some(g) = &self.storage else {
             return Ok(());
         };
-        g.check_free("a new sandbox")?;
-        g.check_promise(self.store.promised_disk_mib()?, disk_mib)
+        g.check_free(what)?;
+        // A pool of its own (btrfs): full, it is ENOSPC for every sandbox on it.
+        if let Some(pool) = self.backend.volume_space()? {
+            g.check_volumes(what, &pool)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a new disk of `disk_mib` past the watermark or the overcommit ratio.
+    async fn check_new_disk(&self, disk_mib: u64) -> Result<(), ControlError> {
+        let Some(g) = &self.storage else {
+            return Ok(());
+        };
+        self.check_free_space("a new sandbox")?;
+        let pool_total = self.backend.volume_space()?.map(|p| p.total_bytes);
+        g.check_promise(self.store.promised_disk_mib().await?, disk_mib, pool_total)
     }
 
     /// Runs a call on a sandbox's guest unless the sandbox stops running meanwhile: a pause
@@ -249,7 +257,7 @@ impl Control {
     ) -> Result<T, ControlError> {
         let mut stopped = self.stopped.subscribe();
         // Subscribed first, checked second: a pause that lands in between is seen either way.
-        let state = self.store.sandbox(id)?.map(|r| r.state);
+        let state = self.store.sandbox(id).await?.map(|r| r.state);
         if state != Some(SandboxState::Running) {
             return Err(ControlError::NotRunning(
                 state.map_or("destroyed", SandboxState::as_str),
@@ -258,24 +266,58 @@ impl Control {
         tokio::pin!(call);
         loop {
             tokio::select! {
-                r = &mut call => return Ok(r?),
+                r = &mut call => return match r {
+                    Ok(v) => Ok(v),
+                    Err(e @ GuestError::Remote { .. }) => Err(e.into()),
+                    Err(e) => Err(self.why_guest_went_away(id, e).await?),
+                },
                 ev = stopped.recv() => {
                     let hit = match ev {
                         Ok(stopped_id) => stopped_id == id,
                         Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                            self.store.sandbox(id)?.map(|r| r.state) != Some(SandboxState::Running)
+                            self.store.sandbox(id).await?.map(|r| r.state) != Some(SandboxState::Running)
                         }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => false,
                     };
                     if hit {
-                        let state = self.store.sandbox(id)?.map(|r| r.state);
                         return Err(ControlError::Interrupted(
-                            state.map_or("destroyed", SandboxState::as_str),
+                            self.leaving_for(id).await?.unwrap_or("running"),
                         ));
                     }
                 }
             }
         }
+    }
+
+    /// A guest that stopped answering mid-call because a pause, hibernate or delete raced the call
+    /// is that transition's doing, not a fault: the caller gets the `409` it would have got a
+    /// moment later, not a `502`.
+    async fn why_guest_went_away(
+        &self,
+        id: &str,
+        e: GuestError,
+    ) -> Result<ControlError, ControlError> {
+        Ok(match self.leaving_for(id).await? {
+            Some(state) => ControlError::Interrupted(state),
+            None => ControlError::Guest(e),
+        })
+    }
+
+    /// The state a sandbox is in or on its way to when it is not (or no longer) simply running:
+    /// `None` for a running sandbox with no transition under way.
+    async fn leaving_for(&self, id: &str) -> Result<Option<&'static str>, ControlError> {
+        // The intent first: a transition sets it before it touches the host and clears it in the
+        // same write that settles the state, so read in this order the two never miss a
+        // transition that ended in between (the other order can see `running` and no intent).
+        let intent = self.store.intents().await?.remove(id);
+        let state = self.store.sandbox(id).await?.map(|r| r.state);
+        Ok(match (state, intent) {
+            (Some(SandboxState::Running), None | Some(Intent::Resuming)) => None,
+            (Some(SandboxState::Running), Some(Intent::Pausing)) => Some("paused"),
+            (Some(SandboxState::Running), Some(Intent::Hibernating)) => Some("hibernated"),
+            (Some(SandboxState::Running), Some(Intent::Destroying)) => Some("destroyed"),
+            (other, _) => Some(other.map_or("destroyed", SandboxState::as_str)),
+        })
     }
 
     fn announce_stopped(&self, id: &str) {
@@ -342,7 +384,7 @@ impl Control {
         self.locks.get(id)
     }
 
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &AsyncStore {
         &self.store
     }
 
@@ -391,7 +433,11 @@ impl Control {
         key: Option<IdempotencyKey>,
     ) -> Result<Created, ControlError> {
         let (this, user) = (self.clone(), user.clone());
-        tokio::spawn(async move { this.create_once(&user, req, key).await }).await?
+        let timings = timing::current();
+        tokio::spawn(timing::scope(timings, async move {
+            this.create_once(&user, req, key).await
+        }))
+        .await?
     }
 
     pub async fn destroy(self: &Arc<Self>, user: &User, id: &str) -> Result<(), ControlError> {
@@ -406,7 +452,11 @@ impl Control {
 
     pub async fn resume(self: &Arc<Self>, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let (this, user, id) = (self.clone(), user.clone(), id.to_string());
-        tokio::spawn(async move { this.resume_now(&user, &id).await }).await?
+        let timings = timing::current();
+        tokio::spawn(timing::scope(timings, async move {
+            this.resume_now(&user, &id).await
+        }))
+        .await?
     }
 
     pub async fn hibernate(
@@ -481,12 +531,14 @@ impl Control {
         // A warm sandbox's disk is already promised; what it will write is not yet on the disk.
         self.check_free_space("a new sandbox")?;
         // Quotas and the host's pid budget, last: nothing is made past them.
+        let admission = timing::stage("admission");
         let admitted = self.admit(user, &plan, &id).await?;
+        drop(admission);
         if let Some(mut rec) = self.claim_warm(&image, &plan, &claim, &req.files).await? {
             self.claim_network(&mut rec, network).await?;
             return Ok(self.api(&rec));
         }
-        self.check_new_disk(plan.limits.disk_mib)?;
+        self.check_new_disk(plan.limits.disk_mib).await?;
         // A cold build adds a computer: the host's pid budget must have room for it.
         self.admit_build(&admitted).await?;
         let rec = SandboxRecord {
@@ -517,11 +569,13 @@ impl Control {
         let lock = self.locks.get(&id);
         let _guard = lock.lock().await;
         let rec = self.build(rec).await?;
+        let inject = timing::stage("inject");
         if let Err(e) = self.inject(&rec, false, &req.files).await {
             self.fail_after_build(&rec, &e).await;
             return Err(e);
         }
-        self.store.set_state(&id, SandboxState::Running)?;
+        drop(inject);
+        timed_store(self.store.set_state(&id, SandboxState::Running)).await?;
         Ok(self.api(&SandboxRecord {
             state: SandboxState::Running,
             ..rec
@@ -538,17 +592,23 @@ impl Control {
         let id = rec.id.clone();
         // The row exists before anything on the host does: a crash from here on is cleaned up by
         // `reconcile` at the next start.
-        rec.uid_slot = self.store.insert_sandbox(&rec)?;
+        rec.uid_slot = timed_store(self.store.insert_sandbox(&rec)).await?;
         let spec = match self.with_net(spec_of(&rec), &rec) {
             Ok(s) => s,
             Err(e) => {
                 self.store
-                    .set_error(&id, &reason(codes::INTERNAL, error_chain(&e)))?;
+                    .set_error(&id, &reason(codes::INTERNAL, error_chain(&e)))
+                    .await?;
                 return Err(e);
             }
         };
         let backend = self.backend.clone();
-        let runtime = match tokio::task::spawn_blocking(move || backend.create(&spec)).await? {
+        let timings = timing::current();
+        let runtime = match tokio::task::spawn_blocking(move || {
+            timing::scope_blocking(timings, || backend.create(&spec))
+        })
+        .await?
+        {
             Ok(r) => r,
             Err(e) => {
                 // `create` left nothing of a new sandbox on the host.
@@ -560,7 +620,7 @@ impl Control {
                     codes::INTERNAL
                 };
                 let why = reason(code, format!("create failed: {}", error_chain(&e)));
-                if let Err(se) = self.store.set_error(&id, &why) {
+                if let Err(se) = self.store.set_error(&id, &why).await {
                     warn!(sandbox_id = %id, error = %error_chain(&se), "recording the failure; reconcile cleans the row");
                 }
                 return Err(e);
@@ -569,13 +629,14 @@ impl Control {
         // The runtime is recorded first, so a crash from here on finds the computer by its pid.
         // The sandbox's firewall chain goes in before the API answers; until then the base rules
         // drop everything from its interface.
-        let ready = serde_json::to_value(&runtime)
-            .map_err(|e| ControlError::Store(e.into()))
-            .and_then(|value| {
-                self.store.set_built(&id, &value)?;
-                self.attach_net(&rec)?;
-                Ok(value)
-            });
+        let ready = async {
+            let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
+            timed_store(self.store.set_built(&id, &value)).await?;
+            let _net = timing::stage("net-attach");
+            self.attach_net(&rec)?;
+            Ok::<_, ControlError>(value)
+        }
+        .await;
         match ready {
             Ok(value) => {
                 rec.runtime = Some(value);
@@ -591,7 +652,7 @@ impl Control {
                     codes::INTERNAL,
                     format!("create failed: {}", error_chain(&e)),
                 );
-                let _ = self.store.set_error(&id, &why);
+                let _ = self.store.set_error(&id, &why).await;
                 let backend = self.backend.clone();
                 let id2 = id.clone();
                 let _ = tokio::task::spawn_blocking(move || backend.destroy(&id2, Some(&runtime)))
@@ -609,7 +670,7 @@ impl Control {
             codes::INTERNAL,
             format!("set-up failed: {}", error_chain(e)),
         );
-        if let Err(e) = self.store.set_error(&rec.id, &why) {
+        if let Err(e) = self.store.set_error(&rec.id, &why).await {
             warn!(sandbox_id = %rec.id, error = %error_chain(&e), "recording the failure");
         }
         if let Err(e) = self.destroy_on_host(rec).await {
@@ -640,6 +701,7 @@ impl Control {
             }
             let backend = self.backend.clone();
             let (id, hostname, limits) = (rec.id.clone(), rec.hostname.clone(), rec.limits.clone());
+            let _limits = timing::stage("limits");
             tokio::task::spawn_blocking(move || {
                 if renamed {
                     backend.set_hostname(&id, &runtime, &hostname)?;
@@ -681,33 +743,34 @@ impl Control {
 
     /// The caller's sandbox, or `NotFound` — the same answer for another tenant's id as for an id
     /// that never existed (attack A1 in docs/threat-model.md).
-    pub fn record(&self, user: &User, id: &str) -> Result<SandboxRecord, ControlError> {
-        match self.store.sandbox(id)? {
+    pub async fn record(&self, user: &User, id: &str) -> Result<SandboxRecord, ControlError> {
+        match self.store.sandbox(id).await? {
             Some(r) if r.owner_id == user.id && r.state != SandboxState::Destroyed => Ok(r),
             _ => Err(ControlError::NotFound),
         }
     }
 
-    pub fn get(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
-        self.record(user, id).map(|r| self.api(&r))
+    pub async fn get(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
+        self.record(user, id).await.map(|r| self.api(&r))
     }
 
-    pub fn list(&self, user: &User) -> Result<Vec<Sandbox>, ControlError> {
+    pub async fn list(&self, user: &User) -> Result<Vec<Sandbox>, ControlError> {
         Ok(self
             .store
-            .sandboxes_of(&user.id)?
+            .sandboxes_of(&user.id)
+            .await?
             .iter()
             .map(|r| self.api(r))
             .collect())
     }
 
     /// A client for the guest agent of one of the caller's running sandboxes.
-    pub fn guest(
+    pub async fn guest(
         &self,
         user: &User,
         id: &str,
     ) -> Result<(SandboxRecord, GuestClient), ControlError> {
-        let rec = self.record(user, id)?;
+        let rec = self.record(user, id).await?;
         if rec.state != SandboxState::Running {
             return Err(ControlError::NotRunning(rec.state.as_str()));
         }
@@ -724,14 +787,14 @@ impl Control {
         user: &User,
         id: &str,
     ) -> Result<(SandboxRecord, GuestClient), ControlError> {
-        let (rec, guest) = self.guest(user, id)?;
+        let (rec, guest) = self.guest(user, id).await?;
         let Some(run) = &rec.run else {
             return Ok((rec, guest));
         };
         if run.state == RunState::Ended {
             return Err(ControlError::RunEnded);
         }
-        let n = self.store.count_tool_call(id)?;
+        let n = self.store.count_tool_call(id).await?;
         let limit = rec.limits.tool_calls;
         if n > limit {
             let why = ErrorReason {
@@ -755,16 +818,16 @@ impl Control {
     ) -> Result<(), ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let Some(rec) = self.store.sandbox(id)? else {
+        let Some(rec) = self.store.sandbox(id).await? else {
             return Err(ControlError::NotFound);
         };
-        if !self.close_run(&rec, why.clone(), rec.ephemeral)? {
+        if !self.close_run(&rec, why.clone(), rec.ephemeral).await? {
             return Err(ControlError::NoActiveRun);
         }
         if rec.ephemeral && rec.state != SandboxState::Destroyed {
             match &why {
-                Some(w) => self.store.set_error(id, w)?,
-                None => self.store.set_state(id, SandboxState::Destroyed)?,
+                Some(w) => self.store.set_error(id, w).await?,
+                None => self.store.set_state(id, SandboxState::Destroyed).await?,
             }
             self.destroy_on_host(&rec).await?;
         }
@@ -773,7 +836,7 @@ impl Control {
 
     /// Marks the sandbox's run ended (if one is active) and tells its callback URL. Returns
     /// whether there was an active run. The caller holds the sandbox's lock.
-    fn close_run(
+    async fn close_run(
         &self,
         rec: &SandboxRecord,
         why: Option<ErrorReason>,
@@ -784,7 +847,7 @@ impl Control {
         };
         run.state = RunState::Ended;
         run.ended = why.clone();
-        self.store.set_run(&rec.id, &run, false)?;
+        self.store.set_run(&rec.id, &run, false).await?;
         info!(sandbox_id = %rec.id, reason = why.as_ref().map(|w| w.code.as_str()).unwrap_or("ended"), "run ended");
         if let Some(url) = &run.spec.callback_url {
             let event = serde_json::json!({
@@ -802,10 +865,11 @@ impl Control {
 
     /// Ends the caller's run on one of their sandboxes.
     pub async fn finish_run(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
-        self.record(user, id)?;
+        self.record(user, id).await?;
         self.end_run(id, None).await?;
         self.store
-            .sandbox(id)?
+            .sandbox(id)
+            .await?
             .map(|r| self.api(&r))
             .ok_or(ControlError::NotFound)
     }
@@ -821,7 +885,7 @@ impl Control {
         self.check_callback(Some(&spec)).await?;
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         if rec
             .run
             .as_ref()
@@ -851,7 +915,7 @@ impl Control {
             env.insert("HOSTNAME".into(), rec.hostname.clone());
             guest.set_env(env).await?;
         }
-        self.store.set_run(id, &run, true)?;
+        self.store.set_run(id, &run, true).await?;
         rec.run = Some(run);
         rec.tool_calls = 0;
         self.touch(id);
@@ -859,8 +923,8 @@ impl Control {
     }
 
     /// Bytes of memory a running sandbox of the caller's uses now (its cgroup's charge).
-    pub fn memory_usage(&self, user: &User, id: &str) -> Result<Option<u64>, ControlError> {
-        self.record(user, id)?;
+    pub async fn memory_usage(&self, user: &User, id: &str) -> Result<Option<u64>, ControlError> {
+        self.record(user, id).await?;
         Ok(self.backend.memory_usage(id))
     }
 
@@ -872,7 +936,7 @@ impl Control {
         id: &str,
         window: std::time::Duration,
     ) -> Result<Option<f64>, ControlError> {
-        let rec = self.record(user, id)?;
+        let rec = self.record(user, id).await?;
         let Some(before) = self.backend.cpu_usage_ns(id) else {
             return Ok(None);
         };
@@ -900,17 +964,19 @@ impl Control {
     }
 
     /// Sets or clears the idle timeout; the idle clock restarts now.
-    pub fn set_timeout(
+    pub async fn set_timeout(
         &self,
         user: &User,
         id: &str,
         req: SetTimeout,
     ) -> Result<Sandbox, ControlError> {
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         validate_timeout(req.timeout_s)?;
         rec.timeout_s = req.timeout_s;
         rec.on_timeout = req.on_timeout.unwrap_or(rec.on_timeout);
-        self.store.set_timeout(id, rec.timeout_s, rec.on_timeout)?;
+        self.store
+            .set_timeout(id, rec.timeout_s, rec.on_timeout)
+            .await?;
         self.touch(id);
         Ok(self.api(&rec))
     }
@@ -918,14 +984,14 @@ impl Control {
     /// Applies idle timeouts and the plans' maximum durations; run about once a second.
     pub async fn enforce_limits(&self) -> Result<(), ControlError> {
         self.relieve_memory_pressure().await;
-        for (id, intent) in self.store.intents()? {
+        for (id, intent) in self.store.intents().await? {
             if intent == Intent::Destroying {
                 if let Err(e) = self.finish_destroy(&id).await {
                     warn!(sandbox_id = %id, error = %error_chain(&e), "finishing a delete failed; retrying");
                 }
             }
         }
-        for rec in self.store.live_sandboxes()? {
+        for rec in self.store.live_sandboxes().await? {
             // Warm sandboxes have no user and no clock until a create claims them.
             if rec.owner_id == POOL_OWNER
                 || !matches!(rec.state, SandboxState::Running | SandboxState::Paused)
@@ -998,7 +1064,8 @@ impl Control {
         let _guard = lock.lock().await;
         let Some(rec) = self
             .store
-            .sandbox(&rec.id)?
+            .sandbox(&rec.id)
+            .await?
             .filter(|r| r.state == SandboxState::Running)
         else {
             return Ok(());
@@ -1015,7 +1082,7 @@ impl Control {
                 rec.limits.memory_mib
             ),
         );
-        self.store.set_hibernated_error(&rec.id, &why)?;
+        self.store.set_hibernated_error(&rec.id, &why).await?;
         Ok(())
     }
 
@@ -1026,35 +1093,36 @@ impl Control {
         // Re-read under the lock: it may have been deleted or hibernated meanwhile.
         let Some(rec) = self
             .store
-            .sandbox(id)?
+            .sandbox(id)
+            .await?
             .filter(|r| matches!(r.state, SandboxState::Running | SandboxState::Paused))
         else {
             return Ok(());
         };
         warn!(sandbox_id = %id, code = %reason.code, "hard limit hit; destroying the computer");
-        self.close_run(&rec, Some(reason.clone()), true)?;
-        self.store.set_error(id, &reason)?;
+        self.close_run(&rec, Some(reason.clone()), true).await?;
+        self.store.set_error(id, &reason).await?;
         self.destroy_on_host(&rec).await
     }
 
     async fn destroy_now(&self, user: &User, id: &str) -> Result<(), ControlError> {
-        self.record(user, id)?;
+        self.record(user, id).await?;
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
         // Re-read under the lock: a concurrent delete may have finished meanwhile.
-        let rec = self.record(user, id)?;
+        let rec = self.record(user, id).await?;
         // The intent first: from here on a crash finishes the delete at the next start instead of
         // bringing the sandbox back (its run's callback may already have said it was destroyed).
-        self.store.set_intent(id, Some(Intent::Destroying))?;
+        self.store.set_intent(id, Some(Intent::Destroying)).await?;
         let why = reason(
             codes::SANDBOX_DESTROYED,
             "the sandbox was destroyed (deleted, or its idle timeout fired)".into(),
         );
-        self.close_run(&rec, Some(why), true)?;
+        self.close_run(&rec, Some(why), true).await?;
         // On failure the intent stays: a retried delete, the limits loop or the next start
         // finishes it.
         self.destroy_on_host(&rec).await?;
-        self.store.set_state(id, SandboxState::Destroyed)?;
+        self.store.set_state(id, SandboxState::Destroyed).await?;
         info!(sandbox_id = %id, "sandbox destroyed");
         Ok(())
     }
@@ -1066,14 +1134,14 @@ impl Control {
         let Ok(_guard) = lock.try_lock() else {
             return Ok(());
         };
-        if self.store.intents()?.get(id) != Some(&Intent::Destroying) {
+        if self.store.intents().await?.get(id) != Some(&Intent::Destroying) {
             return Ok(());
         }
-        let Some(rec) = self.store.sandbox(id)? else {
+        let Some(rec) = self.store.sandbox(id).await? else {
             return Ok(());
         };
         self.destroy_on_host(&rec).await?;
-        self.store.set_state(id, SandboxState::Destroyed)?;
+        self.store.set_state(id, SandboxState::Destroyed).await?;
         info!(sandbox_id = %id, "unfinished delete finished");
         Ok(())
     }
@@ -1084,7 +1152,7 @@ impl Control {
     async fn pause_now(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         if rec.state != SandboxState::Running {
             return Err(ControlError::WrongState {
                 state: rec.state.as_str(),
@@ -1094,11 +1162,11 @@ impl Control {
         }
         // Nothing on the host changes while the files are synced, so no intent yet.
         sync_files(&rec).await?;
-        self.store.set_intent(id, Some(Intent::Pausing))?;
+        self.store.set_intent(id, Some(Intent::Pausing)).await?;
         let backend = self.backend.clone();
         let id2 = id.to_string();
         let paused = match tokio::task::spawn_blocking(move || backend.pause(&id2)).await {
-            Ok(Ok(())) => self.store.set_paused(id).map_err(ControlError::from),
+            Ok(Ok(())) => self.store.set_paused(id).await.map_err(ControlError::from),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(e.into()),
         };
@@ -1107,7 +1175,7 @@ impl Control {
             self.thaw(id).await;
             // If even this fails (a full database) the row says `pausing`, which reconcile
             // undoes by thawing.
-            let _ = self.store.set_intent(id, None);
+            let _ = self.store.set_intent(id, None).await;
             return Err(e);
         }
         self.announce_stopped(id);
@@ -1132,24 +1200,26 @@ impl Control {
     async fn resume_now(&self, user: &User, id: &str) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         match rec.state {
             SandboxState::Paused => {
-                self.store.set_intent(id, Some(Intent::Resuming))?;
+                timed_store(self.store.set_intent(id, Some(Intent::Resuming))).await?;
                 let backend = self.backend.clone();
                 let id2 = id.to_string();
+                let thaw = timing::stage("thaw");
                 if let Err(e) = tokio::task::spawn_blocking(move || backend.resume(&id2)).await? {
-                    let _ = self.store.set_intent(id, None);
+                    let _ = self.store.set_intent(id, None).await;
                     return Err(e.into());
                 }
+                drop(thaw);
                 // A crash before this line leaves `paused` + `resuming` with thawed processes:
                 // reconcile finishes the resume. A store that cannot record it (a full database)
                 // gets the sandbox frozen again, so the row and the host still agree.
-                if let Err(e) = self.store.set_state(id, SandboxState::Running) {
+                if let Err(e) = timed_store(self.store.set_state(id, SandboxState::Running)).await {
                     let backend = self.backend.clone();
                     let id2 = id.to_string();
                     let _ = tokio::task::spawn_blocking(move || backend.pause(&id2)).await;
-                    let _ = self.store.set_intent(id, None);
+                    let _ = self.store.set_intent(id, None).await;
                     return Err(e.into());
                 }
             }
@@ -1174,23 +1244,30 @@ impl Control {
     /// started is stopped, so a second resume can never attach the disk a second time).
     async fn start_cold(&self, mut rec: SandboxRecord) -> Result<SandboxRecord, ControlError> {
         let id = rec.id.clone();
-        self.store.set_intent(&id, Some(Intent::Resuming))?;
+        timed_store(self.store.set_intent(&id, Some(Intent::Resuming))).await?;
         let spec = match self.with_net(spec_of(&rec), &rec) {
             Ok(s) => s,
             Err(e) => return Err(self.resume_failed(&rec, e, None).await),
         };
         let backend = self.backend.clone();
-        let runtime = match tokio::task::spawn_blocking(move || backend.start(&spec)).await? {
+        let timings = timing::current();
+        let runtime = match tokio::task::spawn_blocking(move || {
+            timing::scope_blocking(timings, || backend.start(&spec))
+        })
+        .await?
+        {
             Ok(r) => r,
             Err(e) => return Err(self.resume_failed(&rec, e.into(), None).await),
         };
-        let ready = serde_json::to_value(&runtime)
-            .map_err(|e| ControlError::Store(e.into()))
-            .and_then(|value| {
-                self.attach_net(&rec)?;
-                self.store.set_running(&id, &value)?;
-                Ok(value)
-            });
+        let ready = async {
+            let value = serde_json::to_value(&runtime).map_err(StoreError::from)?;
+            let net = timing::stage("net-attach");
+            self.attach_net(&rec)?;
+            drop(net);
+            timed_store(self.store.set_running(&id, &value)).await?;
+            Ok::<_, ControlError>(value)
+        }
+        .await;
         match ready {
             Ok(value) => {
                 rec.runtime = Some(value);
@@ -1231,7 +1308,7 @@ impl Control {
                 codes::SANDBOX_LOST,
                 format!("the sandbox's files are gone: {}", error_chain(&e)),
             );
-            if let Err(se) = self.store.set_error(&id, &why) {
+            if let Err(se) = self.store.set_error(&id, &why).await {
                 warn!(sandbox_id = %id, error = %error_chain(&se), "recording a lost sandbox");
             }
             return ControlError::ResumeFailed(why);
@@ -1249,7 +1326,7 @@ impl Control {
                 error_chain(&e)
             ),
         );
-        if let Err(se) = self.store.set_hibernated_error(&id, &why) {
+        if let Err(se) = self.store.set_hibernated_error(&id, &why).await {
             // The row still says `hibernated` + `resuming`: reconcile stops what may run.
             warn!(sandbox_id = %id, error = %error_chain(&se), "recording a failed resume");
         }
@@ -1268,7 +1345,7 @@ impl Control {
     ) -> Result<Sandbox, ControlError> {
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         match rec.state {
             // A sync that fails (a full host disk) does not stop the hibernation: ending the
             // processes loses nothing more, and the unmount writes back what it can.
@@ -1289,13 +1366,13 @@ impl Control {
         }
         // From here on a crash (or a failed stop) is finished by reconcile or a retry: stop is
         // idempotent.
-        self.store.set_intent(id, Some(Intent::Hibernating))?;
+        self.store.set_intent(id, Some(Intent::Hibernating)).await?;
         self.announce_stopped(id);
         let backend = self.backend.clone();
         let (id2, runtime) = (id.to_string(), runtime_of(&rec));
         tokio::task::spawn_blocking(move || backend.stop(&id2, runtime.as_ref())).await??;
         self.detach_net(id)?;
-        self.store.set_hibernated(id)?;
+        self.store.set_hibernated(id).await?;
         rec.state = SandboxState::Hibernated;
         rec.runtime = None;
         info!(sandbox_id = %id, "sandbox hibernated");
@@ -1333,14 +1410,20 @@ impl Control {
     pub async fn reconcile(&self) -> Result<ReconcileReport, ControlError> {
         let mut report = ReconcileReport::default();
         let mut keep = HashSet::new();
-        let intents = self.store.intents()?;
-        let pools: HashSet<String> = self.store.pools()?.into_iter().map(|p| p.name).collect();
+        let intents = self.store.intents().await?;
+        let pools: HashSet<String> = self
+            .store
+            .pools()
+            .await?
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
         let backend = self.backend.clone();
         let attached: HashSet<String> = tokio::task::spawn_blocking(move || backend.disks_in_use())
             .await?
             .into_iter()
             .collect();
-        for rec in self.store.live_sandboxes()? {
+        for rec in self.store.live_sandboxes().await? {
             let intent = intents.get(&rec.id).copied();
             let disk_attached = attached.contains(&rec.id);
             match self
@@ -1371,7 +1454,7 @@ impl Control {
         }
         // Firewall before user code: the table is rebuilt for the sandboxes kept, before the API
         // serves, and compared with what the kernel then holds.
-        self.install_firewall()?;
+        self.install_firewall().await?;
         Ok(report)
     }
 
@@ -1393,7 +1476,7 @@ impl Control {
             // A delete the crash cut short is finished; a warm sandbox whose pool no longer
             // exists belongs to no one and goes too.
             self.destroy_on_host(rec).await?;
-            self.store.set_state(&id, SandboxState::Destroyed)?;
+            self.store.set_state(&id, SandboxState::Destroyed).await?;
             if orphan {
                 report.orphans.push(id);
             } else {
@@ -1405,13 +1488,15 @@ impl Control {
             SandboxState::Starting => {
                 // A new (or just claimed) sandbox: nobody's files yet. The row says what
                 // happened before the host is touched, so a failed clean-up is retried.
-                self.store.set_error(
-                    &id,
-                    &reason(
-                        codes::CREATE_INTERRUPTED,
-                        "the server stopped while the sandbox was being created".into(),
-                    ),
-                )?;
+                self.store
+                    .set_error(
+                        &id,
+                        &reason(
+                            codes::CREATE_INTERRUPTED,
+                            "the server stopped while the sandbox was being created".into(),
+                        ),
+                    )
+                    .await?;
                 report.interrupted.push(id.clone());
                 if let Err(e) = self.destroy_on_host(rec).await {
                     warn!(sandbox_id = %id, error = %error_chain(&e), "clean-up failed; retried at the next start");
@@ -1427,7 +1512,7 @@ impl Control {
                 let active = tokio::task::spawn_blocking(move || backend.active(&id2)).await?;
                 if active || disk_attached || intent.is_some() {
                     self.stop_on_host(&id, None).await?;
-                    self.store.set_hibernated(&id)?;
+                    self.store.set_hibernated(&id).await?;
                     report.rolled_back.push(id);
                 }
                 Ok(true)
@@ -1436,7 +1521,7 @@ impl Control {
                 if intent == Some(Intent::Hibernating) {
                     // Asked for and begun: finished.
                     self.stop_on_host(&id, runtime_of(rec)).await?;
-                    self.store.set_hibernated(&id)?;
+                    self.store.set_hibernated(&id).await?;
                     report.hibernated.push(id);
                     return Ok(true);
                 }
@@ -1451,14 +1536,14 @@ impl Control {
                         SandboxState::Running
                     };
                     if intent.is_some() || settled != rec.state {
-                        self.store.set_state(&id, settled)?;
+                        self.store.set_state(&id, settled).await?;
                     }
                     report.adopted.push(id);
                     return Ok(true);
                 }
                 if warm || rec.ephemeral {
                     // No one's files: a lost warm or ephemeral sandbox is simply gone.
-                    self.store.set_state(&id, SandboxState::Destroyed)?;
+                    self.store.set_state(&id, SandboxState::Destroyed).await?;
                     report.lost.push(id);
                     return Ok(false);
                 }
@@ -1466,18 +1551,22 @@ impl Control {
                 // sandbox comes back cold on the next resume, its files kept. If what is left
                 // cannot be stopped, the files still stay and the row says why.
                 match self.stop_on_host(&id, runtime_of(rec)).await {
-                    Ok(()) => self.store.set_hibernated(&id)?,
-                    Err(e) => self.store.set_hibernated_error(
-                        &id,
-                        &reason(
-                            codes::SANDBOX_LOST,
-                            format!(
+                    Ok(()) => self.store.set_hibernated(&id).await?,
+                    Err(e) => {
+                        self.store
+                            .set_hibernated_error(
+                                &id,
+                                &reason(
+                                    codes::SANDBOX_LOST,
+                                    format!(
                                 "the sandbox's processes ended and cleaning up after them failed \
                                  ({}); its files are kept",
                                 error_chain(&e)
                             ),
-                        ),
-                    )?,
+                                ),
+                            )
+                            .await?
+                    }
                 }
                 report.hibernated.push(id);
                 Ok(true)
@@ -1606,6 +1695,12 @@ pub struct ReconcileReport {
 
 /// The owner of a sandbox, for actions the server takes on its own (timeouts, the hot window,
 /// memory pressure): only the id matters to the checks those actions go through.
+/// A store write on a timed path: its time counts to the request's `store` stage.
+async fn timed_store<T>(write: impl std::future::Future<Output = T>) -> T {
+    let _stage = timing::stage("store");
+    write.await
+}
+
 pub(crate) fn owner_of(rec: &SandboxRecord) -> User {
     User {
         id: rec.owner_id.clone(),

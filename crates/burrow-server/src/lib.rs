@@ -8,7 +8,8 @@ use std::sync::Arc;
 use burrow_node::gvisor::{GvisorBackend, GvisorConfig};
 use burrow_node::namespace::{NamespaceBackend, NamespaceConfig};
 use burrow_node::tiers::Tiers;
-use burrow_store::Store;
+use burrow_store::AsyncStore;
+use burrow_store_sqlite::SqliteStore;
 use burrow_types::{Plan, PoolSpec};
 use tracing::info;
 
@@ -21,6 +22,7 @@ pub mod e2b;
 pub mod egress;
 pub mod pool;
 pub mod serve;
+pub mod server_timing;
 
 use control::Control;
 
@@ -59,6 +61,8 @@ pub struct ServerConfig {
     /// PEM certificates trusted for `https://` callbacks besides the system's roots
     /// (`burrow up --callback-ca`).
     pub callback_ca: Option<Vec<u8>>,
+    /// Where sandboxes' volumes live (`burrow up --storage`, `--storage-pool-size`).
+    pub storage: burrow_node::storage::StorageConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,8 @@ pub enum ServerError {
     Store(#[from] burrow_store::StoreError),
     #[error("node")]
     Node(#[from] burrow_node::NodeError),
+    #[error("image store")]
+    Images(#[from] burrow_image::Error),
     #[error("start-up reconcile")]
     Reconcile(#[from] control::ControlError),
     #[error("e2b facade")]
@@ -112,6 +118,7 @@ pub struct Server {
     egress: Option<tokio::net::TcpListener>,
     state: api::AppState,
     limits: serve::ServeLimits,
+    images: api::images::Images,
 }
 
 /// Makes the data directory (mode 0711) or checks an existing one. Sandboxes' root users are
@@ -198,15 +205,24 @@ impl Server {
             source,
         };
         prepare_data_dir(&cfg.data_dir)?;
-        let store = Arc::new(Store::open(&cfg.data_dir.join("burrow.db"))?);
-        let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref())?;
-        let native = NamespaceBackend::new(NamespaceConfig::new(cfg.data_dir.clone()))?;
-        let gvisor =
-            GvisorBackend::new(GvisorConfig::new(cfg.data_dir.clone())).map_err(|e| e.to_string());
+        // Opening runs the migrations, which may wait for a lock: off the async workers too.
+        let db = cfg.data_dir.join("burrow.db");
+        let sqlite = tokio::task::spawn_blocking(move || SqliteStore::open(&db))
+            .await
+            .map_err(|_| burrow_store::StoreError::Cancelled)??;
+        let store = AsyncStore::new(Arc::new(sqlite));
+        let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
+        let native = NamespaceBackend::new(NamespaceConfig {
+            storage: cfg.storage.clone(),
+            ..NamespaceConfig::new(cfg.data_dir.clone())
+        })?;
+        let gvisor = GvisorBackend::new(GvisorConfig::new(cfg.data_dir.clone()), &native)
+            .map_err(|e| e.to_string());
         if let Err(why) = &gvisor {
             tracing::info!(%why, "no gVisor isolation tier on this node");
         }
         let backend = Tiers::new(cfg.data_dir.clone(), native, gvisor);
+        let images = api::images::Images::open(&cfg.data_dir)?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {
             plans.retain(|d| d.name != p.name);
@@ -270,15 +286,18 @@ impl Server {
             control = control.with_network(Arc::new(burrow_node::network::Network::new(net)));
         }
         let control = Arc::new(control);
-        let e2b = Arc::new(e2b::Facade::open(
-            control.secret().to_vec(),
-            cfg.domain.clone(),
-            std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
-        )?);
+        let e2b = Arc::new(
+            e2b::Facade::open(
+                control.secret().to_vec(),
+                cfg.domain.clone(),
+                std::env::var("BURROW_E2B_TEMPLATES").ok().as_deref(),
+            )?
+            .with_code_interpreter(cfg.data_dir.join("templates")),
+        );
         let report = control.reconcile().await?;
         // Creates cut short by the last stop: their keys answer with what reconcile made of the
         // sandbox, or are forgotten if none was made.
-        let (kept, dropped) = control.store().settle_idempotency_keys()?;
+        let (kept, dropped) = control.store().settle_idempotency_keys().await?;
         if kept + dropped > 0 {
             info!(
                 kept,
@@ -286,7 +305,7 @@ impl Server {
             );
         }
         for (name, spec) in cfg.pools {
-            control.put_pool(&name, spec)?;
+            control.put_pool(&name, spec).await?;
         }
         info!(
             adopted = report.adopted.len(),
@@ -321,6 +340,7 @@ impl Server {
             egress,
             state: api::AppState { control, e2b },
             limits,
+            images,
         })
     }
 
@@ -361,7 +381,7 @@ impl Server {
                 .await;
             }
         });
-        let app = api::router(self.state);
+        let app = api::router(self.state).layer(axum::Extension(self.images));
         let served = serve::serve(self.listener, app, self.limits, shutdown).await;
         enforcer.abort();
         if let Some(p) = proxy {
@@ -372,42 +392,53 @@ impl Server {
     }
 }
 
-fn bootstrap_admin(store: &Store, admin_key: Option<&str>) -> Result<Bootstrap, ServerError> {
+async fn bootstrap_admin(
+    store: &AsyncStore,
+    admin_key: Option<&str>,
+) -> Result<Bootstrap, ServerError> {
     if let Some(k) = admin_key {
         if k.len() < auth::MIN_KEY_LEN {
             return Err(ServerError::AdminKeyTooShort);
         }
     }
-    let admin = match store.user_by_name("admin")? {
+    let admin = match store.user_by_name("admin").await? {
         Some(u) => u,
-        None => store.create_user(&auth::new_id(16), "admin", "free", true)?,
+        None => {
+            store
+                .create_user(&auth::new_id(16), "admin", "free", true)
+                .await?
+        }
     };
     // An operator-given key is (re)registered on every start, so automation can rely on it.
     if let Some(k) = admin_key {
-        if store.user_by_key_hash(&auth::hash_key(k))?.is_none() {
-            store.add_api_key(
-                &auth::new_id(16),
-                &admin.id,
-                &auth::hash_key(k),
-                &auth::key_display_prefix(k),
-            )?;
+        if store.user_by_key_hash(&auth::hash_key(k)).await?.is_none() {
+            store
+                .add_api_key(
+                    &auth::new_id(16),
+                    &admin.id,
+                    &auth::hash_key(k),
+                    &auth::key_display_prefix(k),
+                )
+                .await?;
         }
         return Ok(Bootstrap {
             generated_admin_key: None,
         });
     }
-    if store.has_api_keys(&admin.id)? {
+    if store.has_api_keys(&admin.id).await? {
         return Ok(Bootstrap {
             generated_admin_key: None,
         });
     }
     let key = auth::generate_key();
-    store.add_api_key(
-        &auth::new_id(16),
-        &admin.id,
-        &auth::hash_key(&key),
-        &auth::key_display_prefix(&key),
-    )?;
+    store
+        .add_api_key(
+            &auth::new_id(16),
+            &admin.id,
+            &auth::hash_key(&key),
+            &auth::key_display_prefix(&key),
+        )
+        .await?;
     Ok(Bootstrap {
         generated_admin_key: Some(key),
     })

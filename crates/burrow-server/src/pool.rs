@@ -50,7 +50,8 @@ impl Control {
         // disk, the open-file limit) matches: CPU, memory and pids are rewritten at claim.
         let pools: Vec<PoolRecord> = self
             .store()
-            .pools()?
+            .pools()
+            .await?
             .into_iter()
             .filter(|p| {
                 p.image == image
@@ -70,31 +71,41 @@ impl Control {
             return Ok(None);
         };
         let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
-        let Some(mut rec) = self.store().claim_warm(&names, claim)? else {
-            self.store().record_pool_use(&home, false)?;
+        let claimed = {
+            let _store = burrow_node::timing::stage("store");
+            self.store().claim_warm(&names, claim).await?
+        };
+        let Some(mut rec) = claimed else {
+            self.store().record_pool_use(&home, false).await?;
             self.pool_wake.notify_one();
             return Ok(None);
         };
         self.pool_wake.notify_one();
         let pool = rec.pool.clone().unwrap_or(home);
-        match self.inject(&rec, true, files).await {
+        let inject = burrow_node::timing::stage("inject");
+        let injected = self.inject(&rec, true, files).await;
+        drop(inject);
+        match injected {
             Ok(()) => {
-                self.store().set_state(&rec.id, SandboxState::Running)?;
-                self.store().record_pool_use(&pool, true)?;
+                let _store = burrow_node::timing::stage("store");
+                self.store()
+                    .set_state(&rec.id, SandboxState::Running)
+                    .await?;
+                self.store().record_pool_use(&pool, true).await?;
                 rec.state = SandboxState::Running;
                 info!(sandbox_id = %rec.id, pool = %pool, "claimed a warm sandbox");
                 Ok(Some(rec))
             }
             Err(e) => {
                 self.fail_after_build(&rec, &e).await;
-                self.store().record_pool_use(&pool, false)?;
+                self.store().record_pool_use(&pool, false).await?;
                 Ok(None)
             }
         }
     }
 
     /// Creates or resizes a pool. Admins only (checked by the caller).
-    pub fn put_pool(&self, name: &str, spec: PoolSpec) -> Result<PoolStatus, ControlError> {
+    pub async fn put_pool(&self, name: &str, spec: PoolSpec) -> Result<PoolStatus, ControlError> {
         let ok_name = !name.is_empty()
             && name.len() <= 63
             && name
@@ -119,41 +130,45 @@ impl Control {
                 spec.size
             )));
         }
-        self.store().upsert_pool(name, &image, &plan, spec.size)?;
+        self.store()
+            .upsert_pool(name, &image, &plan, spec.size)
+            .await?;
         self.pool_wake.notify_one();
-        self.pools()?
-            .into_iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| self.unknown_pool(name))
+        match self.pools().await?.into_iter().find(|p| p.name == name) {
+            Some(p) => Ok(p),
+            None => Err(self.unknown_pool(name).await),
+        }
     }
 
     /// Forgets a pool and destroys its warm sandboxes (claimed ones are their users' now).
     pub async fn delete_pool(&self, name: &str) -> Result<(), ControlError> {
-        if !self.store().delete_pool(name)? {
-            return Err(self.unknown_pool(name));
+        if !self.store().delete_pool(name).await? {
+            return Err(self.unknown_pool(name).await);
         }
-        for rec in self.store().warm_sandboxes(name)? {
+        for rec in self.store().warm_sandboxes(name).await? {
             self.destroy_warm(&rec).await;
         }
         Ok(())
     }
 
     /// The error for a pool that does not exist, naming the ones that do.
-    fn unknown_pool(&self, name: &str) -> ControlError {
+    async fn unknown_pool(&self, name: &str) -> ControlError {
         ControlError::UnknownPool {
             name: name.to_string(),
             known: self
                 .pools()
+                .await
                 .map(|ps| ps.into_iter().map(|p| p.name).collect())
                 .unwrap_or_default(),
         }
     }
 
-    pub fn pools(&self) -> Result<Vec<PoolStatus>, ControlError> {
-        let counts = self.store().pool_counts()?;
+    pub async fn pools(&self) -> Result<Vec<PoolStatus>, ControlError> {
+        let counts = self.store().pool_counts().await?;
         Ok(self
             .store()
-            .pools()?
+            .pools()
+            .await?
             .into_iter()
             .map(|p| {
                 let c = counts.get(&p.name).cloned().unwrap_or_default();
@@ -185,12 +200,12 @@ impl Control {
         if self.creates_busy() {
             return Ok(false);
         }
-        let counts = self.store().pool_counts()?;
+        let counts = self.store().pool_counts().await?;
         let mut builds = Vec::new();
-        let pools = self.store().pools()?;
+        let pools = self.store().pools().await?;
         // Every sandbox belongs to someone visible: warm ones of a deleted pool go.
         let names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
-        for rec in self.store().warm_sandboxes_outside(&names)? {
+        for rec in self.store().warm_sandboxes_outside(&names).await? {
             info!(sandbox_id = %rec.id, pool = rec.pool.as_deref(), "destroying a warm sandbox of a pool that no longer exists");
             self.destroy_warm(&rec).await;
         }
@@ -204,7 +219,7 @@ impl Control {
             let have = c.ready + c.starting;
             if have > p.size {
                 // Newest first: the oldest warm sandboxes are claimed first anyway.
-                let mut warm = self.store().warm_sandboxes(&p.name)?;
+                let mut warm = self.store().warm_sandboxes(&p.name).await?;
                 warm.retain(|r| r.state == SandboxState::Running);
                 for rec in warm.iter().rev().take((have - p.size) as usize) {
                     self.destroy_warm(rec).await;
@@ -283,42 +298,46 @@ impl Control {
         let _guard = lock.lock().await;
         // The pool may have been deleted since this round began (its delete listed its warm
         // sandboxes before this row existed): nothing is built for a pool that is gone.
-        if !self.pool_exists(&pool.name)? {
+        if !self.pool_exists(&pool.name).await? {
             return Ok(());
         }
         match self.build(rec).await {
             Ok(rec) => {
                 // Deleted while this one was built: it is destroyed here, not left running for
                 // no one to see.
-                if !self.pool_exists(&pool.name)? {
-                    self.store().set_state(&id, SandboxState::Destroyed)?;
+                if !self.pool_exists(&pool.name).await? {
+                    self.store().set_state(&id, SandboxState::Destroyed).await?;
                     self.destroy_on_host(&rec).await?;
                     return Ok(());
                 }
-                self.store().set_state(&id, SandboxState::Running)?;
+                self.store().set_state(&id, SandboxState::Running).await?;
                 Ok(())
             }
             Err(e) => {
                 // Nothing of it is on the host and no one will ask for it.
-                self.store().set_state(&id, SandboxState::Destroyed)?;
+                self.store().set_state(&id, SandboxState::Destroyed).await?;
                 Err(e)
             }
         }
     }
 
-    fn pool_exists(&self, name: &str) -> Result<bool, ControlError> {
-        Ok(self.store().pools()?.iter().any(|p| p.name == name))
+    async fn pool_exists(&self, name: &str) -> Result<bool, ControlError> {
+        Ok(self.store().pools().await?.iter().any(|p| p.name == name))
     }
 
     async fn destroy_warm(&self, rec: &SandboxRecord) {
         let lock = self.lock_of(&rec.id);
         let _guard = lock.lock().await;
         // Only while still unclaimed: a claim in between made it someone's sandbox.
-        match self.store().sandbox(&rec.id) {
+        match self.store().sandbox(&rec.id).await {
             Ok(Some(r)) if r.owner_id == POOL_OWNER && r.state != SandboxState::Destroyed => {}
             _ => return,
         }
-        if let Err(e) = self.store().set_state(&rec.id, SandboxState::Destroyed) {
+        if let Err(e) = self
+            .store()
+            .set_state(&rec.id, SandboxState::Destroyed)
+            .await
+        {
             warn!(sandbox_id = %rec.id, error = %error_chain(&e), "retiring a warm sandbox");
             return;
         }
@@ -336,7 +355,7 @@ impl Control {
         if avail >= self.hibernate_below_mib {
             return;
         }
-        let Ok(live) = self.store().live_sandboxes() else {
+        let Ok(live) = self.store().live_sandboxes().await else {
             return;
         };
         let Some(rec) = live

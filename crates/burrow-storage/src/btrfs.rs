@@ -11,7 +11,7 @@
 //!   it is still empty (extents written before are never charged), and renamed into place only
 //!   when complete.
 //!
-//! Inside the pool: `sandboxes/<id>` (a subvolume per sandbox, its qgroup limited to the
+//! Inside the pool: `volumes/<id>` (a subvolume per sandbox, its qgroup limited to the
 //! sandbox's disk size in the same ioctl that makes it), `snapshots/<name>` (read-only
 //! snapshots), `trash/` (what is being deleted, under names that say what it was) and the marker
 //! file `burrow-pool`. Every operation is one ioctl or one rename, so a `kill -9` leaves either
@@ -43,7 +43,10 @@ use crate::{
     Usage, Volume, VolumeSource, UPPER, WORK, WORKSPACE,
 };
 
-pub(crate) const SANDBOXES: &str = "sandboxes";
+/// Where volumes live in the pool. Not `sandboxes`: a sandbox's own mounts show this path in its
+/// `/proc/self/mountinfo` (the bind's root and btrfs's `subvol=`), and nothing there may read
+/// like burrow's host layout.
+pub(crate) const SANDBOXES: &str = "volumes";
 const SNAPSHOTS: &str = "snapshots";
 const TRASH: &str = "trash";
 const MARKER: &str = "burrow-pool";
@@ -180,6 +183,27 @@ impl BtrfsPool {
             }
         }
         Ok(())
+    }
+
+    /// Whether `data_dir` has a pool, or can have one without an image file: a pool image made
+    /// before, a btrfs filesystem mounted at `<data>/pool`, or a data directory on btrfs with
+    /// simple quotas on. (Otherwise [`Storage::prepare`] would make and preallocate an image.)
+    pub fn is_at_hand(data_dir: &Path) -> bool {
+        if data_dir.join(IMAGE).is_file() {
+            return true;
+        }
+        if is_mount_point(data_dir, &data_dir.join(MOUNT)).unwrap_or(false) {
+            return true;
+        }
+        let Ok(fd) = open_dir(data_dir) else {
+            return false;
+        };
+        is_btrfs(&fd).unwrap_or(false)
+            && btrfs::fsid(&fd)
+                .ok()
+                .and_then(|id| quota_mode(&id))
+                .as_deref()
+                == Some("squota")
     }
 
     fn prepare_pool(&self) -> Result<Prepared, StorageError> {

@@ -33,7 +33,7 @@ pub struct Volume {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum VolumeSource {
-    /// The subvolume `<pool>/sandboxes/<id>`, whose id is `subvol_id` (checked at attach, so a
+    /// The subvolume `<pool>/volumes/<id>`, whose id is `subvol_id` (checked at attach, so a
     /// volume destroyed and made again under the same name is never taken for the old one).
     Btrfs {
         pool: PathBuf,
@@ -146,7 +146,7 @@ impl Volume {
     }
 }
 
-/// Opens `<pool>/sandboxes/<id>`, checking it is the subvolume `subvol_id`.
+/// Opens `<pool>/volumes/<id>`, checking it is the subvolume `subvol_id`.
 pub(crate) fn open_btrfs_volume(
     pool: &Path,
     id: &str,

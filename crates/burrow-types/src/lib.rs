@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod codes;
+pub mod images;
 pub mod limits;
 pub mod net;
 

@@ -17,6 +17,7 @@ use clap::Args;
 
 use crate::config;
 
+mod breakdown;
 mod burrow;
 mod cleanup;
 mod oci;
@@ -54,6 +55,10 @@ pub struct BenchArgs {
     /// Measure burrow only.
     #[arg(long, overrides_with = "peers")]
     no_peers: bool,
+    /// Also print where each operation's time goes inside the server (its stages and CPU time
+    /// per request, from `Server-Timing`; `--json` always has them).
+    #[arg(long)]
+    breakdown: bool,
     #[command(flatten)]
     net: crate::bench_net::NetBenchArgs,
     /// Plan with `"isolation": "gvisor"` for the gVisor warm-create row (skipped without one).
@@ -92,6 +97,9 @@ pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
         crate::print_json(&report)?;
     } else {
         print!("{}", render(&report));
+        if args.breakdown {
+            print!("\n{}", breakdown::render(&report.breakdown));
+        }
     }
     if !left.is_empty() {
         bail!("the bench left {} things behind (above)", left.len());
@@ -106,6 +114,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
         .with_context(|| format!("is a burrow server up at {}?", client.base_url()))?;
     let iterations = args.iterations.max(1);
     let concurrency = args.concurrency.max(1);
+    let stages = breakdown::Breakdown::default();
     let ctx = burrow::Ctx {
         client,
         cleanup,
@@ -113,6 +122,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
         image: args.image.clone(),
         plan: args.plan.clone(),
         isolation: None,
+        breakdown: &stages,
     };
 
     progress("cold create, exec, pause, resume, hibernate, cold resume, destroy");
@@ -130,7 +140,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
     }
     if args.throughput > 0 {
         progress("create throughput");
-        rows.push(burrow::throughput(&ctx, args.throughput, concurrency).await?);
+        rows.extend(burrow::throughput(&ctx, args.throughput, concurrency).await?);
     }
     rows.extend(density_rows);
     rows.extend(burrow::net_rows(&ctx, &args.net).await?);
@@ -160,6 +170,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
         rows,
         burrow_cold: life.cold,
         peers,
+        breakdown: stages.report(),
     })
 }
 

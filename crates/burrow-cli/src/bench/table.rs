@@ -21,6 +21,11 @@ pub enum Value {
         mib_per_sandbox: f64,
         n: usize,
     },
+    /// Milliseconds of something (CPU time) per operation, over `n` operations.
+    PerOp {
+        ms: f64,
+        n: usize,
+    },
     Unavailable {
         reason: String,
     },
@@ -109,6 +114,8 @@ pub struct Report {
     pub burrow_cold: Value,
     /// Empty with `--no-peers`.
     pub peers: Vec<PeerRow>,
+    /// The server's stages per operation (`breakdown.rs`).
+    pub breakdown: Vec<super::breakdown::OpBreakdown>,
 }
 
 const MEASURE_W: usize = 44;
@@ -139,6 +146,7 @@ fn figures(v: &Value) -> String {
             "{:>SPAN_W$} {n:>N_W$}",
             format!("{mib_per_sandbox:.2} MiB/sandbox")
         ),
+        Value::PerOp { ms, n } => format!("{:>SPAN_W$} {n:>N_W$}", format!("{ms:.2} ms each")),
         Value::Unavailable { reason } => format!("{:>SPAN_W$} {:>N_W$}", reason, "-"),
     }
 }

@@ -515,20 +515,22 @@ pub fn cached_install(
 /// A venv at `cache/name` (made with Debian's python3) with `requirement` installed from PyPI.
 /// None, with the reason printed, when PyPI cannot be reached.
 pub fn pip_venv(cache: &Path, name: &str, requirement: &str) -> Option<PathBuf> {
+    pip_venv_all(cache, name, &[requirement])
+}
+
+/// [`pip_venv`] with several requirements installed together (pinning a dependency too).
+pub fn pip_venv_all(cache: &Path, name: &str, requirements: &[&str]) -> Option<PathBuf> {
     cached_install(cache, name, |venv| {
-        let text = |o: &Output| {
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        };
         let o = Command::new("/usr/bin/python3")
             .args(["-m", "venv"])
             .arg(venv)
             .output()
             .expect("run python3 -m venv (scripts/deps installs python3-venv)");
-        assert!(o.status.success(), "python3 -m venv failed:\n{}", text(&o));
+        assert!(
+            o.status.success(),
+            "python3 -m venv failed:\n{}",
+            output_text(&o)
+        );
         let o = Command::new(venv.join("bin/python"))
             .args([
                 "-m",
@@ -536,20 +538,74 @@ pub fn pip_venv(cache: &Path, name: &str, requirement: &str) -> Option<PathBuf> 
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
-                requirement,
             ])
+            .args(requirements)
             .output()
             .expect("run pip");
-        if o.status.success() {
-            return true;
-        }
-        let log = text(&o);
-        if registry_unreachable(&log) {
-            eprintln!("skipping: PyPI is unreachable, cannot install {requirement}:\n{log}");
-            return false;
-        }
-        panic!("pip install {requirement} failed:\n{log}");
+        installed(&o, &format!("pip install {}", requirements.join(" ")))
     })
+}
+
+/// Whether an install from a registry (`what`) succeeded: false, saying why, when the registry
+/// cannot be reached (the test then skips); any other failure fails the test.
+pub fn installed(o: &Output, what: &str) -> bool {
+    if o.status.success() {
+        return true;
+    }
+    let log = output_text(o);
+    if registry_unreachable(&log) {
+        eprintln!("skipping: the registry is unreachable, {what} failed:\n{log}");
+        return false;
+    }
+    panic!("{what} failed:\n{log}");
+}
+
+/// A finished command's stdout and stderr, as text.
+pub fn output_text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The repository's root (scripts, tests/e2b, images).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+// ---- the E2B SDKs against a test server ----
+
+/// A user whose API key has E2B's shape, and the three variables docs/e2b.md tells users to set.
+pub async fn e2b_env(srv: &TestServer, name: &str) -> Vec<(String, String)> {
+    let created = srv
+        .client()
+        .create_user_with(name, Some("pro"), true)
+        .await
+        .expect("create a user with an e2b_ key");
+    let key = created["api_key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("e2b_"), "key shape: {key}");
+    vec![
+        ("E2B_API_URL".into(), srv.url.clone()),
+        ("E2B_SANDBOX_URL".into(), srv.url.clone()),
+        ("E2B_API_KEY".into(), key),
+    ]
+}
+
+/// Runs an SDK script with exactly `env` of the E2B variables (none inherited from the caller's
+/// shell: `E2B_DEBUG` or `E2B_DOMAIN` there would send the SDK elsewhere).
+pub fn run_with(mut cmd: Command, env: &[(String, String)]) -> Output {
+    for k in [
+        "E2B_DOMAIN",
+        "E2B_DEBUG",
+        "E2B_ACCESS_TOKEN",
+        "E2B_HTTP_VERSION",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run the SDK script")
 }
 
 impl TestServer {

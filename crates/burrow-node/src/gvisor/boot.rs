@@ -20,6 +20,7 @@
 //! The host never follows a path under the sandbox's root: `/etc/hostname`, `hosts` and
 //! `resolv.conf` are replaced through a descriptor opened with `RESOLVE_IN_ROOT`.
 
+use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -27,14 +28,14 @@ use std::process::Command;
 
 use burrow_linux::cgroup::Cgroups;
 use burrow_linux::fs::{open_in_root, replace_file};
-use burrow_linux::{loopdev, sys};
+use burrow_linux::sys;
 use burrow_types::Limits;
 use nix::fcntl::OFlag;
 use nix::mount::{mount, MsFlags};
 use rustix::fs::OFlags;
 use serde::{Deserialize, Serialize};
 
-use crate::namespace::init::{make_disk, prepare_disk, resolv_conf, wire_network, Ctx, Result};
+use crate::namespace::init::{resolv_conf, wire_network, Ctx, Result};
 use crate::network::NetSpec;
 
 /// What the backend sends `__gvisor` on stdin.
@@ -45,6 +46,8 @@ pub(crate) struct BootRequest {
     pub limits: Limits,
     pub sandbox_dir: PathBuf,
     pub image_root: PathBuf,
+    /// The sandbox's volume, made (or opened) by the backend.
+    pub volume: burrow_storage::Volume,
     pub net: Option<NetSpec>,
     /// The whole `runsc` command line (global flags, `run` or `restore`, its flags, the id),
     /// without the binary.
@@ -64,9 +67,30 @@ const RUNSC_LOG: &str = "runsc.log";
 /// Stands for `/proc/<pid>/ns/net` of the child that runs `runsc`, unknown until it exists.
 pub(crate) const NETNS_PLACEHOLDER: &str = "@netns@";
 
-/// Entry point of `burrow __gvisor`.
+/// Entry point of `burrow __gvisor`: the request as JSON on stdin; the error on stderr and exit
+/// status 1.
 pub fn main() -> ! {
-    crate::namespace::init::helper_main(boot)
+    let mut input = String::new();
+    // If the server dies mid-create, this half-built sandbox must not be finished behind the back
+    // of the next server's clean-up.
+    let result = sys::die_with_parent()
+        .ctx(|| "PR_SET_PDEATHSIG".into())
+        .and_then(|_| {
+            std::io::stdin()
+                .read_to_string(&mut input)
+                .ctx(|| "reading the request".into())
+        })
+        .and_then(|_| {
+            serde_json::from_str::<BootRequest>(&input).ctx(|| "parsing the request".into())
+        })
+        .and_then(|req| boot(&req));
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 fn boot(req: &BootRequest) -> Result<()> {
@@ -74,10 +98,6 @@ fn boot(req: &BootRequest) -> Result<()> {
     std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .ctx(|| "chmod sandbox dir".into())?;
-    let img = dir.join("disk.img");
-    if !img.exists() {
-        make_disk(req.limits.disk_mib, &img)?;
-    }
     let (cpu_millis, memory_bytes, pids) = req.cgroup_limits;
     let cgroups = Cgroups::host();
     cgroups
@@ -108,28 +128,22 @@ fn boot(req: &BootRequest) -> Result<()> {
     for d in ["disk", "root", "bundle", "sock"] {
         std::fs::create_dir_all(d).ctx(|| format!("creating {d} in {}", dir.display()))?;
     }
-    let lo = loopdev::attach(&img).ctx(|| "attaching the disk to a loop device".into())?;
-    mount(
-        Some(&lo.path),
-        "disk",
-        Some("ext4"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .ctx(|| format!("mounting {}", lo.path.display()))?;
-    let dev = std::fs::metadata(&lo.path)
-        .map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev()))
-        })
-        .ctx(|| format!("reading the device number of {}", lo.path.display()))?;
-    drop(lo);
-    cgroups
-        .set_io(&req.id, dev, crate::namespace::init::io_limits(&req.limits))
-        .ctx(|| "throttling the disk".into())?;
     // Root inside a gVisor sandbox is host root to the gofer: the layers keep host ids as they
     // are, with `user` (1000) owning the workspace.
-    prepare_disk(Path::new("disk"), 0, crate::namespace::USER_UID)?;
+    let owners = burrow_storage::Owners {
+        root: 0,
+        user: crate::namespace::USER_UID,
+    };
+    let attached = req
+        .volume
+        .attach(Path::new("disk"), owners)
+        .map_err(|e| crate::backend::error_text(&e))
+        .ctx(|| "attaching the sandbox's volume".into())?;
+    if let Some(dev) = attached.device {
+        cgroups
+            .set_io(&req.id, dev, crate::namespace::init::io_limits(&req.limits))
+            .ctx(|| "throttling the disk".into())?;
+    }
     let lower = format!("lowerdir={}", req.image_root.display());
     mount(
         Some("overlay"),

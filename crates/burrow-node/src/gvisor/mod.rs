@@ -69,21 +69,19 @@ pub struct GvisorConfig {
     pub data_dir: PathBuf,
     /// The `burrow` binary, re-executed as `burrow __gvisor`.
     pub init_exe: PathBuf,
-    pub guest_exe: PathBuf,
     pub runsc: PathBuf,
     /// `ptrace` (works everywhere) or `kvm` (needs hardware virtualisation).
     pub platform: String,
 }
 
 impl GvisorConfig {
-    /// Defaults: this executable, `burrow-guest` next to it, `runsc` from `/usr/bin` (Debian's
+    /// Defaults: this executable, `runsc` from `/usr/bin` (Debian's
     /// package) or `BURROW_RUNSC`, and the platform from `BURROW_GVISOR_PLATFORM` (`ptrace`).
     pub fn new(data_dir: PathBuf) -> GvisorConfig {
         let ns = crate::namespace::NamespaceConfig::new(data_dir.clone());
         GvisorConfig {
             data_dir,
             init_exe: ns.init_exe,
-            guest_exe: ns.guest_exe,
             runsc: std::env::var_os("BURROW_RUNSC")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/usr/bin/runsc")),
@@ -102,6 +100,8 @@ pub struct GvisorBackend {
     guest: PathBuf,
     /// The `statx` shim, when the host's C compiler could build it.
     statx_shim: Option<PathBuf>,
+    /// Where sandboxes' volumes live: the namespace backend's storage, shared.
+    storage: std::sync::Arc<dyn burrow_storage::Storage>,
 }
 
 fn host_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
@@ -135,17 +135,18 @@ pub fn unavailable(cfg: &GvisorConfig) -> Option<String> {
 impl GvisorBackend {
     /// Prepares the host: checks runsc and the platform, the shared guest copy, the image and
     /// cgroups. Errors say why the node offers no gVisor tier.
-    pub fn new(cfg: GvisorConfig) -> Result<GvisorBackend, NodeError> {
+    pub fn new(
+        cfg: GvisorConfig,
+        native: &crate::namespace::NamespaceBackend,
+    ) -> Result<GvisorBackend, NodeError> {
         if let Some(why) = unavailable(&cfg) {
             return Err(NodeError::Setup(why));
         }
-        for exe in [&cfg.init_exe, &cfg.guest_exe] {
-            if !exe.is_file() {
-                return Err(NodeError::Setup(format!(
-                    "{} is missing (build every binary: cargo build --workspace)",
-                    exe.display()
-                )));
-            }
+        if !cfg.init_exe.is_file() {
+            return Err(NodeError::Setup(format!(
+                "{} is missing (build every binary: cargo build --workspace)",
+                cfg.init_exe.display()
+            )));
         }
         let base = cfg.data_dir.join("gvisor");
         let state_root = base.join("runsc");
@@ -156,7 +157,7 @@ impl GvisorBackend {
         // keep the file they bound, which a rename does not change.
         let guest = base.join("burrow-guest");
         let tmp = base.join(".burrow-guest.new");
-        std::fs::copy(&cfg.guest_exe, &tmp).map_err(host_err("copying the guest agent"))?;
+        std::fs::write(&tmp, crate::STATIC_GUEST).map_err(host_err("writing the guest agent"))?;
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o555))
             .map_err(host_err("chmod the guest agent"))?;
         std::fs::rename(&tmp, &guest).map_err(host_err("installing the guest agent"))?;
@@ -180,6 +181,7 @@ impl GvisorBackend {
             state_root,
             guest,
             statx_shim,
+            storage: native.storage().clone(),
         })
     }
 
@@ -190,6 +192,17 @@ impl GvisorBackend {
     /// Whether sandbox `id` of the node with data directory `data_dir` is a gVisor one.
     pub fn owns(data_dir: &Path, id: &str) -> bool {
         data_dir.join("sandboxes").join(id).join(MARKER).exists()
+    }
+
+    /// Sandbox `id`'s existing volume; `DiskMissing` when it has none.
+    fn volume_of(&self, id: &str) -> Result<burrow_storage::Volume, NodeError> {
+        match self.storage.open(id) {
+            Ok(v) => Ok(v),
+            Err(burrow_storage::StorageError::VolumeNotFound(_)) => {
+                Err(NodeError::DiskMissing(self.sandbox_dir(id)))
+            }
+            Err(e) => Err(crate::storage::node_err(id, e)),
+        }
     }
 
     fn checkpoint_dir(&self, id: &str) -> PathBuf {
@@ -304,7 +317,12 @@ impl GvisorBackend {
 
     /// The host side of a sandbox: cgroups, disk, root, bundle, network; then `runsc run` (or
     /// `restore` from `checkpoint/`) through `burrow __gvisor`.
-    fn run_boot(&self, spec: &SandboxSpec, restore: bool) -> Result<(), NodeError> {
+    fn run_boot(
+        &self,
+        spec: &SandboxSpec,
+        volume: &burrow_storage::Volume,
+        restore: bool,
+    ) -> Result<(), NodeError> {
         let with_net = spec.net.is_some();
         let mut args = self.runsc_args(with_net);
         let bundle = self.sandbox_dir(&spec.id).join("bundle");
@@ -329,6 +347,7 @@ impl GvisorBackend {
             limits: spec.limits.clone(),
             sandbox_dir: self.sandbox_dir(&spec.id),
             image_root: self.image_root.clone(),
+            volume: volume.clone(),
             net: spec.net.clone(),
             runsc: self.cfg.runsc.clone(),
             args,
@@ -341,8 +360,7 @@ impl GvisorBackend {
         };
         let body = serde_json::to_vec(&req)
             .map_err(|e| NodeError::Setup(format!("encoding the boot request: {e}")))?;
-        crate::namespace::run_helper(&self.cfg.init_exe, "__gvisor", &body, &spec.id)?;
-        Ok(())
+        run_helper(&self.cfg.init_exe, "__gvisor", &body, &spec.id)
     }
 
     /// Boots (or restores) and waits for the guest. On failure everything started is stopped;
@@ -350,6 +368,7 @@ impl GvisorBackend {
     fn boot(
         &self,
         spec: &SandboxSpec,
+        volume: &burrow_storage::Volume,
         fresh: bool,
         restore: bool,
     ) -> Result<RuntimeInfo, NodeError> {
@@ -382,7 +401,7 @@ impl GvisorBackend {
             .map_err(host_err("marking the sandbox as gVisor's"))?;
         // A container of this id left by an earlier run (a crash, a checkpoint) must go first.
         let _ = self.runsc(spec.net.is_some(), &["delete", "--force", &spec.id]);
-        match self.run_boot(spec, restore) {
+        match self.run_boot(spec, volume, restore) {
             Ok(()) => {}
             Err(e @ NodeError::DiskBusy(_)) => return Err(e),
             Err(e) => return Err(undo(e)),
@@ -519,6 +538,10 @@ impl GvisorBackend {
     }
 
     fn disk_devices(&self, id: &str) -> Vec<String> {
+        // A btrfs volume has no device of its own.
+        if self.storage.kind() != burrow_storage::Kind::Ext4 {
+            return Vec::new();
+        }
         match loopdev::FileId::of(&self.sandbox_dir(id).join("disk.img")) {
             Ok(file) => loopdev::devices_backing(file),
             Err(_) => loopdev::devices_backed_by(&format!("/sandboxes/{id}/")),
@@ -555,6 +578,39 @@ fn build_shim(dir: &Path) -> Result<PathBuf, String> {
         .map_err(|e| format!("chmod the shim: {e}"))?;
     std::fs::rename(&tmp, &out).map_err(|e| format!("installing the shim: {e}"))?;
     Ok(out)
+}
+
+/// Runs `burrow __gvisor` with `body` on its stdin. Its error text becomes the error: a full data
+/// filesystem as `NoSpace`, a disk attached elsewhere as `DiskBusy`.
+fn run_helper(exe: &Path, arg: &str, body: &[u8], id: &str) -> Result<(), NodeError> {
+    let mut child = Command::new(exe)
+        .arg(arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .spawn()
+        .map_err(host_err(format!("starting {} {arg}", exe.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(body)
+            .map_err(host_err(format!("writing the {arg} request")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(host_err(format!("waiting for {arg}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if msg.contains(&std::io::Error::from_raw_os_error(libc::ENOSPC).to_string()) {
+        return Err(NodeError::NoSpace(msg));
+    }
+    if msg.contains("is already attached to") || msg.contains("is still attached to") {
+        return Err(NodeError::DiskBusy(id.to_string()));
+    }
+    Err(NodeError::Setup(format!("gVisor: {msg}")))
 }
 
 fn first_line(b: &[u8]) -> String {
@@ -620,22 +676,26 @@ impl Backend for GvisorBackend {
     }
 
     fn create(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
-        let fresh = !self.sandbox_dir(&spec.id).join("disk.img").exists();
+        let limit = spec.limits.disk_mib.saturating_mul(1024 * 1024);
+        let (volume, fresh) = match self.storage.create(&spec.id, limit) {
+            Ok(v) => (v, true),
+            Err(burrow_storage::StorageError::VolumeExists(_)) => {
+                (self.volume_of(&spec.id)?, false)
+            }
+            Err(e) => return Err(crate::storage::node_err(&spec.id, e)),
+        };
         // A new sandbox never restores someone's checkpoint.
         let _ = std::fs::remove_dir_all(self.checkpoint_dir(&spec.id));
-        self.boot(spec, fresh, false)
+        self.boot(spec, &volume, fresh, false)
     }
 
     /// A cold start of a stopped sandbox: its checkpoint restored when it has one (processes and
     /// memory come back), fresh processes on its files otherwise, or when the restore fails (a
     /// checkpoint of another runsc version): the files are never lost for a checkpoint.
     fn start(&self, spec: &SandboxSpec) -> Result<RuntimeInfo, NodeError> {
-        let disk = self.sandbox_dir(&spec.id).join("disk.img");
-        if !disk.is_file() {
-            return Err(NodeError::DiskMissing(disk));
-        }
+        let volume = self.volume_of(&spec.id)?;
         if self.checkpointed(&spec.id) {
-            match self.boot(spec, false, true) {
+            match self.boot(spec, &volume, false, true) {
                 Ok(info) => {
                     // Restored: the checkpoint is spent (its processes now run and change).
                     let _ = std::fs::remove_dir_all(self.checkpoint_dir(&spec.id));
@@ -647,11 +707,15 @@ impl Backend for GvisorBackend {
                 }
             }
         }
-        self.boot(spec, false, false)
+        self.boot(spec, &volume, false, false)
     }
 
     fn destroy(&self, id: &str, _info: Option<&RuntimeInfo>) -> Result<(), NodeError> {
         self.halt(id, true)?;
+        // The volume first, the directory last: a directory is how a sandbox is found again.
+        self.storage
+            .destroy(id)
+            .map_err(|e| crate::storage::node_err(id, e))?;
         let dir = self.sandbox_dir(id);
         match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NodeError::Host {

@@ -4,7 +4,8 @@
 //!
 //! - **`__init`** (host root) prepares what needs host privileges, in a private mount namespace
 //!   (nothing is mounted on the host; everything disappears with the sandbox's last process): the
-//!   ext4 disk on a loop device, the cgroups (with the disk's I/O throttle), the guest's listening
+//!   sandbox's volume (`burrow_storage::Volume::attach`: a bind of its btrfs subvolume, or its
+//!   ext4 image on a loop device), the cgroups (with the disk's I/O throttle), the guest's listening
 //!   socket, and the root: an overlay of the image, idmapped to the sandbox's user namespace (its
 //!   files belong to root inside without a single chown), over the sandbox's own upper layer; the
 //!   host's `/usr` (idmapped, read-only), `/workspace` and an empty read-only `/run/burrow` are
@@ -32,14 +33,14 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burrow_linux::cgroup::{Cgroups, IoLimits};
 use burrow_linux::fs::{fd_path, mount_point, open_in_root, replace_file};
-use burrow_linux::{caps, loopdev, mount as dmount, proc, seccomp, sys};
+use burrow_linux::{caps, mount as dmount, proc, seccomp, sys};
 use burrow_types::Limits;
 use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -58,6 +59,8 @@ pub(crate) struct InitRequest {
     pub limits: Limits,
     pub env: BTreeMap<String, String>,
     pub sandbox_dir: PathBuf,
+    /// The sandbox's volume, made (or opened) by the backend.
+    pub volume: burrow_storage::Volume,
     pub image_root: PathBuf,
     /// Where to open the server's sealed copy of the guest agent (`/proc/<server>/fd/<n>`).
     pub guest_fd: PathBuf,
@@ -71,6 +74,41 @@ pub(crate) struct InitRequest {
 pub(crate) struct InitReply {
     pub pid: u32,
     pub pid_start: u64,
+    /// How long each stage of the build took, in microseconds, in order.
+    #[serde(default)]
+    pub stages: Vec<(String, u64)>,
+    /// CPU time (user + system, microseconds) `__init` and the children it waited for
+    /// used before it joined the sandbox's cgroups; what came after is charged to them.
+    #[serde(default)]
+    pub cpu_outside_us: u64,
+}
+
+/// Stage timings of one build, reported to the backend.
+#[derive(Default)]
+struct Clock {
+    stages: Vec<(String, u64)>,
+    last: Option<std::time::Instant>,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        Clock {
+            stages: Vec::new(),
+            last: Some(std::time::Instant::now()),
+        }
+    }
+
+    /// Ends stage `name`: it took the time since the previous one ended.
+    fn lap(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last {
+            self.stages.push((
+                name.to_string(),
+                now.duration_since(last).as_micros() as u64,
+            ));
+        }
+        self.last = Some(now);
+    }
 }
 
 /// Ids mapped into each sandbox: 0..65536 inside.
@@ -101,14 +139,6 @@ impl<T, E: std::fmt::Display> Ctx<T> for std::result::Result<T, E> {
 
 /// Entry point of `burrow __init`.
 pub fn main() -> ! {
-    helper_main(build)
-}
-
-/// The body of a setup helper (`__init`, `__gvisor`): the request as JSON on stdin, the reply as
-/// JSON on stdout, or the error on stderr and exit status 1.
-pub(crate) fn helper_main<Req: serde::de::DeserializeOwned, Rep: Serialize>(
-    run: impl FnOnce(&Req) -> Result<Rep>,
-) -> ! {
     let mut input = String::new();
     // If the server dies mid-create, this half-built sandbox must not be finished behind the back of
     // the next server's clean-up.
@@ -119,8 +149,10 @@ pub(crate) fn helper_main<Req: serde::de::DeserializeOwned, Rep: Serialize>(
                 .read_to_string(&mut input)
                 .ctx(|| "reading the request".into())
         })
-        .and_then(|_| serde_json::from_str::<Req>(&input).ctx(|| "parsing the request".into()))
-        .and_then(|req| run(&req));
+        .and_then(|_| {
+            serde_json::from_str::<InitRequest>(&input).ctx(|| "parsing the request".into())
+        })
+        .and_then(|req| build(&req));
     match result {
         Ok(reply) => {
             println!("{}", serde_json::to_string(&reply).unwrap_or_default());
@@ -131,69 +163,6 @@ pub(crate) fn helper_main<Req: serde::de::DeserializeOwned, Rep: Serialize>(
             std::process::exit(1)
         }
     }
-}
-
-pub(crate) fn make_disk(disk_mib: u64, img: &Path) -> Result<()> {
-    let f = std::fs::File::create(img).ctx(|| format!("creating {}", img.display()))?;
-    f.set_len(disk_mib * 1024 * 1024)
-        .ctx(|| "sizing the disk image".into())?;
-    drop(f);
-    // No reserved blocks (the sandbox gets its whole size); lazy inode tables keep mkfs ~10 ms.
-    let out = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-        ])
-        .arg(img)
-        .output()
-        .ctx(|| "running mkfs.ext4 (install e2fsprogs)".into())?;
-    if !out.status.success() {
-        return Err(format!(
-            "mkfs.ext4 failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-/// The disk's top directories: `upper` (the root's writable layer, owned by the sandbox's root),
-/// `work` (overlayfs's) and `workspace` (owned by `user`). Made once, on a fresh disk; the
-/// sandbox never sees the disk's top, so nothing here can be its link, and they are made through
-/// a descriptor of it anyway.
-pub(crate) fn prepare_disk(disk: &Path, base: u32, user: u32) -> Result<()> {
-    let top = rustix::fs::open(
-        disk,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW,
-        Mode::empty(),
-    )
-    .ctx(|| format!("opening {}", disk.display()))?;
-    for (sub, owner, mode) in [
-        ("upper", base, 0o755),
-        ("work", 0, 0o700),
-        ("workspace", user, 0o755),
-    ] {
-        match rustix::fs::mkdirat(&top, sub, Mode::from_raw_mode(mode)) {
-            Err(rustix::io::Errno::EXIST) => continue,
-            r => r.ctx(|| format!("creating the disk's {sub}"))?,
-        }
-        let fd = rustix::fs::openat(
-            &top,
-            sub,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ctx(|| format!("opening the disk's {sub}"))?;
-        let id = Some(rustix::fs::Uid::from_raw(owner));
-        rustix::fs::fchown(&fd, id, Some(rustix::fs::Gid::from_raw(owner)))
-            .ctx(|| format!("chown the disk's {sub}"))?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
-            .ctx(|| format!("chmod the disk's {sub}"))?;
-    }
-    Ok(())
 }
 
 /// The disk's throttle, from the plan.
@@ -231,6 +200,7 @@ fn drain(fd: OwnedFd) -> String {
 /// Host half. Everything it mounts lives in a private mount namespace of this process, which the
 /// sandbox's mount namespace copies; the host's own mount table never changes.
 fn build(req: &InitRequest) -> Result<InitReply> {
+    let mut clock = Clock::start();
     let dir = &req.sandbox_dir;
     let base = req.uid_base;
     let user = base
@@ -247,11 +217,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     if !burrow_linux::fs::is_sealed(&guest) {
         return Err("the guest agent's copy is not sealed".into());
     }
-    let img = dir.join("disk.img");
-    // A sandbox whose disk exists keeps it (a cold start after a host reboot reuses its files).
-    if !img.exists() {
-        make_disk(req.limits.disk_mib, &img)?;
-    }
+    clock.lap("init-start");
 
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .ctx(|| "unshare(CLONE_NEWNS)".into())?;
@@ -269,32 +235,34 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         std::fs::create_dir_all(dir.join(d))
             .ctx(|| format!("creating {d} in {}", dir.display()))?;
     }
-    let lo = loopdev::attach(&img).ctx(|| "attaching the disk to a loop device".into())?;
-    mount(
-        Some(&lo.path),
-        &disk,
-        Some("ext4"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .ctx(|| format!("mounting {}", lo.path.display()))?;
-    let dev = std::fs::metadata(&lo.path)
-        .map(|m| (rustix::fs::major(m.rdev()), rustix::fs::minor(m.rdev())))
-        .ctx(|| format!("reading the device number of {}", lo.path.display()))?;
-    drop(lo);
-    prepare_disk(&disk, base, user)?;
+    // The volume's top directories (`upper`, `work`, `workspace`) appear under `disk`, owned by
+    // the sandbox's root and user.
+    let owners = burrow_storage::Owners { root: base, user };
+    let attached = req
+        .volume
+        .attach(&disk, owners)
+        .map_err(|e| crate::backend::error_text(&e))
+        .ctx(|| "attaching the sandbox's volume".into())?;
+    clock.lap("init-disk");
 
     let cgroups = Cgroups::host();
     cgroups
         .create(&req.id, super::cgroup_limits(&req.limits))
         .ctx(|| "creating cgroups".into())?;
-    cgroups
-        .set_io(&req.id, dev, io_limits(&req.limits))
-        .ctx(|| "throttling the disk".into())?;
+    if let Some(dev) = attached.device {
+        cgroups
+            .set_io(&req.id, dev, io_limits(&req.limits))
+            .ctx(|| "throttling the disk".into())?;
+    }
+    // What this process (and any child it waited for) used so far is charged to no sandbox
+    // cgroup: count it now.
+    let cpu_outside = crate::timing::rusage_cpu(libc::RUSAGE_SELF)
+        + crate::timing::rusage_cpu(libc::RUSAGE_CHILDREN);
     // Join first, so the sandbox's cgroup namespace is rooted at its own cgroup.
     cgroups
         .join(&req.id, std::process::id())
         .ctx(|| "joining the sandbox cgroups".into())?;
+    clock.lap("init-cgroups");
 
     let sock = dir.join("guest.sock");
     let _ = std::fs::remove_file(&sock);
@@ -362,6 +330,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
     if !read_exact_or_eof(&up_r, &mut b) || b != *b"u" {
         return Err(helper_died(&mut go, err_r));
     }
+    clock.lap("init-userns");
     let userns = match sys::write_id_maps(helper, base, ID_RANGE)
         .and_then(|_| std::fs::File::open(format!("/proc/{helper}/ns/user")))
     {
@@ -379,6 +348,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
         return Err(fail(e, &mut go, helper_pid, pid1));
     }
     drop(userns);
+    clock.lap("init-overlay");
     if let Err(e) = nix::unistd::write(&mapped_w, b"m") {
         return Err(fail(
             format!("releasing the helper: {e}"),
@@ -404,6 +374,7 @@ fn build(req: &InitRequest) -> Result<InitReply> {
             return Err(fail(msg, &mut go, helper_pid, pid1));
         }
     }
+    clock.lap("init-namespaces");
     // The network is wired before the sandbox runs anything of its own.
     if let Some(net) = &req.net {
         if let Err(e) = wire_network(pid as u32, net) {
@@ -414,6 +385,9 @@ fn build(req: &InitRequest) -> Result<InitReply> {
                 pid1,
             ));
         }
+    }
+    if req.net.is_some() {
+        clock.lap("init-network");
     }
     if let Some(go_w) = &go {
         if let Err(e) = nix::unistd::write(go_w, b"g") {
@@ -435,12 +409,15 @@ fn build(req: &InitRequest) -> Result<InitReply> {
             pid1,
         ));
     }
+    clock.lap("init-pid1-setup");
     let pid_start =
         proc::start_time(pid as u32).ok_or_else(|| "the sandbox exited at once".to_string())?;
     let _ = std::io::stdout().flush();
     Ok(InitReply {
         pid: pid as u32,
         pid_start,
+        stages: clock.stages,
+        cpu_outside_us: cpu_outside.as_micros() as u64,
     })
 }
 

@@ -72,7 +72,12 @@ pub async fn create_user(
             e.to_string(),
         )
     };
-    if store.user_by_name(&req.name).map_err(internal)?.is_some() {
+    if store
+        .user_by_name(&req.name)
+        .await
+        .map_err(internal)?
+        .is_some()
+    {
         return Err(HttpError::new(
             StatusCode::CONFLICT,
             codes::ALREADY_EXISTS,
@@ -81,6 +86,7 @@ pub async fn create_user(
     }
     let user = store
         .create_user(&auth::new_id(16), &req.name, &plan, false)
+        .await
         .map_err(internal)?;
     let key = match req.key_style.unwrap_or_default() {
         KeyStyle::Burrow => auth::generate_key(),
@@ -93,6 +99,7 @@ pub async fn create_user(
             &auth::hash_key(&key),
             &auth::key_display_prefix(&key),
         )
+        .await
         .map_err(internal)?;
     Ok((
         StatusCode::CREATED,
@@ -149,6 +156,7 @@ pub async fn update_user(
         .control
         .store()
         .set_user_plan(&name, &req.plan)
+        .await
         .map_err(crate::control::ControlError::from)?
         .ok_or_else(|| {
             HttpError::new(

@@ -268,7 +268,7 @@ pub async fn terminal(
         ..Default::default()
     };
     let spec = spec_of(req, None)?;
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.guest(&user, &id).await?;
     let mut spec = cap_timeout(spec, &rec);
     spec.stdin = true;
     Ok(upgrade.on_upgrade(move |socket| async move {
@@ -304,7 +304,14 @@ pub async fn start_process(
     let mut spec = cap_timeout(spec, &rec);
     spec.background = true;
     spec.stdin = true;
-    let (_input, mut output) = guest.exec_stream(spec).await.map_err(start_error)?;
+    let (_input, mut output) = s
+        .control
+        .while_running(&id, guest.exec_stream(spec))
+        .await
+        .map_err(|e| match e {
+            ControlError::Guest(g) => start_error(g),
+            e => e.into(),
+        })?;
     match output.next().await? {
         Some(ExecEvent::Started { pid }) => Ok((StatusCode::CREATED, Json(Started { pid }))),
         _ => Err(HttpError::new(
@@ -321,8 +328,10 @@ pub async fn list_processes(
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Vec<ProcessInfo>>, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
-    Ok(Json(guest.list_processes().await?))
+    let (_, guest) = s.control.guest(&user, &id).await?;
+    Ok(Json(
+        s.control.while_running(&id, guest.list_processes()).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -363,8 +372,8 @@ async fn signal(
     pid: u32,
     sig: i32,
 ) -> Result<StatusCode, HttpError> {
-    let (_, guest) = s.control.guest(user, id)?;
-    guest.signal(pid, sig).await?;
+    let (_, guest) = s.control.guest(user, id).await?;
+    s.control.while_running(id, guest.signal(pid, sig)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -377,8 +386,8 @@ pub async fn attach(
     ApiPath((id, pid)): ApiPath<(String, u32)>,
     Upgrade(upgrade): Upgrade,
 ) -> Result<Response, HttpError> {
-    let (_, guest) = s.control.guest(&user, &id)?;
+    let (_, guest) = s.control.guest(&user, &id).await?;
     // Attach before upgrading so an unknown pid is a plain 404.
-    let (input, output) = guest.attach(pid).await?;
+    let (input, output) = s.control.while_running(&id, guest.attach(pid)).await?;
     Ok(upgrade.on_upgrade(move |socket| ws::pump(socket, input, output)))
 }

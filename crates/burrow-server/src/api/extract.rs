@@ -37,7 +37,7 @@ impl FromRequestParts<AppState> for Caller {
                 "missing API key: send `Authorization: Bearer <key>`",
             ));
         };
-        match state.control.store().user_by_key_hash(&hash_key(key)) {
+        match state.control.store().user_by_key_hash(&hash_key(key)).await {
             Ok(Some(user)) => Ok(Caller(user)),
             Ok(None) => Err(unauthorized("invalid API key")),
             // Keys are read from a WAL reader, so only a database that cannot be read at all

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exec;
 pub mod extract;
 pub mod files;
+pub mod images;
 pub mod network;
 pub mod openapi;
 pub mod pools;
@@ -56,7 +57,11 @@ pub fn router(state: AppState) -> Router {
 pub fn router_with(state: AppState, claims: ports::HostClaims) -> Router {
     let host_state = (state.clone(), claims);
     Router::new()
-        .fallback_service(api_router(state))
+        .fallback_service(api_router(state.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            crate::e2b::route_by_port_header,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             host_state,
             ports::host_router,
@@ -139,6 +144,7 @@ fn api_router(state: AppState) -> Router {
         )
         .nest("/v1/sandboxes/{id}", sandbox)
         .merge(crate::e2b::router())
+        .merge(images::router())
         .fallback(|| async {
             HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such route")
         })
@@ -150,6 +156,7 @@ fn api_router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        .layer(axum::middleware::from_fn(crate::server_timing::layer))
         .layer(CatchPanicLayer::custom(|_| {
             HttpError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -185,7 +192,7 @@ pub struct DatabaseHealth {
 /// unwritable).
 #[utoipa::path(get, path = "/v1/health", security(()), responses((status = 200, body = Health)))]
 pub async fn health(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Health> {
-    let db = state.control.store().health();
+    let db = state.control.store().health().await;
     let problems: Vec<ApiError> = db
         .problem
         .iter()

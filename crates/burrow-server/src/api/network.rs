@@ -33,7 +33,7 @@ pub async fn patch_network(
     Path(id): Path<String>,
     ApiJson(patch): ApiJson<NetworkPatch>,
 ) -> Result<Json<Sandbox>, HttpError> {
-    let current = s.control.get(&user, &id)?;
+    let current = s.control.get(&user, &id).await?;
     let policy = current
         .network
         .map(|n| n.policy.patched(&patch))
@@ -70,13 +70,11 @@ pub async fn get_port(
     headers: HeaderMap,
 ) -> Result<Json<PortInfo>, HttpError> {
     let port = super::ports::parse_port(&port)?;
-    Ok(Json(s.control.port_info_for(
-        &user,
-        &id,
-        port,
-        &base_url(&headers),
-        q.signed_ttl_s,
-    )?))
+    Ok(Json(
+        s.control
+            .port_info_for(&user, &id, port, &base_url(&headers), q.signed_ttl_s)
+            .await?,
+    ))
 }
 
 /// Make a port public (no token needed through the proxy) or private.

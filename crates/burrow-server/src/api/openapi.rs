@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, callbacks, exec, files, network, pools, quotas, sandboxes, AppState};
+use super::{admin, callbacks, exec, files, images, network, pools, quotas, sandboxes, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,7 @@ use super::{admin, callbacks, exec, files, network, pools, quotas, sandboxes, Ap
         quotas::get_quota, quotas::put_quota, quotas::delete_quota,
         files::download, files::upload, files::stat, files::list, files::mkdir, files::rename, files::remove,
         network::put_network, network::patch_network, network::get_port, network::put_port, network::firewall,
+        images::list_images, images::pull_image, images::import_image, images::get_image, images::delete_image,
     ),
     modifiers(&BearerAuth),
     security(("api_key" = [])),

@@ -20,7 +20,7 @@ pub async fn list_pools(
     State(s): State<AppState>,
     Caller(_caller): Caller,
 ) -> Result<Json<Vec<PoolStatus>>, HttpError> {
-    Ok(Json(s.control.pools()?))
+    Ok(Json(s.control.pools().await?))
 }
 
 /// Create or resize a warm pool (admins only). Creates whose image matches, and whose plan has the
@@ -34,7 +34,7 @@ pub async fn put_pool(
     ApiJson(spec): ApiJson<PoolSpec>,
 ) -> Result<Json<PoolStatus>, HttpError> {
     require_admin(&user)?;
-    Ok(Json(s.control.put_pool(&name, spec)?))
+    Ok(Json(s.control.put_pool(&name, spec).await?))
 }
 
 /// Delete a warm pool and its unclaimed sandboxes (admins only).
@@ -66,11 +66,12 @@ pub fn serve_exporter(handle: PrometheusHandle) {
 /// comes from the global recorder the binary installed.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition")))]
 pub async fn metrics(State(s): State<AppState>) -> Result<impl IntoResponse, HttpError> {
-    let pools = s.control.pools()?;
+    let pools = s.control.pools().await?;
     let states = s
         .control
         .store()
         .state_counts()
+        .await
         .map_err(crate::control::ControlError::from)?;
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();

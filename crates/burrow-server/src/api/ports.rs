@@ -221,7 +221,7 @@ fn no_rights() -> HttpError {
 /// against the requested id alone (they are HMACs of it), so their answer is the same whether
 /// or not the sandbox exists; an API key needs the owner, and a valid key of anyone else gets
 /// the same 404 as an id that never existed.
-fn authorize(
+async fn authorize(
     control: &Control,
     id: &str,
     port: u16,
@@ -235,7 +235,7 @@ fn authorize(
     }
     let mut valid_key = false;
     for key in &creds.keys {
-        match control.store().user_by_key_hash(&hash_key(key)) {
+        match control.store().user_by_key_hash(&hash_key(key)).await {
             Ok(Some(user)) if owner.is_some_and(|(o, _)| o == user.id) => return Ok(()),
             Ok(Some(_)) => valid_key = true,
             Ok(None) => {}
@@ -273,17 +273,20 @@ fn authorize(
 /// Whether an `Authorization` value carries one of burrow's credentials (then it never reaches
 /// the sandbox): an API key of any user, this sandbox's access token, or anything shaped like
 /// burrow's keys and tokens (a revoked key is still a secret).
-fn is_burrow_credential(control: &Control, id: &str, value: &str) -> bool {
+async fn is_burrow_credential(control: &Control, id: &str, value: &str) -> bool {
     let v = value.trim_matches([' ', '\t']);
     let cred = bearer_credential(v).unwrap_or(v);
     let expected = control.access_token(id);
-    cred.starts_with(crate::auth::KEY_PREFIX)
+    if cred.starts_with(crate::auth::KEY_PREFIX)
         || cred.starts_with("bst_")
         || Control::token_matches(&expected, cred)
-        || matches!(
-            control.store().user_by_key_hash(&hash_key(cred)),
-            Ok(Some(_))
-        )
+    {
+        return true;
+    }
+    matches!(
+        control.store().user_by_key_hash(&hash_key(cred)).await,
+        Ok(Some(_))
+    )
 }
 
 /// Headers that only ever carry burrow's (or E2B's) credentials, or are addressed to the proxy
@@ -347,9 +350,9 @@ async fn proxy_inner(
     let creds = Credentials::of(req.headers(), &ours);
     // Authenticate first: who may use this port is settled before the sandbox's state is looked
     // at or its idle clock touched.
-    let found = state.control.port_lookup(id, port)?;
+    let found = state.control.port_lookup(id, port).await?;
     let owner = found.as_ref().map(|t| (t.owner_id.as_str(), t.public));
-    authorize(&state.control, id, port, owner, &creds)?;
+    authorize(&state.control, id, port, owner, &creds).await?;
     let target = state.control.port_target(found)?;
     let port = u32::from(port);
 
@@ -391,11 +394,14 @@ async fn proxy_inner(
         if CREDENTIAL_HEADERS.contains(&name) {
             continue;
         }
-        if name == "authorization"
-            && v.to_str()
-                .map_or(true, |v| is_burrow_credential(&state.control, id, v))
-        {
-            continue;
+        if name == "authorization" {
+            let burrows = match v.to_str() {
+                Ok(v) => is_burrow_credential(&state.control, id, v).await,
+                Err(_) => true,
+            };
+            if burrows {
+                continue;
+            }
         }
         headers.append(k.clone(), v.clone());
     }
@@ -476,7 +482,9 @@ mod tests {
     }
 
     fn state() -> AppState {
-        let store = Arc::new(burrow_store::Store::open_in_memory().unwrap());
+        let store = burrow_store::AsyncStore::new(Arc::new(
+            burrow_store_sqlite::SqliteStore::open_in_memory().unwrap(),
+        ));
         let control = Control::new(store, Arc::new(NoBackend), burrow_types::Plan::defaults())
             .with_domain(Some("sb.test".into()));
         AppState {

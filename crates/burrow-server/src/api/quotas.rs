@@ -36,21 +36,22 @@ pub struct QuotaUsage {
     pub disk_mib: u64,
 }
 
-fn user_named(s: &AppState, name: &str) -> Result<User, HttpError> {
+async fn user_named(s: &AppState, name: &str) -> Result<User, HttpError> {
     s.control
         .store()
-        .user_by_name(name)?
+        .user_by_name(name)
+        .await?
         .ok_or_else(|| HttpError::new(StatusCode::NOT_FOUND, codes::NOT_FOUND, "no such user"))
 }
 
-fn status(s: &AppState, user: &User) -> Result<QuotaStatus, HttpError> {
+async fn status(s: &AppState, user: &User) -> Result<QuotaStatus, HttpError> {
     let plan_quota = s.control.plan_quota(&user.plan).unwrap_or_default();
-    let user_override = s.control.store().user_quota(&user.id)?;
-    let usage = s.control.store().usage_of(&user.id, &[])?;
+    let user_override = s.control.store().user_quota(&user.id).await?;
+    let usage = s.control.store().usage_of(&user.id, &[]).await?;
     Ok(QuotaStatus {
         user: user.name.clone(),
         plan: user.plan.clone(),
-        effective: s.control.quota_of(user)?,
+        effective: s.control.quota_of(user).await?,
         plan_quota,
         user_override,
         usage: QuotaUsage {
@@ -71,8 +72,8 @@ pub async fn get_quota(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<QuotaStatus>, HttpError> {
     require_admin(&caller)?;
-    let user = user_named(&s, &name)?;
-    Ok(Json(status(&s, &user)?))
+    let user = user_named(&s, &name).await?;
+    Ok(Json(status(&s, &user).await?))
 }
 
 /// Set a user's quota override (admins only): its fields replace the plan's; fields left out
@@ -90,9 +91,12 @@ pub async fn put_quota(
     if let Some((field, max)) = quota.out_of_range() {
         return Err(HttpError::out_of_range(field, 0, max));
     }
-    let user = user_named(&s, &name)?;
-    s.control.store().set_user_quota(&user.id, Some(&quota))?;
-    Ok(Json(status(&s, &user)?))
+    let user = user_named(&s, &name).await?;
+    s.control
+        .store()
+        .set_user_quota(&user.id, Some(&quota))
+        .await?;
+    Ok(Json(status(&s, &user).await?))
 }
 
 /// Remove a user's quota override: the plan's quota applies again (admins only).
@@ -105,7 +109,7 @@ pub async fn delete_quota(
     ApiPath(name): ApiPath<String>,
 ) -> Result<Json<QuotaStatus>, HttpError> {
     require_admin(&caller)?;
-    let user = user_named(&s, &name)?;
-    s.control.store().set_user_quota(&user.id, None)?;
-    Ok(Json(status(&s, &user)?))
+    let user = user_named(&s, &name).await?;
+    s.control.store().set_user_quota(&user.id, None).await?;
+    Ok(Json(status(&s, &user).await?))
 }

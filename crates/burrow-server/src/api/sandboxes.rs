@@ -53,7 +53,7 @@ pub async fn list_sandboxes(
     State(s): State<AppState>,
     Caller(user): Caller,
 ) -> Result<Json<Vec<Sandbox>>, HttpError> {
-    Ok(Json(s.control.list(&user)?))
+    Ok(Json(s.control.list(&user).await?))
 }
 
 #[utoipa::path(get, path = "/v1/sandboxes/{id}", tag = "sandboxes",
@@ -63,7 +63,7 @@ pub async fn get_sandbox(
     Caller(user): Caller,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Sandbox>, HttpError> {
-    Ok(Json(s.control.get(&user, &id)?))
+    Ok(Json(s.control.get(&user, &id).await?))
 }
 
 /// Destroy a sandbox: every process ends and its files are deleted.
@@ -120,7 +120,7 @@ pub async fn set_timeout(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<SetTimeout>,
 ) -> Result<Json<Sandbox>, HttpError> {
-    Ok(Json(s.control.set_timeout(&user, &id, req)?))
+    Ok(Json(s.control.set_timeout(&user, &id, req).await?))
 }
 
 /// Give the sandbox a new run (task, memory tokens, callback URL, env); its tool calls count

@@ -202,12 +202,12 @@ impl Control {
     }
 
     /// The quota that applies to `user`: their plan's, with the operator's per-user override.
-    pub fn quota_of(&self, user: &User) -> Result<Quota, ControlError> {
+    pub async fn quota_of(&self, user: &User) -> Result<Quota, ControlError> {
         let plan = self
             .plan(&user.plan)
             .map(|p| p.quota.clone())
             .unwrap_or_default();
-        Ok(match self.store().user_quota(&user.id)? {
+        Ok(match self.store().user_quota(&user.id).await? {
             Some(over) => plan.overridden_by(&over),
             None => plan,
         })
@@ -225,9 +225,9 @@ impl Control {
         let adm = &self.admission;
         let _gate = adm.gate.lock().await;
         let limits = &plan.limits;
-        let quota = self.quota_of(user)?;
+        let quota = self.quota_of(user).await?;
         let mine = adm.in_flight_ids(|f| f.owner == user.id);
-        let mut used = self.store().usage_of(&user.id, &mine)?;
+        let mut used = self.store().usage_of(&user.id, &mine).await?;
         for f in lock(&adm.in_flight).values().filter(|f| f.owner == user.id) {
             used.sandboxes += 1;
             used.memory_mib += f.limits.memory_mib;
@@ -309,7 +309,7 @@ impl Control {
             (me.limits.clone(), others)
         };
         let building = adm.in_flight_ids(|f| f.builds);
-        let promised = self.store().promised_pids(&building)? + others;
+        let promised = self.store().promised_pids(&building).await? + others;
         let after = promised + u64::from(limits.pids);
         if after > b.budget() {
             return Err(ControlError::HostFull(refusal(
@@ -369,7 +369,8 @@ impl Control {
         loop {
             match self
                 .store()
-                .claim_idempotency_key(&user.id, &key.key, &key.fingerprint, &id)?
+                .claim_idempotency_key(&user.id, &key.key, &key.fingerprint, &id)
+                .await?
             {
                 IdempotencyClaim::Reserved => break,
                 IdempotencyClaim::Seen {
@@ -382,7 +383,7 @@ impl Control {
                     ..
                 } => {
                     return Ok(Created {
-                        sandbox: self.replay(user, &sandbox_id)?,
+                        sandbox: self.replay(user, &sandbox_id).await?,
                         replayed: true,
                     })
                 }
@@ -394,7 +395,7 @@ impl Control {
                             return Err(ControlError::IdempotencyInProgress);
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        match self.store().idempotency_key(&user.id, &key.key)? {
+                        match self.store().idempotency_key(&user.id, &key.key).await? {
                             Some((_, _, false)) => continue,
                             _ => break,
                         }
@@ -407,6 +408,7 @@ impl Control {
                 if let Err(e) = self
                     .store()
                     .finish_idempotency_key(&user.id, &key.key, &sandbox.id)
+                    .await
                 {
                     // The sandbox exists: a retry waits for the key, and the next start settles
                     // it with this sandbox.
@@ -418,7 +420,11 @@ impl Control {
                 })
             }
             Err(e) => {
-                if let Err(e) = self.store().release_idempotency_key(&user.id, &key.key) {
+                if let Err(e) = self
+                    .store()
+                    .release_idempotency_key(&user.id, &key.key)
+                    .await
+                {
                     tracing::warn!(error = %super::error_chain(&e), "releasing an idempotency key; it is settled at the next start");
                 }
                 Err(e)
@@ -427,8 +433,8 @@ impl Control {
     }
 
     /// The sandbox an earlier create with the same key made, as it is now.
-    fn replay(&self, user: &User, sandbox_id: &str) -> Result<Sandbox, ControlError> {
-        match self.store().sandbox(sandbox_id)? {
+    async fn replay(&self, user: &User, sandbox_id: &str) -> Result<Sandbox, ControlError> {
+        match self.store().sandbox(sandbox_id).await? {
             Some(rec) if rec.owner_id == user.id => Ok(self.api(&rec)),
             _ => Err(ControlError::NotFound),
         }

@@ -171,7 +171,7 @@ impl Control {
         let Some(value) = network else {
             return Ok(());
         };
-        self.store.set_network(&rec.id, &value)?;
+        self.store.set_network(&rec.id, &value).await?;
         rec.network = Some(value);
         if let Err(e) = self.attach_net(rec) {
             self.fail_after_build(rec, &e).await;
@@ -215,12 +215,12 @@ impl Control {
 
     /// Start-up: the table is rebuilt with the rules of the sandboxes that still run, which
     /// removes whatever a crashed server left; then it is read back and compared.
-    pub(super) fn install_firewall(&self) -> Result<(), ControlError> {
+    pub(super) async fn install_firewall(&self) -> Result<(), ControlError> {
         let Some(n) = &self.network else {
             return Ok(());
         };
         let mut kept = Vec::new();
-        for rec in self.store.live_sandboxes()? {
+        for rec in self.store.live_sandboxes().await? {
             if !matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
                 continue;
             }
@@ -247,13 +247,13 @@ impl Control {
         let compiled = compile(&policy)?;
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         let Some(mut net) = stored(&rec) else {
             return Err(ControlError::NoNetwork);
         };
         net.policy = policy;
         let value = serde_json::to_value(&net).map_err(StoreError::from)?;
-        self.store.set_network(id, &value)?;
+        self.store.set_network(id, &value).await?;
         rec.network = Some(value);
         if matches!(rec.state, SandboxState::Running | SandboxState::Paused) {
             if let Some(n) = &self.network {
@@ -274,7 +274,7 @@ impl Control {
         let port = valid_port(port)?;
         let lock = self.locks.get(id);
         let _guard = lock.lock().await;
-        let mut rec = self.record(user, id)?;
+        let mut rec = self.record(user, id).await?;
         let Some(mut net) = stored(&rec) else {
             return Err(ControlError::NoNetwork);
         };
@@ -284,7 +284,7 @@ impl Control {
             net.public_ports.sort_unstable();
         }
         let value = serde_json::to_value(&net).map_err(StoreError::from)?;
-        self.store.set_network(id, &value)?;
+        self.store.set_network(id, &value).await?;
         rec.network = Some(value);
         Ok((rec, port))
     }
@@ -328,7 +328,7 @@ impl Control {
         })
     }
 
-    pub fn port_info_for(
+    pub async fn port_info_for(
         &self,
         user: &User,
         id: &str,
@@ -337,14 +337,18 @@ impl Control {
         signed_ttl_s: Option<u64>,
     ) -> Result<PortInfo, ControlError> {
         let port = valid_port(port)?;
-        let rec = self.record(user, id)?;
+        let rec = self.record(user, id).await?;
         self.port_info(&rec, port, base, signed_ttl_s)
     }
 
     /// The live sandbox behind `id:port`, for the proxy to authorise against. Touches nothing
     /// (not the idle clock) and answers the same `None` for a missing and a destroyed id.
-    pub fn port_lookup(&self, id: &str, port: u16) -> Result<Option<PortTarget>, ControlError> {
-        let rec = match self.store.sandbox(id)? {
+    pub async fn port_lookup(
+        &self,
+        id: &str,
+        port: u16,
+    ) -> Result<Option<PortTarget>, ControlError> {
+        let rec = match self.store.sandbox(id).await? {
             Some(r) if r.state != SandboxState::Destroyed => r,
             _ => return Ok(None),
         };

@@ -75,10 +75,43 @@ impl StorageGuard {
         Ok(())
     }
 
+    /// Refused (`insufficient_storage`) while the volumes' own filesystem (a btrfs pool) has
+    /// less writable than the watermark for its size.
+    pub fn check_volumes(
+        &self,
+        what: &str,
+        pool: &burrow_node::VolumeSpace,
+    ) -> Result<(), ControlError> {
+        let (free, total) = (pool.writable_bytes / MIB, pool.total_bytes / MIB);
+        let floor = self.min_free_of(total);
+        if free < floor {
+            return Err(ControlError::InsufficientStorage(ErrorReason {
+                code: codes::INSUFFICIENT_STORAGE.into(),
+                message: format!(
+                    "the sandboxes' storage pool at {} is nearly full ({free} MiB writable, \
+                     {floor} MiB kept in reserve): {what} refused; try again once space is freed",
+                    pool.path.display()
+                ),
+                limit: Some(serde_json::json!({ "min_free_mib": floor })),
+                observed: Some(serde_json::json!({ "free_mib": free })),
+            }));
+        }
+        Ok(())
+    }
+
     /// Refused while the disks already promised plus `more_mib` would pass the overcommit ratio
-    /// times the filesystem's size.
-    pub fn check_promise(&self, promised_mib: u64, more_mib: u64) -> Result<(), ControlError> {
-        let total = self.space()?.total / MIB;
+    /// times the size of the filesystem they live on (`volumes_total`: a pool of their own,
+    /// bytes; otherwise the data filesystem).
+    pub fn check_promise(
+        &self,
+        promised_mib: u64,
+        more_mib: u64,
+        volumes_total: Option<u64>,
+    ) -> Result<(), ControlError> {
+        let total = match volumes_total {
+            Some(bytes) => bytes / MIB,
+            None => self.space()?.total / MIB,
+        };
         let allowed = (total as f64 * self.overcommit) as u64;
         let wanted = promised_mib.saturating_add(more_mib);
         if wanted > allowed {
@@ -86,7 +119,7 @@ impl StorageGuard {
                 code: codes::INSUFFICIENT_STORAGE.into(),
                 message: format!(
                     "sandbox disks on this host would promise {wanted} MiB, over the {allowed} MiB \
-                     allowed ({} times the data filesystem's {total} MiB); delete sandboxes or raise \
+                     allowed ({} times the {total} MiB their filesystem holds); delete sandboxes or raise \
                      --disk-overcommit",
                     self.overcommit
                 ),
@@ -121,8 +154,10 @@ mod tests {
             .total
             / MIB;
         let g = StorageGuard::new(PathBuf::from("/"), None, Some(2.0));
-        assert!(g.check_promise(total, total).is_ok());
-        match g.check_promise(total, total + 1) {
+        assert!(g.check_promise(total, total, None).is_ok());
+        // Against a pool of its own, its size counts.
+        assert!(g.check_promise(1024, 1, Some(512 * MIB)).is_err());
+        match g.check_promise(total, total + 1, None) {
             Err(ControlError::InsufficientStorage(r)) => {
                 assert_eq!(r.code, "insufficient_storage");
                 assert_eq!(

@@ -379,7 +379,7 @@ impl Watchers {
 }
 
 async fn create_watcher(s: &AppState, envd: &Envd, req: PathRequest) -> Result<String, RpcError> {
-    s.e2b.sweep(s.control.store());
+    s.e2b.sweep(s.control.store()).await;
     let root = watch_root(envd, &req.path).await?;
     let last = snapshot(&envd.guest, &root, req.recursive).await?;
     let id = crate::auth::new_id(20);

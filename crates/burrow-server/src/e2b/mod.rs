@@ -29,6 +29,7 @@ use sha2::Sha256;
 
 use crate::api::AppState;
 
+mod code_interpreter;
 mod connect;
 mod files;
 mod filesystem;
@@ -53,6 +54,7 @@ pub struct Facade {
     templates: BTreeMap<String, String>,
     procs: Mutex<HashMap<(String, u32), process::ProcMeta>>,
     watchers: filesystem::Watchers,
+    code_interpreter: code_interpreter::CodeInterpreter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +88,18 @@ impl Facade {
             templates,
             procs: Mutex::default(),
             watchers: filesystem::Watchers::default(),
+            code_interpreter: code_interpreter::CodeInterpreter::default(),
         })
+    }
+
+    /// Offers E2B's `code-interpreter-v1` template (docs/code-interpreter.md), its bundle
+    /// looked for in `templates_dir`.
+    pub fn with_code_interpreter(mut self, templates_dir: std::path::PathBuf) -> Facade {
+        self.code_interpreter = code_interpreter::CodeInterpreter::new(templates_dir);
+        self.templates
+            .entry(code_interpreter::TEMPLATE.to_string())
+            .or_insert_with(|| crate::control::DEFAULT_IMAGE.to_string());
+        self
     }
 
     pub fn domain(&self) -> Option<&str> {
@@ -176,7 +189,7 @@ impl Facade {
 
     /// Forgets what the facade kept about every sandbox that has ended since (destroyed by its
     /// timeout, say), so watchers' snapshots and process details do not pile up.
-    fn sweep(&self, store: &burrow_store::Store) {
+    pub(crate) async fn sweep(&self, store: &burrow_store::AsyncStore) {
         let mut ids: std::collections::BTreeSet<String> = lock(&self.procs)
             .keys()
             .map(|(sid, _)| sid.clone())
@@ -184,7 +197,7 @@ impl Facade {
         ids.extend(self.watchers.sandboxes());
         for id in ids {
             let live = matches!(
-                store.sandbox(&id),
+                store.sandbox(&id).await,
                 Ok(Some(r)) if !matches!(r.state, SandboxState::Destroyed | SandboxState::Error)
             );
             if !live {
@@ -202,6 +215,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub fn router() -> Router<AppState> {
     rest::router().merge(envd_routes())
 }
+
+/// Middleware for the whole API: requests with `E2b-Sandbox-Port` go to that port of the
+/// sandbox (the code interpreter's 49999, or any other), through the port proxy.
+pub use code_interpreter::route_by_port_header;
 
 /// envd alone: the sandbox comes from `E2b-Sandbox-Id` or a Host of `49983-<id>.<anything>`, so
 /// it can be mounted at `/` of any listener (see also [`serve_envd`]).
@@ -259,7 +276,7 @@ async fn envd_health(
     if !s.e2b.token_ok(&id, &access_token_of(&parts)) {
         return bad_token();
     }
-    match s.control.store().sandbox(&id) {
+    match s.control.store().sandbox(&id).await {
         Ok(Some(r)) if r.state == SandboxState::Running => StatusCode::NO_CONTENT.into_response(),
         Ok(Some(r)) if r.state != SandboxState::Destroyed && r.state != SandboxState::Error => {
             envd_error(
@@ -377,15 +394,15 @@ impl FromRequestParts<AppState> for Envd {
         let reject = |status, m: String| EnvdRejection(envd_error(status, m));
         // A signed file URL carries no header (a browser may open it): its signature names
         // the sandbox, found among the live ones.
-        let id = sandbox_id_of(&parts.headers).or_else(|| {
-            if !parts.uri.query().unwrap_or_default().contains("signature=") {
-                return None;
+        let mut id = sandbox_id_of(&parts.headers);
+        if id.is_none() && parts.uri.query().unwrap_or_default().contains("signature=") {
+            if let Ok(live) = state.control.store().live_sandboxes().await {
+                id = live
+                    .into_iter()
+                    .map(|r| r.id)
+                    .find(|id| state.e2b.signed_url_ok(id, parts));
             }
-            let live = state.control.store().live_sandboxes().ok()?;
-            live.into_iter()
-                .map(|r| r.id)
-                .find(|id| state.e2b.signed_url_ok(id, parts))
-        });
+        }
         let Some(id) = id else {
             if parts.uri.query().unwrap_or_default().contains("signature=") {
                 return Err(reject(
@@ -404,7 +421,7 @@ impl FromRequestParts<AppState> for Envd {
         if !state.e2b.token_ok(&id, &token) && !state.e2b.signed_url_ok(&id, parts) {
             return Err(EnvdRejection(bad_token()));
         }
-        let rec = match state.control.store().sandbox(&id) {
+        let rec = match state.control.store().sandbox(&id).await {
             Ok(Some(r)) if r.state != SandboxState::Destroyed => r,
             Ok(_) => {
                 state.e2b.forget(&id);
@@ -418,7 +435,7 @@ impl FromRequestParts<AppState> for Envd {
             plan: String::new(),
             is_admin: false,
         };
-        let (rec, guest) = match state.control.guest(&owner, &id) {
+        let (rec, guest) = match state.control.guest(&owner, &id).await {
             Ok(g) => g,
             Err(crate::control::ControlError::NotFound) => {
                 return Err(EnvdRejection(not_found_502(&id)))

@@ -229,7 +229,7 @@ async fn start(s: &AppState, envd: Envd, headers: &HeaderMap, req: StartRequest)
             return connect::stream_error(e);
         }
     };
-    s.e2b.sweep(s.control.store());
+    s.e2b.sweep(s.control.store()).await;
     let meta = ProcMeta {
         config,
         tag: req.tag,

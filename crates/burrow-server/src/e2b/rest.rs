@@ -311,6 +311,9 @@ fn created(f: &Facade, rec: &SandboxRecord) -> Value {
         "clientID": "burrow",
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": f.access_token(&rec.id),
+        // burrow's ports are private: the same token opens them, and the code-interpreter SDK
+        // sends only this one on some calls.
+        "trafficAccessToken": f.access_token(&rec.id),
         "domain": f.domain(),
     })
 }
@@ -385,6 +388,7 @@ async fn create(
             ),
         ));
     };
+    let code_interpreter = super::code_interpreter::check_create(&s, &template, image)?;
     let timeout = req.timeout.unwrap_or(DEFAULT_TIMEOUT_S);
     check_timeout("timeout", Some(timeout))?;
     let create = CreateSandbox {
@@ -407,11 +411,14 @@ async fn create(
     let made = s.control.create_with(&user, create, key).await?;
     // A replayed create answers with its sandbox whatever it became since (E2B has no state for
     // "destroyed": the record is read whatever its state).
-    let rec = match s.control.store().sandbox(&made.sandbox.id) {
+    let rec = match s.control.store().sandbox(&made.sandbox.id).await {
         Ok(Some(rec)) if rec.owner_id == user.id => rec,
         Ok(_) => return Err(crate::control::ControlError::NotFound.into()),
         Err(e) => return Err(HttpError::from(e).into()),
     };
+    if code_interpreter && !made.replayed {
+        super::code_interpreter::prepare(&s, &user, &rec.id).await?;
+    }
     let mut resp = (StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response();
     if made.replayed {
         resp.headers_mut()
@@ -498,7 +505,7 @@ fn state_filter(q: &Option<String>) -> Result<Vec<&'static str>, E2bError> {
         .collect()
 }
 
-fn matching(
+async fn matching(
     s: &AppState,
     user: &burrow_store::User,
     q: &ListQuery,
@@ -509,6 +516,7 @@ fn matching(
         .control
         .store()
         .sandboxes_of(&user.id)
+        .await
         .map_err(|e| E2bError::from(HttpError::from(e)))?
         .into_iter()
         .filter(|r| {
@@ -540,7 +548,7 @@ async fn list_v1(
 ) -> Result<Json<Vec<Value>>, E2bError> {
     let mut q = list_query(pairs)?;
     q.state = Some("running".into());
-    let recs = matching(&s, &user, &q)?;
+    let recs = matching(&s, &user, &q).await?;
     Ok(Json(
         recs.iter().map(|r| listed(&s.e2b, r, false)).collect(),
     ))
@@ -554,7 +562,7 @@ async fn list_v2(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Result<Response, E2bError> {
     let q = list_query(pairs)?;
-    let recs = matching(&s, &user, &q)?;
+    let recs = matching(&s, &user, &q).await?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     let start = match q.next_token.as_deref().filter(|t| !t.is_empty()) {
         None => 0,
@@ -583,7 +591,7 @@ async fn detail(
     Caller(user): Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, E2bError> {
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if !matches!(
         rec.state,
         SandboxState::Running | SandboxState::Paused | SandboxState::Hibernated
@@ -611,7 +619,7 @@ async fn pause(
     Caller(user): Caller,
     Path(id): Path<String>,
 ) -> Result<StatusCode, E2bError> {
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if matches!(rec.state, SandboxState::Paused | SandboxState::Hibernated) {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -630,7 +638,7 @@ struct TimeoutBody {
 }
 
 /// Sets the sandbox's timeout (E2B: seconds from now; burrow: idle seconds, restarting now).
-fn apply_timeout(
+async fn apply_timeout(
     s: &AppState,
     user: &burrow_store::User,
     id: &str,
@@ -638,22 +646,24 @@ fn apply_timeout(
     auto_pause: Option<bool>,
 ) -> Result<(), E2bError> {
     check_timeout(field, timeout)?;
-    let rec = s.control.record(user, id)?;
+    let rec = s.control.record(user, id).await?;
     let t = timeout.or(rec.timeout_s);
-    s.control.set_timeout(
-        user,
-        id,
-        SetTimeout {
-            timeout_s: t,
-            on_timeout: auto_pause.map(|p| {
-                if p {
-                    OnTimeout::Pause
-                } else {
-                    OnTimeout::Destroy
-                }
-            }),
-        },
-    )?;
+    s.control
+        .set_timeout(
+            user,
+            id,
+            SetTimeout {
+                timeout_s: t,
+                on_timeout: auto_pause.map(|p| {
+                    if p {
+                        OnTimeout::Pause
+                    } else {
+                        OnTimeout::Destroy
+                    }
+                }),
+            },
+        )
+        .await?;
     Ok(())
 }
 
@@ -664,7 +674,7 @@ async fn resume(
     E2bBody(raw): E2bBody,
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if rec.state == SandboxState::Running {
         return Err(E2bError::new(
             StatusCode::CONFLICT,
@@ -673,8 +683,8 @@ async fn resume(
     }
     check_timeout("timeout", req.timeout)?;
     s.control.resume(&user, &id).await?;
-    apply_timeout(&s, &user, &id, ("timeout", req.timeout), req.auto_pause)?;
-    let rec = s.control.record(&user, &id)?;
+    apply_timeout(&s, &user, &id, ("timeout", req.timeout), req.auto_pause).await?;
+    let rec = s.control.record(&user, &id).await?;
     Ok((StatusCode::CREATED, Json(created(&s.e2b, &rec))).into_response())
 }
 
@@ -688,7 +698,7 @@ async fn connect(
 ) -> Result<Response, E2bError> {
     let req: TimeoutBody = body(&raw)?;
     check_timeout("timeout", req.timeout)?;
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     let status = match rec.state {
         SandboxState::Running => StatusCode::OK,
         SandboxState::Paused | SandboxState::Hibernated => {
@@ -703,9 +713,9 @@ async fn connect(
         }
     };
     if req.timeout.is_some() {
-        apply_timeout(&s, &user, &id, ("timeout", req.timeout), None)?;
+        apply_timeout(&s, &user, &id, ("timeout", req.timeout), None).await?;
     }
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     Ok((status, Json(created(&s.e2b, &rec))).into_response())
 }
 
@@ -719,7 +729,7 @@ async fn set_timeout(
     let Some(t) = req.timeout else {
         return Err(bad("timeout is required"));
     };
-    apply_timeout(&s, &user, &id, ("timeout", Some(t)), None)?;
+    apply_timeout(&s, &user, &id, ("timeout", Some(t)), None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -737,7 +747,7 @@ async fn refresh(
     E2bBody(raw): E2bBody,
 ) -> Result<StatusCode, E2bError> {
     let req: RefreshBody = body(&raw)?;
-    apply_timeout(&s, &user, &id, ("duration", req.duration), None)?;
+    apply_timeout(&s, &user, &id, ("duration", req.duration), None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -749,11 +759,11 @@ async fn metrics(
     Path(id): Path<String>,
     _headers: HeaderMap,
 ) -> Result<Json<Vec<Value>>, E2bError> {
-    let rec = s.control.record(&user, &id)?;
+    let rec = s.control.record(&user, &id).await?;
     if rec.state != SandboxState::Running {
         return Ok(Json(Vec::new()));
     }
-    let (rec, guest) = s.control.guest(&user, &id)?;
+    let (rec, guest) = s.control.guest(&user, &id).await?;
     // Disk use of the sandbox's own disk (root and /workspace share it).
     let spec = burrow_proto::ExecSpec {
         argv: vec![
@@ -781,7 +791,7 @@ async fn metrics(
         [u, t] => (*u, *t),
         _ => (0, rec.limits.disk_mib * 1024 * 1024),
     };
-    let mem_used = s.control.memory_usage(&user, &id)?.unwrap_or(0);
+    let mem_used = s.control.memory_usage(&user, &id).await?.unwrap_or(0);
     let cpu = s
         .control
         .cpu_share(&user, &id, std::time::Duration::from_millis(100))

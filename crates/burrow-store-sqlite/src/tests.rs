@@ -1,5 +1,5 @@
 use super::*;
-use burrow_types::{OnTimeout, Plan};
+use burrow_types::{codes, OnTimeout, Plan, RunSpec, RunState};
 
 fn record(id: &str, owner: &str) -> SandboxRecord {
     SandboxRecord {
@@ -51,8 +51,8 @@ fn claim_for(owner: &str) -> Claim {
     }
 }
 
-fn store_with_users() -> Store {
-    let s = Store::open_in_memory().unwrap();
+fn store_with_users() -> SqliteStore {
+    let s = SqliteStore::open_in_memory().unwrap();
     s.create_user("u1", "alice", "free", true).unwrap();
     s.create_user("u2", "bob", "free", false).unwrap();
     s
@@ -124,10 +124,10 @@ fn reopening_keeps_data_and_skips_applied_migrations() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("burrow.db");
     {
-        let s = Store::open(&path).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
         s.create_user("u1", "alice", "free", true).unwrap();
     }
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     // alice and the internal pool owner.
     assert_eq!(s.user_count().unwrap(), 2);
 }
@@ -332,10 +332,10 @@ fn no_slot_past_the_top_of_the_uid_ranges_is_handed_out() {
     assert_eq!(free_slot(&used, top), Some(7));
 }
 
-fn file_store() -> (tempfile::TempDir, std::path::PathBuf, Store) {
+fn file_store() -> (tempfile::TempDir, std::path::PathBuf, SqliteStore) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("burrow.db");
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     s.create_user("u1", "alice", "free", true).unwrap();
     (dir, path, s)
 }
@@ -352,7 +352,7 @@ fn the_database_and_its_companions_are_private() {
     // A database an older server made world-readable is made private at the next open.
     drop(s);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let _s = Store::open(&path).unwrap();
+    let _s = SqliteStore::open(&path).unwrap();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }

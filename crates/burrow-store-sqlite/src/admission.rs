@@ -6,38 +6,14 @@
 use burrow_types::Quota;
 use rusqlite::{params, OptionalExtension};
 
-use crate::{now_rfc3339, now_unix, Store, StoreError};
-
-/// How long an idempotency key is remembered.
-pub const IDEMPOTENCY_TTL_S: i64 = 24 * 3600;
+use crate::{
+    now_rfc3339, now_unix, IdempotencyClaim, SqliteStore, StoreError, Usage, IDEMPOTENCY_TTL_S,
+};
 
 /// States whose sandboxes hold (or will hold again) what their limits promise.
 const LIVE: &str = "('starting', 'running', 'paused', 'hibernated')";
 
-/// The outcome of presenting an idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IdempotencyClaim {
-    /// First use: this request now holds the key and makes the sandbox.
-    Reserved,
-    /// The key was used before (and has not expired).
-    Seen {
-        /// The earlier request had the same fingerprint.
-        same_request: bool,
-        sandbox_id: String,
-        /// The earlier request finished; otherwise it is still being served.
-        done: bool,
-    },
-}
-
-/// What one user's live sandboxes were promised.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub sandboxes: u64,
-    pub memory_mib: u64,
-    pub disk_mib: u64,
-}
-
-impl Store {
+impl SqliteStore {
     /// Presents `key` for a create by `user_id` whose request has `fingerprint`; on first use it
     /// is reserved for `sandbox_id`. Expired keys are forgotten on the way.
     pub fn claim_idempotency_key(

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::StoreError;
+use burrow_store::{StoreError, StoreHealth};
+
+use crate::Error;
 
 /// How long a caller waits for a free connection of its kind.
 pub const SLOT_WAIT: Duration = Duration::from_secs(1);
@@ -104,31 +106,13 @@ impl Drop for Slot<'_> {
 }
 
 /// Opens a reader on the same database file: read-only, so it can never take the write lock.
-pub(crate) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+pub(crate) fn open_reader(path: &Path) -> Result<Connection, Error> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(BUSY_WAIT)?;
     Ok(conn)
-}
-
-/// What the store can do now, for `/v1/health`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreHealth {
-    /// Writes can go through now.
-    pub writable: bool,
-    /// Why not: a stable code (`database_busy`, `database_unavailable`, `no_space`) and a message.
-    pub problem: Option<(&'static str, String)>,
-}
-
-impl StoreHealth {
-    fn ok() -> StoreHealth {
-        StoreHealth {
-            writable: true,
-            problem: None,
-        }
-    }
 }
 
 /// The writer's recent history: when it last found the database locked, and the last write's
@@ -169,7 +153,8 @@ impl Writer {
             Duration::ZERO
         } else {
             BUSY_WAIT
-        })?;
+        })
+        .map_err(crate::sql)?;
         Ok(slot)
     }
 
@@ -252,8 +237,11 @@ impl Writer {
             }
         });
         drop(slot);
-        let tried = tried.map_err(StoreError::from);
-        if failed_before {
+        let tried = tried.map_err(crate::sql);
+        // A lock found by the probe is remembered like one a write found: while writes wait on
+        // it (holding the writer, so the next probe cannot try the lock itself) health still
+        // says busy, and the next writes do not wait for it.
+        if failed_before || tried.is_err() {
             self.record(&tried);
         }
         match tried {
@@ -282,7 +270,7 @@ impl Writer {
 }
 
 /// Readers when the database is a file; none for an in-memory one (reads then use the writer).
-pub(crate) fn readers(path: Option<&Path>) -> Result<Option<Slots>, StoreError> {
+pub(crate) fn readers(path: Option<&Path>) -> Result<Option<Slots>, Error> {
     let Some(path) = path else {
         return Ok(None);
     };
