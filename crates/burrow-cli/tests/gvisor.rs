@@ -24,6 +24,18 @@ fn have_runsc(what: &str) -> bool {
     true
 }
 
+/// A server whose plans include `gfree`: the free plan's limits with `"isolation": "gvisor"`
+/// (the plans file must outlive the server's start).
+async fn server_with_a_gvisor_plan() -> (TestServer, tempfile::NamedTempFile) {
+    let plans = tempfile::NamedTempFile::new().unwrap();
+    let plan = serde_json::json!([{ "name": "gfree", "limits": {
+        "cpu_millis": 500, "memory_mib": 512, "pids": 512, "disk_mib": 1024, "nofile": 1024,
+        "output_bytes": 10485760, "max_duration_s": 1800, "isolation": "gvisor" } }]);
+    std::fs::write(plans.path(), plan.to_string()).unwrap();
+    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    (srv, plans)
+}
+
 fn gvisor() -> CreateSandbox {
     CreateSandbox {
         isolation: Some(Isolation::Gvisor),
@@ -415,12 +427,7 @@ async fn a_warm_gvisor_pool_serves_claims_with_the_hostname_set_inside_gvisor() 
     if !have_runsc("gVisor warm pools") {
         return;
     }
-    let plans = tempfile::NamedTempFile::new().unwrap();
-    let plan = serde_json::json!([{ "name": "gfree", "limits": {
-        "cpu_millis": 500, "memory_mib": 512, "pids": 512, "disk_mib": 1024, "nofile": 1024,
-        "output_bytes": 10485760, "max_duration_s": 1800, "isolation": "gvisor" } }]);
-    std::fs::write(plans.path(), plan.to_string()).unwrap();
-    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let (srv, _plans) = server_with_a_gvisor_plan().await;
     let c = srv.client();
     c.put_pool(
         "g",
@@ -474,12 +481,7 @@ async fn bench_measures_gvisor_next_to_native() {
     if !have_runsc("the gVisor bench rows") {
         return;
     }
-    let plans = tempfile::NamedTempFile::new().unwrap();
-    let plan = serde_json::json!([{ "name": "gfree", "limits": {
-        "cpu_millis": 500, "memory_mib": 512, "pids": 512, "disk_mib": 1024, "nofile": 1024,
-        "output_bytes": 10485760, "max_duration_s": 1800, "isolation": "gvisor" } }]);
-    std::fs::write(plans.path(), plan.to_string()).unwrap();
-    let srv = TestServer::start_with_env(&[("BURROW_PLANS", plans.path().to_str().unwrap())]).await;
+    let (srv, _plans) = server_with_a_gvisor_plan().await;
     let out = srv.cli(&[
         "bench",
         "--no-peers",
