@@ -251,6 +251,10 @@ struct CreateArgs {
     files: Vec<(String, String)>,
     #[command(flatten)]
     run: RunArgs,
+    /// `native` (namespaces on the host's kernel) or `gvisor` (a kernel of its own); the
+    /// default is the plan's.
+    #[arg(long, value_parser = ["native", "gvisor"])]
+    isolation: Option<String>,
 }
 
 pub fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -264,6 +268,9 @@ fn main() {
     // before anything else (no tokio runtime, no logging threads).
     if std::env::args_os().nth(1).is_some_and(|a| a == "__init") {
         burrow_node::namespace::init::main();
+    }
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__gvisor") {
+        burrow_node::gvisor::boot::main();
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -336,6 +343,10 @@ async fn run(cli: Cli) -> Result<i32> {
                 network: a.net.policy(),
                 ephemeral: a.ephemeral,
                 run: a.run.spec(),
+                isolation: a.isolation.as_deref().map(|i| match i {
+                    "gvisor" => burrow_types::Isolation::Gvisor,
+                    _ => burrow_types::Isolation::Native,
+                }),
                 files: a
                     .files
                     .into_iter()

@@ -106,6 +106,8 @@ pub enum ControlError {
     IdempotencyKeyReused,
     #[error("the first request with this Idempotency-Key is still being served; retry later")]
     IdempotencyInProgress,
+    #[error("this server offers no {0} isolation (docs/isolation.md says what each tier needs)")]
+    IsolationUnavailable(&'static str),
     #[error("{field} must be between {min} and {max}")]
     OutOfRange {
         field: &'static str,
@@ -501,11 +503,18 @@ impl Control {
         self.check_callback(req.run.as_ref()).await?;
         let hostname = req.hostname.as_deref().map(validate_hostname).transpose()?;
         validate_timeout(req.timeout_s)?;
+        let mut limits = plan.limits.clone();
+        limits.isolation = req.isolation.unwrap_or(limits.isolation);
+        if !self.backend.offers(limits.isolation) {
+            return Err(ControlError::IsolationUnavailable(
+                limits.isolation.as_str(),
+            ));
+        }
         let claim = Claim {
             owner_id: user.id.clone(),
             plan: plan.name.clone(),
             hostname: hostname.clone(),
-            limits: plan.limits.clone(),
+            limits,
             env,
             metadata: req.metadata,
             timeout_s: req.timeout_s,
@@ -1008,6 +1017,11 @@ impl Control {
                 info!(sandbox_id = %rec.id, "hot window over; hibernating");
                 let owner = owner_of(&rec);
                 self.hibernate_now(&owner, &rec.id).await.map(|_| ())
+            } else if rec.limits.isolation == burrow_types::Isolation::Gvisor
+                && rec.state == SandboxState::Running
+                && !self.alive(&rec).await
+            {
+                self.gvisor_ended(&rec).await
             } else if let Some(t) = rec.timeout_s.filter(|_| rec.state == SandboxState::Running) {
                 if self.idle_for(&rec.id).as_secs() < t {
                     continue;
@@ -1028,6 +1042,47 @@ impl Control {
                 warn!(sandbox_id = %rec.id, error = %error_chain(&e), "enforcing a limit failed; retrying");
             }
         }
+        Ok(())
+    }
+
+    /// Whether a sandbox's computer still runs (its PID 1, same start time).
+    async fn alive(&self, rec: &SandboxRecord) -> bool {
+        let Some(rt) = runtime_of(rec) else {
+            return true;
+        };
+        let (backend, id) = (self.backend.clone(), rec.id.clone());
+        tokio::task::spawn_blocking(move || backend.probe(&id, &rt))
+            .await
+            .map_or(true, |l| l == Liveness::Alive)
+    }
+
+    /// A gVisor sandbox's kernel ended on its own: gVisor has no OOM killer, so past its memory
+    /// limit the host's ends the whole sandbox (docs/isolation.md). Its files are kept and the row
+    /// says so: `hibernated` with the reason, and a resume starts it cold.
+    async fn gvisor_ended(&self, rec: &SandboxRecord) -> Result<(), ControlError> {
+        let lock = self.locks.get(&rec.id);
+        let _guard = lock.lock().await;
+        let Some(rec) = self
+            .store
+            .sandbox(&rec.id)
+            .await?
+            .filter(|r| r.state == SandboxState::Running)
+        else {
+            return Ok(());
+        };
+        if self.alive(&rec).await {
+            return Ok(());
+        }
+        warn!(sandbox_id = %rec.id, "the gVisor sandbox's kernel ended; keeping its files");
+        self.stop_on_host(&rec.id, None).await?;
+        let why = reason(
+            codes::SANDBOX_LOST,
+            format!(
+                "the sandbox's gVisor kernel ended, most likely at its memory limit of {} MiB                  (gVisor has no OOM killer of its own); its files are kept and a resume starts                  it cold",
+                rec.limits.memory_mib
+            ),
+        );
+        self.store.set_hibernated_error(&rec.id, &why).await?;
         Ok(())
     }
 
@@ -1699,6 +1754,9 @@ pub fn to_api(rec: &SandboxRecord) -> Sandbox {
         network: None,
         access_token: None,
         ephemeral: rec.ephemeral,
+        isolation: rec.limits.isolation,
+        platform: None,
+        resume_from: None,
         run: rec.run.as_ref().map(|r| RunStatus {
             task: r.spec.task.clone(),
             callback_url: r.spec.callback_url.clone(),

@@ -58,6 +58,7 @@ impl Control {
                     && self.plan(&p.plan).is_some_and(|pp| {
                         pp.limits.disk_mib == plan.limits.disk_mib
                             && pp.limits.nofile == plan.limits.nofile
+                            && pp.limits.isolation == claim.limits.isolation
                     })
             })
             .collect();

@@ -34,9 +34,11 @@ fn run() -> Result<(), String> {
     }
 
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut listen_path = None;
     let std_listener = match args.as_slice() {
         [flag, path] if flag == "--listen" => {
             let _ = std::fs::remove_file(path);
+            listen_path = Some(std::path::PathBuf::from(path));
             std::os::unix::net::UnixListener::bind(path)
                 .map_err(|e| format!("bind {}: {e}", path.to_string_lossy()))?
         }
@@ -87,7 +89,7 @@ fn run() -> Result<(), String> {
         });
         let listener = tokio::net::UnixListener::from_std(std_listener)
             .map_err(|e| format!("listener: {e}"))?;
-        server::serve(listener, table).await;
+        server::serve(listener, table, listen_path).await;
         Ok(())
     })
 }

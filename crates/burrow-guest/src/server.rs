@@ -2,6 +2,7 @@
 //! Nothing the host sends is trusted: a malformed frame ends only its own connection.
 
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use burrow_proto::{
 use burrow_types::codes;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::SignalKind;
 use tokio::sync::Semaphore;
 
 use crate::files::{self, Fail};
@@ -26,24 +28,85 @@ const MAX_CONNECTIONS: usize = 1024;
 /// How often a half-closed exec connection is checked for a full close.
 const HANGUP_POLL: Duration = Duration::from_millis(200);
 
-pub async fn serve(listener: UnixListener, table: Arc<Table>) {
+/// A request to close the listener: answered once it is closed.
+type QuiesceTx = tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<(), Fail>>>;
+
+/// Serves connections. `path` is where the listener is bound when the guest bound it itself
+/// (`--listen`): only then can it close the listener for a checkpoint and bind it again on
+/// `SIGUSR2`.
+pub async fn serve(mut listener: UnixListener, table: Arc<Table>, path: Option<PathBuf>) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (quiesce_tx, mut quiesce_rx) = tokio::sync::mpsc::channel(1);
+    // Open connections, and the signal that ends them for a checkpoint.
+    let live = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let closing = Arc::new(tokio::sync::Notify::new());
+    let mut relisten = tokio::signal::unix::signal(SignalKind::user_defined2()).ok();
     loop {
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let table = table.clone();
-                tokio::spawn(async move {
-                    handle(stream, table).await;
-                    drop(permit);
-                });
+        tokio::select! {
+            Some(done) = quiesce_rx.recv() => {
+                let done: tokio::sync::oneshot::Sender<Result<(), Fail>> = done;
+                let (Some(path), Some(sig)) = (&path, relisten.as_mut()) else {
+                    let _ = done.send(Err(Fail::new(
+                        codes::BAD_REQUEST,
+                        "this guest was handed its socket and cannot bind it again",
+                    )));
+                    continue;
+                };
+                // A stray SIGUSR2 from before (a wake-up sent twice) must not end this pause at
+                // once: forget any that are pending.
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = sig.recv() => continue,
+                        _ = std::future::ready(()) => break,
+                    }
+                }
+                drop(listener);
+                // Streams to the host (an exec's, a background process's whose host side went
+                // away) end too: a checkpoint must find no host socket open. The processes stay.
+                closing.notify_waiters();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while live.load(std::sync::atomic::Ordering::SeqCst) > 1
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let _ = done.send(Ok(()));
+                // Whatever happens in between (a checkpoint, a restore on another boot), the
+                // host says when to listen again.
+                sig.recv().await;
+                listener = match bind(path) {
+                    Ok(l) => l,
+                    Err(_) => return,
+                };
             }
-            // EMFILE and friends: back off instead of spinning.
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (table, quiesce) = (table.clone(), quiesce_tx.clone());
+                    let (live, closing) = (live.clone(), closing.clone());
+                    live.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        handle(stream, table, quiesce, closing).await;
+                        live.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                        drop(permit);
+                    });
+                }
+                // EMFILE and friends: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
         }
     }
+}
+
+/// Binds the guest's socket at `path`, replacing a stale socket file.
+pub fn bind(path: &std::path::Path) -> std::io::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path)?;
+    l.set_nonblocking(true)?;
+    UnixListener::from_std(l)
 }
 
 async fn reply_error(w: &mut OwnedWriteHalf, f: Fail) {
@@ -57,7 +120,12 @@ async fn reply_error(w: &mut OwnedWriteHalf, f: Fail) {
     .await;
 }
 
-async fn handle(stream: UnixStream, table: Arc<Table>) {
+async fn handle(
+    stream: UnixStream,
+    table: Arc<Table>,
+    quiesce: QuiesceTx,
+    closing: Arc<tokio::sync::Notify>,
+) {
     let (mut rd, mut wr) = stream.into_split();
     let first = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, read_frame(&mut rd)).await {
         Ok(Ok(Some(f))) => f,
@@ -91,7 +159,7 @@ async fn handle(stream: UnixStream, table: Arc<Table>) {
                     .await
                     .is_ok()
                 {
-                    stream_process(rd, wr, sub, &table, true).await;
+                    stream_process(rd, wr, sub, &table, true, &closing).await;
                 } else {
                     drop(sub);
                     disconnected(&proc, &table, true);
@@ -107,7 +175,7 @@ async fn handle(stream: UnixStream, table: Arc<Table>) {
                     .await
                     .is_ok()
                 {
-                    stream_process(rd, wr, sub, &table, false).await;
+                    stream_process(rd, wr, sub, &table, false, &closing).await;
                 }
             }
         },
@@ -140,6 +208,20 @@ async fn handle(stream: UnixStream, table: Arc<Table>) {
         }
         Request::SetEnv { env } => {
             let r = table.set_env(&env);
+            send_result(&mut wr, r.map(|_| Reply::Ok)).await;
+        }
+        Request::SetHostname { hostname } => {
+            let r = crate::sys::set_hostname(&hostname).map_err(|e| Fail::io("sethostname", &e));
+            send_result(&mut wr, r.map(|_| Reply::Ok)).await;
+        }
+        Request::Quiesce => {
+            let (done, closed) = tokio::sync::oneshot::channel();
+            let r = match quiesce.send(done).await {
+                Ok(()) => closed
+                    .await
+                    .unwrap_or_else(|_| Err(Fail::new(codes::INTERNAL, "the listener is gone"))),
+                Err(_) => Err(Fail::new(codes::INTERNAL, "the listener is gone")),
+            };
             send_result(&mut wr, r.map(|_| Reply::Ok)).await;
         }
         Request::ReadFile { path } => read_file(&mut wr, &path).await,
@@ -310,12 +392,15 @@ async fn stream_process(
     mut sub: Subscriber,
     table: &Arc<Table>,
     owner: bool,
+    closing: &tokio::sync::Notify,
 ) {
     let proc = sub.proc().clone();
     let mut reader = tokio::spawn(read_host(rd, proc.clone()));
     let done = tokio::select! {
         r = write_output(&mut wr, &mut sub) => r.is_ok(),
         _ = &mut reader => false,
+        // A checkpoint: as if the host had hung up.
+        _ = closing.notified() => false,
     };
     reader.abort();
     drop(sub);

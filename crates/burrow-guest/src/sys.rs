@@ -212,3 +212,18 @@ pub fn register(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // happens only when the AsyncFd itself is dropped.
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(io::Error::from)
 }
+
+/// Sets the hostname of this process's UTS namespace.
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !ok {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: the pointer and length describe `name`'s bytes, which outlive the call.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

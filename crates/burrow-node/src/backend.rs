@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use burrow_types::Limits;
+use burrow_types::{Isolation, Limits};
 use serde::{Deserialize, Serialize};
 
 /// What the control layer asks a backend to build.
@@ -72,6 +72,23 @@ pub enum NodeError {
 pub trait Backend: Send + Sync + 'static {
     /// Short name shown in node status (`namespace`, `gvisor`, `microvm`).
     fn name(&self) -> &'static str;
+
+    /// Whether this node can build sandboxes of `isolation` (`limits.isolation` of a spec).
+    fn offers(&self, isolation: Isolation) -> bool {
+        isolation == Isolation::Native
+    }
+
+    /// How the sandbox's kernel traps system calls, for tiers that have a choice (gVisor's
+    /// `ptrace` or `kvm`); `None` for the namespace backend.
+    fn platform(&self, _id: &str) -> Option<String> {
+        None
+    }
+
+    /// Whether a stopped sandbox's processes and memory are saved (a gVisor checkpoint): its next
+    /// `start` restores them instead of starting fresh processes.
+    fn checkpointed(&self, _id: &str) -> bool {
+        false
+    }
 
     /// Builds and starts a new sandbox; returns once its guest agent accepts connections.
     /// On error nothing of the sandbox is left on the host (a disk it did not make excepted).

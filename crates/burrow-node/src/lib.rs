@@ -3,9 +3,11 @@
 
 pub mod backend;
 pub mod guest;
+pub mod gvisor;
 pub mod namespace;
 pub mod network;
 pub mod storage;
+pub mod tiers;
 pub mod timing;
 
 pub use backend::{etc_hosts, Backend, Liveness, NodeError, RuntimeInfo, SandboxSpec, VolumeSpace};

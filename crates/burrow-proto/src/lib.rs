@@ -214,6 +214,14 @@ pub enum Request {
     /// Replaces the environment every later command starts with (a warm sandbox receives its
     /// claimant's env this way). Reply: `Ok`.
     SetEnv { env: BTreeMap<String, String> },
+    /// Sets the hostname of the sandbox's UTS namespace from inside (a gVisor sandbox's kernel is
+    /// not the host's, so no host `setns` reaches it). Reply: `Ok`.
+    SetHostname { hostname: String },
+    /// Closes the guest's listening socket, so the sandbox holds no host socket and can be
+    /// checkpointed (gVisor cannot save a socket bound on the host). The reply (`Ok`) comes once
+    /// the listener is closed; the guest listens again on `SIGUSR2`. Only a guest started with
+    /// `--listen` can do this.
+    Quiesce,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

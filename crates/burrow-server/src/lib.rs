@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use burrow_node::gvisor::{GvisorBackend, GvisorConfig};
 use burrow_node::namespace::{NamespaceBackend, NamespaceConfig};
+use burrow_node::tiers::Tiers;
 use burrow_store::AsyncStore;
 use burrow_store_sqlite::SqliteStore;
 use burrow_types::{Plan, PoolSpec};
@@ -209,10 +211,16 @@ impl Server {
             .map_err(|_| burrow_store::StoreError::Cancelled)??;
         let store = AsyncStore::new(Arc::new(sqlite));
         let bootstrap = bootstrap_admin(&store, cfg.admin_key.as_deref()).await?;
-        let backend = NamespaceBackend::new(NamespaceConfig {
+        let native = NamespaceBackend::new(NamespaceConfig {
             storage: cfg.storage.clone(),
             ..NamespaceConfig::new(cfg.data_dir.clone())
         })?;
+        let gvisor = GvisorBackend::new(GvisorConfig::new(cfg.data_dir.clone()), &native)
+            .map_err(|e| e.to_string());
+        if let Err(why) = &gvisor {
+            tracing::info!(%why, "no gVisor isolation tier on this node");
+        }
+        let backend = Tiers::new(cfg.data_dir.clone(), native, gvisor);
         let images = api::images::Images::open(&cfg.data_dir)?;
         let mut plans = Plan::defaults();
         for p in cfg.plans {

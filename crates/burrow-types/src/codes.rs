@@ -54,3 +54,5 @@ pub const CALLBACK_NOT_ALLOWED: &str = "callback_not_allowed";
 pub const INSUFFICIENT_STORAGE: &str = "insufficient_storage";
 /// A resume could not start the sandbox; its files are kept and a later resume may succeed.
 pub const RESUME_FAILED: &str = "resume_failed";
+/// The create asked for an isolation tier (`gvisor`) that this server's nodes do not offer.
+pub const ISOLATION_UNAVAILABLE: &str = "isolation_unavailable";

@@ -10,7 +10,7 @@ pub mod images;
 pub mod limits;
 pub mod net;
 
-pub use limits::{Limits, Plan, Quota};
+pub use limits::{Isolation, Limits, Plan, Quota};
 pub use net::{NetworkPatch, NetworkPolicy, PortInfo, SandboxNetwork, SetPort};
 
 /// What request bodies may hold. The OpenAPI document states the same bounds, and the server
@@ -129,6 +129,17 @@ pub struct Sandbox {
     pub ephemeral: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<RunStatus>,
+    /// What isolates this sandbox (the same as `limits.isolation`).
+    #[serde(default)]
+    pub isolation: Isolation,
+    /// How a `gvisor` sandbox's kernel traps its system calls (`ptrace` or `kvm`); absent for
+    /// `native`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+    /// `checkpoint` when a hibernated sandbox resumes with its processes and memory (a gVisor
+    /// checkpoint is on its disk), `cold` when it resumes with its files only; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<String>,
 }
 
 /// What happens when a sandbox has been idle (no API call for it) for its timeout.
@@ -219,6 +230,10 @@ pub struct CreateSandbox {
     /// `/workspace`.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// `native` or `gvisor`; the default is the plan's. A tier this server lacks is
+    /// `400 isolation_unavailable`.
+    #[serde(default)]
+    pub isolation: Option<Isolation>,
 }
 
 /// One task given to a sandbox: what the agent is asked to do and what it needs.

@@ -37,6 +37,32 @@ pub struct Limits {
     /// Write operations on the sandbox's disk per second (0: no limit).
     #[serde(default = "default_disk_iops")]
     pub disk_write_iops: u64,
+    /// What isolates the sandbox: `native` (namespaces on the host's kernel) or `gvisor` (a
+    /// user-space kernel of its own). Fixed when the sandbox is built (docs/isolation.md).
+    #[serde(default)]
+    pub isolation: Isolation,
+}
+
+/// An isolation tier. Every tier runs the same guest agent behind the same API; they differ in
+/// which kernel serves the sandbox's system calls (docs/isolation.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// Linux namespaces, cgroups and seccomp on the host's kernel.
+    #[default]
+    Native,
+    /// gVisor's `runsc`: the sandbox's system calls are served by a user-space kernel.
+    Gvisor,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Native => "native",
+            Isolation::Gvisor => "gvisor",
+        }
+    }
 }
 
 impl Limits {
@@ -58,6 +84,9 @@ impl Limits {
             disk_write_bps,
             disk_read_iops,
             disk_write_iops,
+            // Not a bound: every tier gives the same limits, and a stronger one costs the user
+            // nothing they could take from others (its overhead is the host's).
+            isolation: _,
         } = self;
         // For the disk throttle 0 means no limit: more than any number.
         let throttle = |mine: u64, theirs: u64| theirs == 0 || (mine != 0 && mine <= theirs);
@@ -133,6 +162,7 @@ impl Plan {
                 disk_write_bps: DEFAULT_DISK_BPS * scale,
                 disk_read_iops: DEFAULT_DISK_IOPS * scale,
                 disk_write_iops: DEFAULT_DISK_IOPS * scale,
+                isolation: Isolation::Native,
             },
             quota: Quota::default(),
         }

@@ -23,6 +23,8 @@ pub struct Ctx<'a> {
     pub iterations: usize,
     pub image: String,
     pub plan: Option<String>,
+    /// The tier asked for (`None`: the plan's).
+    pub isolation: Option<burrow_types::Isolation>,
     /// The server's stages of the timed requests, per operation.
     pub breakdown: &'a Breakdown,
 }
@@ -41,6 +43,7 @@ impl Ctx<'_> {
         CreateSandbox {
             image: Some(self.image.clone()),
             plan: self.plan.clone(),
+            isolation: self.isolation,
             metadata: [(TAG_KEY.to_string(), self.cleanup.run_id.clone())].into(),
             ..Default::default()
         }
@@ -598,6 +601,97 @@ fn meminfo_field(meminfo: &str, name: &str) -> Option<u64> {
         let kib: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
         Some(kib * 1024)
     })
+}
+
+/// The gVisor tier next to native: cold create → first command, warm create (from a pool of
+/// `plan`, a plan whose isolation is `gvisor`), the exec round trip, hibernate with a checkpoint
+/// and the resume that restores it. A server without the tier gives "n/a" rows.
+pub async fn gvisor_rows(ctx: &Ctx<'_>, plan: Option<String>) -> Result<Vec<Row>> {
+    const COLD: &str = "gVisor: cold create → first command";
+    const WARM_G: &str = "gVisor: warm create → first command (pool)";
+    const EXEC: &str = "gVisor: exec round trip (`true`)";
+    const CHECKPOINT: &str = "gVisor: hibernate (runsc checkpoint)";
+    const RESTORE: &str = "gVisor: resume (runsc restore) → first command";
+    let g = Ctx {
+        client: ctx.client,
+        cleanup: ctx.cleanup,
+        iterations: ctx.iterations.min(10),
+        image: ctx.image.clone(),
+        plan: ctx.plan.clone(),
+        isolation: Some(burrow_types::Isolation::Gvisor),
+        breakdown: ctx.breakdown,
+    };
+    let first = match g.create_first_command().await {
+        Ok(r) => r,
+        Err(e) if format!("{e:#}").contains(burrow_types::codes::ISOLATION_UNAVAILABLE) => {
+            let na = || Value::unavailable("n/a (the server has no gVisor tier)");
+            return Ok([COLD, WARM_G, EXEC, CHECKPOINT, RESTORE]
+                .into_iter()
+                .map(|m| Row::new(m, na()))
+                .collect());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut cold = vec![first.1];
+    let probe = first.0.id;
+    for _ in 1..g.iterations {
+        let (sb, took) = g.create_first_command().await?;
+        cold.push(took);
+        g.destroy(&sb.id).await?;
+    }
+    let mut exec = Vec::new();
+    for _ in 0..ctx.iterations.max(50) {
+        let t = Instant::now();
+        g.run_true(&probe).await?;
+        exec.push(t.elapsed());
+    }
+    let (mut checkpoint, mut restore) = (Vec::new(), Vec::new());
+    let mut cold_hibernations = 0;
+    for _ in 0..g.iterations.min(5) {
+        g.cleanup.check()?;
+        let t = Instant::now();
+        let h = g.client.hibernate(&probe).await.context("hibernate")?;
+        checkpoint.push(t.elapsed());
+        cold_hibernations += usize::from(h.resume_from.as_deref() != Some("checkpoint"));
+        let t = Instant::now();
+        g.client.resume(&probe).await.context("resume")?;
+        g.run_true(&probe).await?;
+        restore.push(t.elapsed());
+    }
+    g.destroy(&probe).await?;
+    let warm = match plan {
+        None => Row::new(
+            WARM_G,
+            Value::unavailable("n/a (name a plan with isolation gvisor: --gvisor-plan)"),
+        ),
+        Some(plan) => {
+            let w = Ctx {
+                client: ctx.client,
+                cleanup: ctx.cleanup,
+                iterations: ctx.iterations,
+                image: ctx.image.clone(),
+                plan: Some(plan),
+                isolation: None,
+                breakdown: ctx.breakdown,
+            };
+            let mut row = warm(&w).await?;
+            row.measure = WARM_G.into();
+            row
+        }
+    };
+    let mut checkpoint_row = Row::new(CHECKPOINT, latency(&checkpoint));
+    if cold_hibernations > 0 {
+        checkpoint_row = checkpoint_row.note(format!(
+            "{cold_hibernations} hibernations fell back to cold (no checkpoint)"
+        ));
+    }
+    Ok(vec![
+        Row::new(COLD, latency(&cold)),
+        warm.target("p50 < 20 ms"),
+        Row::new(EXEC, latency(&exec)),
+        checkpoint_row,
+        Row::new(RESTORE, latency(&restore)),
+    ])
 }
 
 #[cfg(test)]

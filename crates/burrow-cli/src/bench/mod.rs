@@ -61,6 +61,12 @@ pub struct BenchArgs {
     breakdown: bool,
     #[command(flatten)]
     net: crate::bench_net::NetBenchArgs,
+    /// Plan with `"isolation": "gvisor"` for the gVisor warm-create row (skipped without one).
+    #[arg(long)]
+    gvisor_plan: Option<String>,
+    /// Skip the gVisor rows.
+    #[arg(long)]
+    no_gvisor: bool,
 }
 
 pub async fn run(args: BenchArgs, json: bool) -> Result<()> {
@@ -115,6 +121,7 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
         iterations,
         image: args.image.clone(),
         plan: args.plan.clone(),
+        isolation: None,
         breakdown: &stages,
     };
 
@@ -137,6 +144,10 @@ async fn measure(args: &BenchArgs, client: &Client, cleanup: &Cleanup) -> Result
     }
     rows.extend(density_rows);
     rows.extend(burrow::net_rows(&ctx, &args.net).await?);
+    if !args.no_gvisor {
+        progress("gVisor: cold create, warm create, exec, checkpoint, restore");
+        rows.extend(burrow::gvisor_rows(&ctx, args.gvisor_plan.clone()).await?);
+    }
 
     // `--peers` and `--no-peers` override each other (the last one wins); peers run by default.
     let run_peers = args.peers || !args.no_peers;

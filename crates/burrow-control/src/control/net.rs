@@ -121,6 +121,11 @@ impl Control {
             });
         }
         s.access_token = Some(self.access_token(&rec.id));
+        s.platform = self.backend.platform(&rec.id);
+        if rec.state == SandboxState::Hibernated {
+            let hot = self.backend.checkpointed(&rec.id);
+            s.resume_from = Some(if hot { "checkpoint" } else { "cold" }.into());
+        }
         s
     }
 

@@ -125,9 +125,9 @@ const PTS_OPTIONS: &str = "newinstance,ptmxmode=0666,mode=620,gid=5,max=128";
 /// What `argv[0]` of the guest says (no file of that name needs to exist).
 const GUEST_ARGV0: &str = "/run/burrow/guest";
 
-type Result<T> = std::result::Result<T, String>;
+pub(crate) type Result<T> = std::result::Result<T, String>;
 
-trait Ctx<T> {
+pub(crate) trait Ctx<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
 }
 
@@ -539,7 +539,7 @@ impl Helper {
 }
 
 /// `/etc/resolv.conf` of a sandbox with a network.
-fn resolv_conf(net: &crate::network::NetSpec) -> String {
+pub(crate) fn resolv_conf(net: &crate::network::NetSpec) -> String {
     let mut s = String::from("# written by burrow\n");
     for r in &net.resolvers {
         s.push_str(&format!("nameserver {r}\n"));
@@ -572,7 +572,7 @@ fn ip_batch(script: &str) -> Result<()> {
 
 /// One veth pair: `eth0` inside with the sandbox's /32, the host end with the gateway address and
 /// a /32 route back. IPv6 is off on both ends (attack N5 in docs/threat-model.md). Point to point: no bridge.
-fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
+pub(crate) fn wire_network(pid: u32, net: &crate::network::NetSpec) -> Result<()> {
     let (ifname, addr, gw) = (&net.ifname, net.address, net.gateway);
     let add = format!("link add {ifname} type veth peer name eth0 netns {pid}\n");
     if ip_batch(&add).is_err() {

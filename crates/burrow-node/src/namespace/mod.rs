@@ -34,6 +34,7 @@ pub mod init;
 
 /// The `system` image's root under a data directory (also what `burrow bench` gives its peers).
 pub use image::ensure_system_image;
+pub(crate) use image::USER_UID;
 
 /// First host uid of the sandbox ranges: far above ordinary users and the usual subuid ranges.
 const UID_BASE: u32 = 0x1000_0000;
@@ -45,7 +46,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The part of a sandbox's limits that lives in its cgroups.
-fn cgroup_limits(l: &Limits) -> CgroupLimits {
+pub(crate) fn cgroup_limits(l: &Limits) -> CgroupLimits {
     CgroupLimits {
         cpu_millis: l.cpu_millis,
         memory_bytes: l.memory_mib * 1024 * 1024,
@@ -390,7 +391,7 @@ fn wait_with_rusage(mut child: std::process::Child) -> std::io::Result<Finished>
 
 /// Device number (major, minor) of the loop device holding sandbox `id`'s disk, read from the
 /// host's `/sys/block`.
-fn disk_device(id: &str) -> Option<(u32, u32)> {
+pub(crate) fn disk_device(id: &str) -> Option<(u32, u32)> {
     let name = loopdev::devices_backed_by(&format!("/sandboxes/{id}/"))
         .into_iter()
         .next()?;
@@ -400,7 +401,7 @@ fn disk_device(id: &str) -> Option<(u32, u32)> {
 }
 
 /// One blocking ping over the guest protocol: the guest is up when it answers.
-fn ping(socket: &Path) -> std::io::Result<()> {
+pub(crate) fn ping(socket: &Path) -> std::io::Result<()> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;

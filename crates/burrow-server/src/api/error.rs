@@ -179,6 +179,9 @@ impl From<ControlError> for HttpError {
                 HttpError::new(S::BAD_REQUEST, codes::UNKNOWN_IMAGE, e.to_string())
             }
             ControlError::BadRequest(m) => HttpError::bad_request(m),
+            e @ ControlError::IsolationUnavailable(_) => {
+                HttpError::new(S::BAD_REQUEST, codes::ISOLATION_UNAVAILABLE, e.to_string())
+            }
             ref e @ ControlError::PlanNotAllowed {
                 ref plan,
                 ref user_plan,
