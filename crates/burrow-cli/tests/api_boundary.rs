@@ -589,7 +589,17 @@ async fn a_users_plan_bounds_the_plans_they_may_ask_for() {
     assert_eq!(st, 201, "{created}");
     let sid = created["sandboxID"].as_str().unwrap();
     assert_eq!(bob.get(sid).await.unwrap().plan, "pro");
-    // An admin may ask for any plan, and claims the warm one.
+    // An admin may ask for any plan, and claims the warm one. (Bob's creates above may have
+    // claimed the pool's sandbox: a warm sandbox serves any plan with its disk and open-file
+    // limit. Wait for the pool to be refilled.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while big().await.ready < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool did not refill"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let warm = admin.create(&ask_plan("scale")).await.unwrap();
     assert!(warm.warm_hit);
 }
